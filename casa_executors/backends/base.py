@@ -1,0 +1,100 @@
+"""What a backend is: a compute engine behind a ``concurrent.futures``-like surface.
+
+A backend starts (or attaches to) its engine, runs ``fn(arg)`` somewhere and
+hands back a future; the driver does everything else. Subclasses implement
+``submit`` and, when they own resources, ``_start``/``_stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, ClassVar
+
+from casa_executors.errors import ExecutorOptionError
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    in_process: ClassVar[bool] = False  # runs in the driver's process: no pickling
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ExecutorOptionError(f"{self.name}: workers must be a whole number >= 1, got {workers!r}")
+        self._workers = workers
+        self._running = False
+        self._held = 0  # `with executor:` blocks that keep the engine up
+
+    # -- what a backend implements --------------------------------------------
+    @abstractmethod
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        """Run ``fn(arg)`` on a worker; the future's result is its return value."""
+
+    def _start(self) -> None:
+        """Start or attach to the engine."""
+
+    def _stop(self) -> None:
+        """Stop whatever ``_start`` started (by PID where there are processes)."""
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """None if the engine can run here, else why not."""
+        return None
+
+    @property
+    def workers(self) -> int:
+        return self._workers or 1
+
+    def batch_size(self, n_chunks: int) -> int:
+        """How many chunks one task carries."""
+        return 1
+
+    def max_inflight(self) -> int:
+        """How many tasks the driver keeps submitted at once."""
+        return 2 * self.workers
+
+    def describe(self) -> str:
+        return f"{self.name}({self.workers} workers)"
+
+    # -- lifetime --------------------------------------------------------------
+    def start(self) -> None:
+        if not self._running:
+            self._start()
+            self._running = True
+
+    def stop(self) -> None:
+        if self._running:
+            self._running = False
+            self._stop()
+
+    def hold(self) -> None:
+        self.start()
+        self._held += 1
+
+    def release(self) -> None:
+        self._held = max(self._held - 1, 0)
+        if self._held == 0:
+            self.stop()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Backend]:
+        """The engine for one executor call: started if needed, stopped after unless held."""
+        started_here = not self._running
+        try:
+            self.start()
+            yield self
+        finally:
+            if started_here and self._held == 0:
+                self.stop()
+
+
+def resolved(fn: Callable[[Any], Any], arg: Any) -> Future:
+    """Run now, in this thread, and return the finished future."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(arg))
+    except BaseException as exc:  # noqa: BLE001
+        future.set_exception(exc)
+    return future

@@ -1,0 +1,23 @@
+"""Runs every chunk in the calling thread, one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from casa_executors.backends.base import Backend, resolved
+
+
+class IterativeBackend(Backend):
+    name = "iterative"
+    in_process = True
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        return resolved(fn, arg)
+
+    def max_inflight(self) -> int:
+        return 1

@@ -1,0 +1,191 @@
+"""An uproot ``Source`` that meters the bytes of a chunk and routes its reads.
+
+The worker-side task opens a :class:`ChunkIO` around each chunk; every file
+that uproot opens in that chunk goes through :class:`MeteredSource`, which asks
+the chunk's router for the endpoints to try (cache first, then origin), fails
+over on error, and counts what it read. Without a router it reads the URL as
+given. coffea keeps seeing the user's URL: only the inner source knows the
+routed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import uproot
+import uproot.source.chunk
+from uproot.source.fsspec import FSSpecSource
+
+
+class Router(Protocol):
+    def candidates(self, url: str) -> list[tuple[str, str]]: ...
+
+    def secrets(self) -> list[str]: ...
+
+
+class ChunkIO:
+    """What one chunk read: bytes, the endpoint(s) that served it, fail-overs."""
+
+    def __init__(self, router: Router | None = None) -> None:
+        self.router = router
+        self.bytes_read = 0
+        self.endpoints: list[str] = []
+        self.failovers: list[str] = []
+        self._lock = threading.Lock()
+
+    def candidates(self, url: str) -> list[tuple[str, str]]:
+        if self.router is None:
+            return [("direct", url)]
+        return self.router.candidates(url)
+
+    def secrets(self) -> list[str]:
+        return [] if self.router is None else list(self.router.secrets())
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
+
+    def served_by(self, label: str) -> None:
+        with self._lock:
+            if label not in self.endpoints:
+                self.endpoints.append(label)
+
+    def failed_over(self, label: str, error: BaseException) -> None:
+        with self._lock:
+            self.failovers.append(f"{label}: {type(error).__name__}")
+
+
+_local = threading.local()
+_install_lock = threading.Lock()
+_install_depth = 0
+_previous_handler: Any = None
+
+
+@contextlib.contextmanager
+def metering(io: ChunkIO) -> Iterator[ChunkIO]:
+    """Route and meter every ``uproot.open`` of this thread while inside."""
+    global _install_depth, _previous_handler
+    with _install_lock:
+        if _install_depth == 0:
+            _previous_handler = uproot.reading.open.defaults["handler"]
+            if _previous_handler is None:
+                uproot.reading.open.defaults["handler"] = MeteredSource
+        _install_depth += 1
+    outer = getattr(_local, "io", None)
+    _local.io = io
+    try:
+        yield io
+    finally:
+        _local.io = outer
+        with _install_lock:
+            _install_depth -= 1
+            if _install_depth == 0:
+                uproot.reading.open.defaults["handler"] = _previous_handler
+
+
+class MeteredSource(uproot.source.chunk.Source):
+    """Reads through the first working endpoint of the chunk's router."""
+
+    def __init__(self, file_path: str, **options: Any) -> None:
+        super().__init__()
+        self._io: ChunkIO = getattr(_local, "io", None) or ChunkIO()
+        self._file_path = file_path
+        self._options = options
+        self._candidates = self._io.candidates(file_path)
+        self._position = -1
+        self._inner: uproot.source.chunk.Source | None = None
+        self._open_next(None)
+
+    def _open_next(self, error: BaseException | None) -> None:
+        while True:
+            if self._inner is not None:
+                with contextlib.suppress(Exception):
+                    self._inner.__exit__(None, None, None)
+                self._inner = None
+            self._position += 1
+            label, url = self._candidates[self._position]
+            try:
+                self._inner = FSSpecSource(url, **self._options)
+                self._label = label
+                return
+            except Exception as exc:
+                if self._position + 1 >= len(self._candidates):
+                    raise
+                self._io.failed_over(label, exc)
+
+    @property
+    def _can_fail_over(self) -> bool:
+        return self._position + 1 < len(self._candidates)
+
+    def _call(self, read):
+        while True:
+            try:
+                out = read(self._inner)
+                self._io.served_by(self._label)
+                return out
+            except Exception as exc:
+                if not self._can_fail_over:
+                    raise
+                self._io.failed_over(self._label, exc)
+                self._open_next(exc)
+
+    def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
+        self._num_requests += 1
+        self._num_requested_chunks += 1
+        self._num_requested_bytes += stop - start
+        self._io.add_bytes(stop - start)
+        return self._call(lambda s: s.chunk(start, stop))
+
+    def chunks(
+        self, ranges: list[tuple[int, int]], notifications: queue.Queue
+    ) -> list[uproot.source.chunk.Chunk]:
+        n = sum(stop - start for start, stop in ranges)
+        self._num_requests += 1
+        self._num_requested_chunks += len(ranges)
+        self._num_requested_bytes += n
+        self._io.add_bytes(n)
+        if not self._can_fail_over:
+            self._io.served_by(self._label)
+            return self._inner.chunks(ranges, notifications)
+
+        def read_all(source):
+            # wait here, so that a failing endpoint is caught while we can fail over
+            local: queue.Queue = queue.Queue()
+            out = source.chunks(ranges, local)
+            for c in out:
+                c.wait()
+            return out
+
+        out = self._call(read_all)
+        for c in out:
+            notifications.put(c)
+        return out
+
+    @property
+    def file_path(self) -> str:
+        return self._file_path
+
+    @property
+    def num_bytes(self) -> int:
+        return self._call(lambda s: s.num_bytes)
+
+    @property
+    def closed(self) -> bool:
+        return self._inner is None or self._inner.closed
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
+
+    def __enter__(self) -> MeteredSource:
+        return self
+
+    def __exit__(self, exception_type, exception_value, traceback) -> None:
+        if self._inner is not None:
+            self._inner.__exit__(exception_type, exception_value, traceback)
+
+    def __repr__(self) -> str:
+        return f"<MeteredSource {self._file_path!r} via {self._label}>"
