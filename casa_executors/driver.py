@@ -196,7 +196,7 @@ class _Run:
             if isinstance(results, list) and sorted(r.index for r in results) == sorted(indices):
                 return results
             raise RuntimeError(f"the worker returned {type(results).__name__}, not the results of the batch")
-        except BaseException as exc:  # noqa: BLE001 - a lost worker, a cancelled or refused task
+        except BaseException as exc:
             info = ErrorInfo.lost(exc)
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]
 

@@ -8,6 +8,7 @@ that the original exception type reaches the user.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import socket
@@ -51,7 +52,7 @@ class ErrorInfo:
         if self.pickled is not None:
             try:
                 chain = pickle.loads(self.pickled)
-                for outer, inner in zip(chain, chain[1:]):
+                for outer, inner in itertools.pairwise(chain):
                     outer.__cause__ = inner
                 return chain[0]
             except Exception:
@@ -179,7 +180,7 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch)
             output = function(task.item)
         result.output = _compress(output, batch.compression)
         result.events = _events(task.item)
-    except BaseException as exc:  # noqa: BLE001 - everything travels back as data
+    except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         result.error = ErrorInfo.capture(exc, io.secrets())

@@ -95,6 +95,6 @@ def resolved(fn: Callable[[Any], Any], arg: Any) -> Future:
     future: Future = Future()
     try:
         future.set_result(fn(arg))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         future.set_exception(exc)
     return future

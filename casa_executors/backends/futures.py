@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-from multiprocessing import context, forkserver, process, reduction, spawn, util
-from multiprocessing.popen_forkserver import Popen as ForkServerPopen
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import context, forkserver, process, reduction, spawn, util
+from multiprocessing.popen_forkserver import Popen as ForkServerPopen
 from typing import Any
 
 from casa_executors.backends.base import Backend
@@ -60,7 +60,7 @@ class FuturesBackend(Backend):
     name = "futures"
 
     def __init__(self, workers: int | None = None) -> None:
-        super().__init__(workers or min(os.cpu_count() or 1, 4))
+        super().__init__(min(os.cpu_count() or 1, 4) if workers is None else workers)
         self._pool: ProcessPoolExecutor | None = None
 
     def _start(self) -> None:
@@ -72,6 +72,7 @@ class FuturesBackend(Backend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        forkserver._forkserver._stop()  # the fork server is ours too: leave no process behind
 
     def pids(self) -> list[int]:
         return list((self._pool._processes or {}).keys()) if self._pool else []

@@ -7,13 +7,16 @@ from concurrent.futures import Future
 from typing import Any
 
 from casa_executors.backends.base import Backend, resolved
+from casa_executors.errors import ExecutorOptionError
 
 
 class IterativeBackend(Backend):
     name = "iterative"
     in_process = True
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 1) -> None:
+        if workers != 1:
+            raise ExecutorOptionError(f"iterative runs in this thread: workers must be 1, got {workers!r}")
         super().__init__(1)
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:

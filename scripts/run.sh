@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The two entry points of the README. `bench`: set up, then the ADL benchmark over all
+# backends, reading generated data through a local XRootD origin + XCache. `test`: set up, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+what=${1:-test}
+shift || true
+case "$what" in
+  bench) exec .venv/bin/python -m benchmarks.adl run --json bench-out/adl.json --plots bench-out "$@" ;;
+  test) exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@" ;;
+  *) echo "usage: scripts/run.sh bench|test [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+"""Test processors (pickled by value, so worker processes need not import this module)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import awkward as ak
+import cloudpickle
+import hist
+import numpy as np
+from coffea import processor
+
+cloudpickle.register_pickle_by_value(__import__(__name__))
+
+
+class Analysis(processor.ProcessorABC):
+    """A bit of everything an analysis returns: counts, weights, columns, sets, numbers."""
+
+    def process(self, events):
+        met = hist.Hist.new.Reg(40, 0, 200, name="met").Int64()
+        met.fill(met=events.MET.pt)
+        jets = events.Jet[events.Jet.pt > 20]
+        # dyadic weights: exact in binary, so the merge order cannot change a bit
+        weighted = hist.Hist.new.Reg(30, 15, 120, name="pt").Weight()
+        weighted.fill(pt=ak.to_numpy(ak.fill_none(ak.firsts(jets.pt), -1.0)), weight=0.25)
+        return {
+            "met": met,
+            "jetpt": weighted,
+            "events": processor.value_accumulator(int, len(events)),
+            "met_column": processor.column_accumulator(np.asarray(events.MET.pt)),
+            "datasets": {events.metadata["dataset"]},
+            "files": processor.defaultdict_accumulator(int, {events.metadata["filename"]: len(events)}),
+        }
+
+    def postprocess(self, accumulator):
+        return accumulator
+
+
+class Failing(Analysis):
+    """Fails on chunks starting at ``bad_starts`` (all of them if None), ``fail_times`` times each.
+
+    Every attempt appends a line to ``log``, from whatever process runs it.
+    """
+
+    def __init__(self, log: str, bad_starts: set[int] | None = None, fail_times: int = 10**9,
+                 sleep: float = 0.0) -> None:
+        self.log, self.bad_starts, self.fail_times, self.sleep = log, bad_starts, fail_times, sleep
+
+    def process(self, events):
+        start = events.metadata["entrystart"]
+        key = f"{os.path.basename(events.metadata['filename'])}:{start}"
+        with open(self.log, "a") as f:
+            f.write(key + "\n")
+        if self.sleep:
+            time.sleep(self.sleep)
+        with open(self.log) as f:
+            seen = sum(1 for line in f if line.strip() == key)
+        if (self.bad_starts is None or start in self.bad_starts) and seen <= self.fail_times:
+            raise ZeroDivisionError(f"planted failure in {key}")
+        return super().process(events)
+
+
+def attempts(log: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(log) as f:
+        for line in f:
+            out[line.strip()] = out.get(line.strip(), 0) + 1
+    return out
+
+
+def same(a, b) -> bool:
+    """Bit-identical outputs of ``Analysis``."""
+    if set(a) != set(b):
+        return False
+    return (
+        np.array_equal(a["met"].values(flow=True), b["met"].values(flow=True))
+        and np.array_equal(a["jetpt"].values(flow=True), b["jetpt"].values(flow=True))
+        and np.array_equal(a["jetpt"].variances(flow=True), b["jetpt"].variances(flow=True))
+        and a["events"].value == b["events"].value
+        and np.array_equal(a["met_column"].value, b["met_column"].value)
+        and a["datasets"] == b["datasets"]
+        and dict(a["files"]) == dict(b["files"])
+    )

@@ -1,0 +1,67 @@
+"""Shared fixtures: real ROOT files from the real ADL sample; CI turns skips into failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLE_PARQUET = SHARED / "data" / "Run2012B_SingleMu-1000.parquet"
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CI set, a skipped component is a failure, never a silent pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and item.get_closest_marker("allow_skip_in_ci") is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (CI=true makes a skip a failure): {reason}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_skip_in_ci: a skip that is legitimate even in CI")
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """The real 1000-event CMS sample as a NanoAOD-like ROOT file."""
+    from benchmarks.adl.sample import write_root
+
+    out = tmp_path_factory.mktemp("sample") / "Run2012B_SingleMu-1000.root"
+    write_root(str(SAMPLE_PARQUET), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_files(sample_root, tmp_path_factory) -> list[Path]:
+    """Three distinct files of real events (copies of the sample under different names)."""
+    d = tmp_path_factory.mktemp("files")
+    files = []
+    for name in ("a", "b", "c"):
+        p = d / f"{name}.root"
+        shutil.copy(sample_root, p)
+        files.append(p)
+    return files
+
+
+@pytest.fixture
+def no_leftover_processes():
+    """Fails the test if it leaves child processes of this interpreter behind."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = psutil.time.time() + 10
+    while True:
+        left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or psutil.time.time() > deadline:
+            break
+        psutil.time.sleep(0.2)
+    assert not left, f"processes left behind: {[(p.pid, p.name(), p.cmdline()[:3]) for p in left]}"
