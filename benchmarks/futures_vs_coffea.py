@@ -1,0 +1,98 @@
+"""Our futures backend against coffea's FuturesExecutor, side by side in one run.
+
+    python -m benchmarks.futures_vs_coffea --events 400000 --files 4 --workers 2 --json out.json
+
+Each repetition runs the same ADL queries through ``coffea.processor.Runner``
+with coffea's ``FuturesExecutor`` (its default loky pool), with
+``casa_executors.futures`` called cold (pool started per Runner call, as a
+user who just calls Runner gets), and held (``with ex:`` across calls). The
+order rotates between repetitions; medians and ratios go to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from coffea import processor
+from coffea.nanoevents import NanoAODSchema
+
+import casa_executors
+from benchmarks.adl.generate import generate
+from benchmarks.adl.queries import QUERIES
+
+
+def dataset(directory: Path, events: int, files: int) -> list[str]:
+    d = directory / f"adl-{events}-{files}"
+    paths = sorted(str(p) for p in d.glob("adl-*.root"))
+    if len(paths) != files:
+        paths = generate(d, events, files, seed=1).files
+    return paths
+
+
+def timed(executor, files: list[str], query: int, chunksize: int) -> tuple[float, dict]:
+    runner = processor.Runner(executor=executor, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
+    t0 = time.perf_counter()
+    out = runner({"adl": files}, QUERIES[query](), treename="Events")
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunksize", type=int, default=50_000)
+    ap.add_argument("--queries", default="1,6")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "casa_executors"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    files = dataset(Path(args.data_dir), args.events, args.files)
+    w = args.workers
+    held = casa_executors.futures(workers=w, status=False)
+    contenders = {
+        "coffea-futures": lambda: processor.FuturesExecutor(workers=w, status=False),
+        "casa-futures-cold": lambda: casa_executors.futures(workers=w, status=False),
+        "casa-futures-held": lambda: held,
+    }
+    runs = []
+    with held:
+        for q in (int(x) for x in args.queries.split(",")):
+            reference = None
+            for rep in range(args.repeat):
+                names = list(contenders)
+                names = names[rep % len(names):] + names[: rep % len(names)]
+                for name in names:
+                    wall, out = timed(contenders[name](), files, q, args.chunksize)
+                    counts = {k: h.values().tolist() for k, h in out.items() if hasattr(h, "values")}
+                    reference = reference or counts
+                    runs.append({"query": q, "contender": name, "rep": rep, "wall_s": wall,
+                                 "events_per_s": args.events / wall, "identical": counts == reference})
+    summary = {}
+    for q in {r["query"] for r in runs}:
+        med = {n: statistics.median(r["wall_s"] for r in runs if r["query"] == q and r["contender"] == n)
+               for n in contenders}
+        summary[f"q{q}"] = {"median_wall_s": med,
+                            "cold_over_coffea": med["casa-futures-cold"] / med["coffea-futures"],
+                            "held_over_coffea": med["casa-futures-held"] / med["coffea-futures"]}
+    result = {"events": args.events, "files": args.files, "workers": w, "chunksize": args.chunksize,
+              "runs": runs, "summary": summary,
+              "all_identical": all(r["identical"] for r in runs)}
+    for q, s in sorted(summary.items()):
+        m = s["median_wall_s"]
+        print(f"{q}: coffea {m['coffea-futures']:.2f} s, ours cold {m['casa-futures-cold']:.2f} s "
+              f"({s['cold_over_coffea']:.2f}x), held {m['casa-futures-held']:.2f} s ({s['held_over_coffea']:.2f}x)")
+    print("histograms identical across contenders:", result["all_identical"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
