@@ -26,6 +26,19 @@ class Router(Protocol):
 
     def secrets(self) -> list[str]: ...
 
+    def describe(self, url: str) -> str: ...
+
+
+class AllEndpointsFailed(OSError):
+    """Every endpoint of a file failed; names the user's URL, never a token."""
+
+    def __init__(self, url: str, errors: list[str]) -> None:
+        self.url, self.errors = url, errors
+        super().__init__(f"could not read {url}: " + "; ".join(errors))
+
+    def __reduce__(self):
+        return (AllEndpointsFailed, (self.url, self.errors))
+
 
 class ChunkIO:
     """What one chunk read: bytes, the endpoint(s) that served it, fail-overs."""
@@ -97,14 +110,14 @@ class MeteredSource(uproot.source.chunk.Source):
         self._options = options
         self._candidates = self._io.candidates(file_path)
         self._position = -1
+        self._errors: list[str] = []
         self._inner: uproot.source.chunk.Source | None = None
         self._open_next(None)
 
     def _open_next(self, error: BaseException | None) -> None:
         while True:
             if self._inner is not None:
-                with contextlib.suppress(Exception):
-                    self._inner.__exit__(None, None, None)
+                _forget(self._inner)
                 self._inner = None
             self._position += 1
             label, url = self._candidates[self._position]
@@ -113,9 +126,22 @@ class MeteredSource(uproot.source.chunk.Source):
                 self._label = label
                 return
             except Exception as exc:
-                if self._position + 1 >= len(self._candidates):
-                    raise
-                self._io.failed_over(label, exc)
+                self._failed(label, url, exc)
+
+    def _failed(self, label: str, url: str, exc: BaseException) -> None:
+        """Note an endpoint's failure; raise once none is left."""
+        router = self._io.router
+        text = f"{type(exc).__name__}: {exc}"
+        if router is not None:
+            text = text.replace(url, router.describe(url))
+        for secret in self._io.secrets():
+            text = text.replace(secret, "<redacted>")
+        self._errors.append(f"{label}: {text}")
+        if self._position + 1 >= len(self._candidates):
+            if len(self._candidates) == 1:
+                raise exc
+            raise AllEndpointsFailed(self._file_path, self._errors) from None
+        self._io.failed_over(label, exc)
 
     @property
     def _can_fail_over(self) -> bool:
@@ -128,9 +154,9 @@ class MeteredSource(uproot.source.chunk.Source):
                 self._io.served_by(self._label)
                 return out
             except Exception as exc:
-                if not self._can_fail_over:
+                if len(self._candidates) == 1:
                     raise
-                self._io.failed_over(self._label, exc)
+                self._failed(self._label, self._candidates[self._position][1], exc)
                 self._open_next(exc)
 
     def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
@@ -189,3 +215,18 @@ class MeteredSource(uproot.source.chunk.Source):
 
     def __repr__(self) -> str:
         return f"<MeteredSource {self._file_path!r} via {self._label}>"
+
+
+def _forget(source: uproot.source.chunk.Source) -> None:
+    """Close a failed endpoint and drop fsspec's cached handles to it.
+
+    fsspec-xrootd keeps open handles per URL; one to a server that died keeps
+    failing after the server is back unless it is dropped.
+    """
+    with contextlib.suppress(Exception):
+        source.__exit__(None, None, None)
+    fs = getattr(source, "_fs", None)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache()
+    with contextlib.suppress(Exception):
+        type(fs).clear_instance_cache()
