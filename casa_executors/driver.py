@@ -8,6 +8,7 @@ progress bar and fills the report. Backends only run tasks.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import time
@@ -105,11 +106,13 @@ class Driver(ExecutorBase):
         items = list(items)
         work, skipbadfiles, result_type = unwrap_runner_retries(function)
         name = "preprocessing" if self.desc == "Preprocessing" else "processing"
-        phase = self.report.begin(name, self.backend.name, self.backend.workers, items)
         if not items:
+            self.report.begin(name, self.backend.name, self.backend.workers, items)
             return accumulator, 0
         t0 = time.perf_counter()
         with self.backend.session():
+            # begun once the engine is up: an external cluster's size is known only when connected
+            phase = self.report.begin(name, self.backend.name, self.backend.workers, items)
             run = _Run(self, phase, work, skipbadfiles)
             try:
                 merged = run.drive()
@@ -166,7 +169,8 @@ class _Run:
         finally:
             self.bar.close()
             for future, _ in self.inflight.values():
-                future.cancel()
+                with contextlib.suppress(Exception):  # e.g. parsl's AppFuture.cancel raises
+                    future.cancel()
         return self.merger.result if self.merger.done else self.merger.partial()
 
     def _submit_more(self) -> None:

@@ -1,0 +1,197 @@
+"""Dask distributed: an existing ``Client``, a scheduler address (TLS), or our own LocalCluster.
+
+The driver retries, so dask must not: tasks go in with ``retries=0``, and the
+LocalCluster we own has ``allowed-failures = 0``, so a task whose worker dies
+fails with ``KilledWorker`` instead of being re-run silently by the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from casa_executors.backends.base import Backend
+from casa_executors.backends.tls import client_security, cluster_security, make_secrets_dir
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster, Security
+
+__all__ = ["DaskBackend", "make_secrets_dir"]
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return dask_scheduler.allowed_failures
+
+
+class DaskBackend(Backend):
+    name = "dask"
+
+    def __init__(
+        self,
+        client: Client | None = None,
+        address: str | None = None,
+        secrets_dir: str | os.PathLike[str] | None = None,
+        security: Security | None = None,
+        workers: int | None = None,
+        processes: bool = True,
+    ) -> None:
+        super().__init__(workers)
+        if client is not None and address is not None:
+            raise ExecutorOptionError("dask: give client= or address=, not both")
+        if workers is not None and (client is not None or address is not None):
+            raise ExecutorOptionError("dask: workers= starts a LocalCluster; it cannot go with client= or address=")
+        if secrets_dir is not None and security is not None:
+            raise ExecutorOptionError("dask: give secrets_dir= or security=, not both")
+        if client is not None and (secrets_dir is not None or security is not None):
+            raise ExecutorOptionError("dask: a client= already has its security; drop secrets_dir=/security=")
+        if not isinstance(processes, bool):
+            raise ExecutorOptionError(f"dask: processes must be True or False, got {processes!r}")
+        if client is not None:
+            from distributed import Client
+
+            if not isinstance(client, Client):
+                raise ExecutorOptionError(f"dask: client must be a distributed.Client, got {client!r}")
+        if security is not None:
+            from distributed import Security
+
+            if not isinstance(security, Security):
+                raise ExecutorOptionError(f"dask: security must be a distributed.Security, got {security!r}")
+        if secrets_dir is not None:  # check the files now: a missing one is named at build time
+            security = client_security(secrets_dir) if address is not None else cluster_security(secrets_dir)
+        if address is not None:
+            address = self._check_address(address, security)
+        if workers is None and client is None and address is None:
+            self._workers = min(os.cpu_count() or 1, 4)
+        self._user_client = client
+        self._address = address
+        self._security = security
+        self._processes = processes
+        self._client: Client | None = None
+        self._cluster: LocalCluster | None = None
+        self._seen_workers = 0
+        self._checked_scheduler = False
+
+    @staticmethod
+    def _check_address(address: Any, security: Security | None) -> str:
+        if not isinstance(address, str) or not address:
+            raise ExecutorOptionError(f"dask: address must be a string like 'tls://host:8786', got {address!r}")
+        tls = security is not None and security.require_encryption
+        if "://" not in address:
+            return ("tls://" if tls else "tcp://") + address
+        scheme = address.split("://", 1)[0]
+        if scheme == "tls" and security is None:
+            raise ExecutorOptionError(f"dask: {address} is a TLS scheduler; give secrets_dir= (or security=)")
+        if tls and scheme != "tls":
+            raise ExecutorOptionError(f"dask: secrets_dir=/security= need a tls:// address, got {address!r}")
+        return address
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import distributed  # noqa: F401
+        except ImportError as exc:
+            return f"the dask backend needs the 'distributed' package ({exc})"
+        return None
+
+    # -- lifetime ----------------------------------------------------------------
+    def _start(self) -> None:
+        from distributed import Client, LocalCluster
+
+        if self._user_client is not None:
+            if self._user_client.status not in ("running", "connecting", "newly-created"):
+                raise BackendUnavailable(f"dask: the client given is {self._user_client.status}")
+            self._client = self._user_client
+        elif self._address is not None:
+            try:
+                self._client = Client(self._address, security=self._security, set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                raise BackendUnavailable(
+                    f"dask: cannot connect to the scheduler at {self._address}: {type(exc).__name__}: {exc}"
+                ) from exc
+        else:
+            self._cluster = LocalCluster(
+                n_workers=self.workers,
+                threads_per_worker=1,
+                processes=self._processes,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",  # its HTTP server binds here, not on 0.0.0.0:8787
+                security=self._security,
+                # a task on a lost worker fails (KilledWorker): the driver retries it, and counts it
+                scheduler_kwargs={"allowed_failures": 0},
+            )
+            try:
+                self._client = Client(self._cluster, set_as_default=False)
+            except BaseException:
+                self._cluster.close()
+                self._cluster = None
+                raise
+        if self._cluster is None and not self._checked_scheduler:
+            self._checked_scheduler = True
+            self._warn_if_scheduler_retries()
+
+    def _warn_if_scheduler_retries(self) -> None:
+        try:
+            allowed = self._client.run_on_scheduler(_allowed_failures)
+        except Exception:  # the scheduler may refuse run_on_scheduler; nothing to check then
+            return
+        if allowed:
+            warnings.warn(
+                f"dask: the scheduler re-runs a task whose worker died up to {allowed} times "
+                "(distributed.scheduler.allowed-failures); those attempts do not reach the driver or "
+                "its report. Start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0.",
+                stacklevel=2,
+            )
+
+    def _stop(self) -> None:
+        _ = self.workers  # remember the count for a report begun before the next start
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        try:
+            if client is not None and client is not self._user_client:
+                client.close()
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+    # -- what the driver uses ------------------------------------------------------
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        if self._client is None:
+            raise BackendUnavailable("dask: the backend is not started")
+        # a distributed Future: add_done_callback/result/cancel; a lost task raises KilledWorker
+        return self._client.submit(fn, arg, pure=False, retries=0)
+
+    def _nthreads(self) -> dict[str, int]:
+        client = self._client or self._user_client
+        if client is None or self._cluster is not None:
+            return {}
+        try:
+            return dict(client.nthreads())
+        except Exception:
+            return {}
+
+    @property
+    def workers(self) -> int:
+        """Our LocalCluster's size; for an external cluster the workers connected now
+        (while not connected: as many as at the last connection)."""
+        if self._address is None and self._user_client is None:
+            return self._workers or 1
+        n = len(self._nthreads())
+        if n:
+            self._seen_workers = n
+        return n or self._seen_workers or 1
+
+    def max_inflight(self) -> int:
+        threads = sum(self._nthreads().values()) or self.workers
+        return 2 * threads
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker address -> process id (of the worker process, not of its nanny)."""
+        return dict(self._client.run(os.getpid)) if self._client is not None else {}
+
+    def describe(self) -> str:
+        where = self._address or ("client" if self._user_client is not None else "LocalCluster")
+        return f"dask({self.workers} workers, {where})"

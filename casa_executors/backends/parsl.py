@@ -1,0 +1,331 @@
+"""Parsl: a user ``Config``, or a local HighThroughputExecutor with ``workers=N``.
+
+Each start builds a DataFlowKernel from a fresh copy of the configuration
+(parsl executors cannot be started twice, and coffea's Runner calls the
+executor twice); each stop cleans it up, which ends the interchange and the
+worker pools. Parsl must not retry (the driver does): retries are forced to 0.
+A lost worker pool shows up as ``ManagerLost`` once the interchange misses its
+heartbeats; one failed block does not disable the executor (three in a row do).
+Parsl's strategy starts a new block when a pool died; with ``strategy='none'``
+the backend starts one itself when tasks come and no block is left.
+A killed pool leaves helpers behind (its multiprocessing manager and resource
+tracker, children of init) that parsl never stops: local workers carry a token
+in their environment, and stop() ends whatever still has it, by PID.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from casa_executors.backends.base import Backend
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError
+
+if TYPE_CHECKING:
+    from parsl.config import Config
+    from parsl.dataflow.dflow import DataFlowKernel
+
+BIN = os.path.dirname(sys.executable)
+REPO = str(Path(__file__).resolve().parents[2])
+HEARTBEAT_PERIOD = 2  # s; a dead pool's tasks come back as ManagerLost after HEARTBEAT_THRESHOLD
+HEARTBEAT_THRESHOLD = 10
+TOKEN_VAR = "CASA_PARSL_RUN"
+
+
+def _script(name: str) -> str | None:
+    """A parsl script (interchange.py, process_worker_pool.py) on PATH or beside this Python."""
+    found = shutil.which(name) or os.path.join(BIN, name)
+    return found if os.path.isfile(found) else None
+
+
+def _worker_env(token: str) -> str:
+    """Shell lines giving local workers this environment's scripts, this package and our token."""
+    return (f"export PATH={shlex.quote(BIN)}:$PATH\n"
+            f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+            f"export {TOKEN_VAR}={token}\n")
+
+
+def _with_token(token: str) -> list[int]:
+    """PIDs of the processes whose environment holds our token (Linux /proc)."""
+    if not token or not os.path.isdir("/proc"):
+        return []
+    needle = f"{TOKEN_VAR}={token}".encode()
+    pids = []
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/environ", "rb") as f:
+                        if needle in f.read().split(b"\0"):
+                            pids.append(int(entry.name))
+                except OSError:
+                    pass
+    return pids
+
+
+def _end(pids: list[int], grace: float = 2.0) -> None:
+    """SIGTERM each PID, then SIGKILL those still running after ``grace`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _running(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _fresh_copy(obj: Any) -> Any:
+    """A deep copy of a not-yet-started parsl Config; its locks and events are new ones."""
+    lock, rlock = type(threading.Lock()), type(threading.RLock())
+    fresh: dict[type, Callable[[Any, dict], Any]] = {
+        lock: lambda x, memo: threading.Lock(),
+        rlock: lambda x, memo: threading.RLock(),
+        threading.Condition: lambda x, memo: threading.Condition(),
+        threading.Event: lambda x, memo: threading.Event(),
+    }
+    dispatch = copy._deepcopy_dispatch  # type: ignore[attr-defined]
+    saved = {t: dispatch[t] for t in fresh if t in dispatch}
+    dispatch.update(fresh)
+    try:
+        return copy.deepcopy(obj)
+    finally:
+        for t in fresh:
+            dispatch.pop(t, None)
+        dispatch.update(saved)
+
+
+def _chained(app_future: Future) -> Future:
+    """A plain Future that follows a parsl AppFuture (whose cancel() raises NotImplementedError)."""
+    out: Future = Future()
+
+    def copy_over(f: Future) -> None:
+        try:
+            exc = f.exception()
+            if exc is None:
+                out.set_result(f.result())
+            else:
+                out.set_exception(exc)
+        except InvalidStateError:  # cancelled by the driver meanwhile
+            pass
+        except BaseException as err:
+            if not out.done():
+                out.set_exception(err)
+
+    app_future.add_done_callback(copy_over)
+    return out
+
+
+class ParslBackend(Backend):
+    name = "parsl"
+
+    def __init__(self, config: Config | None = None, workers: int | None = None) -> None:
+        super().__init__(workers)
+        if config is not None and workers is not None:
+            raise ExecutorOptionError("parsl: give config= or workers=, not both")
+        self._template: Config | None = None
+        if config is not None:
+            from parsl.config import Config
+
+            if not isinstance(config, Config):
+                raise ExecutorOptionError(f"parsl: config must be a parsl.config.Config, got {config!r}")
+            try:  # copied now, before anyone starts it: every start then gets a fresh copy
+                self._template = _fresh_copy(config)
+            except Exception as exc:
+                raise ExecutorOptionError(
+                    f"parsl: cannot copy this Config ({type(exc).__name__}: {exc}); pass one that was never loaded"
+                ) from None
+            self._adapt(self._template)
+        elif workers is None:
+            self._workers = min(os.cpu_count() or 1, 4)
+        self._dfk: DataFlowKernel | None = None
+        self._apps: dict[Callable[[Any], Any], Any] = {}
+        self._run_dir: str | None = None
+        self._token = ""
+        self._no_strategy = False
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import parsl  # noqa: F401
+        except ImportError as exc:
+            return f"the parsl backend needs the 'parsl' package ({exc})"
+        missing = [s for s in ("interchange.py", "process_worker_pool.py") if _script(s) is None]
+        if missing:
+            return f"parsl is installed but {', '.join(missing)} is neither on PATH nor in {BIN}"
+        return None
+
+    # -- configuration -------------------------------------------------------------
+    @staticmethod
+    def _adapt(config: Config) -> None:
+        """Make a user's Config safe for the driver: no parsl retries, a lost block is not fatal."""
+        from parsl.executors import HighThroughputExecutor
+        from parsl.jobs.error_handlers import simple_error_handler, windowed_error_handler
+
+        if config.retries or config.retry_handler is not None:
+            warnings.warn(
+                f"parsl: config.retries={config.retries} is ignored: parsl's retries would hide failures "
+                "from the executor, which retries itself (use its retries= option)",
+                stacklevel=5,  # the user's ce.parsl(config=...) call
+            )
+            config.retries, config.retry_handler = 0, None
+        for ex in config.executors:
+            if not isinstance(ex, HighThroughputExecutor):
+                continue
+            if ex.block_error_handler is simple_error_handler:  # the default would fail every task on one lost block
+                ex.block_error_handler = windowed_error_handler
+            if list(ex.interchange_launch_cmd) == ["interchange.py"] and shutil.which("interchange.py") is None:
+                script = _script("interchange.py")
+                if script:
+                    ex.interchange_launch_cmd = [sys.executable, script]
+
+    @staticmethod
+    def _localize(config: Config, token: str) -> Config:
+        """Local workers get this environment, this package and our token."""
+        from parsl.providers import LocalProvider
+
+        for ex in config.executors:
+            provider = getattr(ex, "provider", None)
+            if isinstance(provider, LocalProvider):
+                provider.worker_init = _worker_env(token) + (provider.worker_init or "")
+        return config
+
+    def _local_config(self, run_dir: str) -> Config:
+        from parsl.config import Config
+        from parsl.executors import HighThroughputExecutor
+        from parsl.jobs.error_handlers import windowed_error_handler
+        from parsl.providers import LocalProvider
+
+        n = self.workers
+        interchange = _script("interchange.py")
+        htex = HighThroughputExecutor(
+            label="casa_htex",
+            address="127.0.0.1",
+            loopback_address="127.0.0.1",
+            max_workers_per_node=n,
+            cores_per_worker=min(1.0, (os.cpu_count() or 1) / n),  # n workers even on fewer cores
+            heartbeat_period=HEARTBEAT_PERIOD,
+            heartbeat_threshold=HEARTBEAT_THRESHOLD,
+            interchange_launch_cmd=[sys.executable, interchange] if interchange else None,
+            # min_blocks=1: the strategy replaces a block whose pool died
+            provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+            block_error_handler=windowed_error_handler,
+        )
+        return Config(executors=[htex], strategy_period=0.5, retries=0, run_dir=run_dir,
+                      usage_tracking=0, initialize_logging=True)
+
+    # -- lifetime ----------------------------------------------------------------
+    def _start(self) -> None:
+        from parsl.dataflow.dflow import DataFlowKernel
+
+        self._token = uuid.uuid4().hex
+        if self._template is not None:
+            config = _fresh_copy(self._template)
+        else:
+            self._run_dir = tempfile.mkdtemp(prefix="casa-parsl-")
+            config = self._local_config(self._run_dir)
+        self._localize(config, self._token)
+        self._no_strategy = config.strategy in (None, "none")
+        try:
+            self._dfk = DataFlowKernel(config)
+        except BaseException:
+            for ex in config.executors:  # whatever started before the failure
+                with contextlib.suppress(Exception):
+                    ex.shutdown()
+            _end(_with_token(self._token))
+            self._remove_run_dir()
+            raise
+        atexit.register(self.stop)  # a held engine still ends with the interpreter
+
+    def _stop(self) -> None:
+        import parsl
+        from parsl.dataflow.dflow import DataFlowKernelLoader
+
+        atexit.unregister(self.stop)
+        dfk, self._dfk = self._dfk, None
+        self._apps.clear()
+        try:
+            if dfk is not None:
+                dfk.cleanup()  # shuts the executors down: interchange and worker pools end
+        finally:
+            if dfk is not None and DataFlowKernelLoader._dfk is dfk:
+                parsl.clear()
+            _end(_with_token(self._token))  # what a lost pool left behind
+            self._remove_run_dir()
+
+    def _remove_run_dir(self) -> None:
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+
+    # -- what the driver uses ------------------------------------------------------
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        from parsl.app.python import PythonApp
+
+        if self._dfk is None:
+            raise BackendUnavailable("parsl: the backend is not started")
+        if self._no_strategy:
+            self._ensure_block()
+        app = self._apps.get(fn)
+        if app is None:
+            app = self._apps[fn] = PythonApp(fn, data_flow_kernel=self._dfk)
+        return _chained(app(arg))
+
+    def _ensure_block(self) -> None:
+        """Without a scaling strategy nobody replaces a dead block: launch one if none is left."""
+        from parsl.executors.status_handling import BlockProviderExecutor
+        from parsl.jobs.states import JobState
+
+        for ex in self._dfk.executors.values():
+            if isinstance(ex, BlockProviderExecutor) and ex.provider is not None and not ex.bad_state_is_set:
+                states = [s.state for s in ex.status_facade.values()]
+                if not any(s in (JobState.RUNNING, JobState.PENDING) for s in states):
+                    ex.scale_out_facade(1)
+
+    @property
+    def dfk(self) -> DataFlowKernel | None:
+        return self._dfk
+
+    @property
+    def workers(self) -> int:
+        if self._template is None:
+            return self._workers or 1
+        return sum(_capacity(ex) for ex in self._template.executors) or 1
+
+    def describe(self) -> str:
+        return f"parsl({self.workers} workers{', config' if self._template is not None else ''})"
+
+
+def _capacity(executor: Any) -> int:
+    """How many tasks an executor of a Config can run at once, at most."""
+    per_node = getattr(executor, "workers_per_node", None) or getattr(executor, "max_threads", None) or 1
+    provider = getattr(executor, "provider", None)
+    blocks = max(getattr(provider, "max_blocks", 1) or 1, getattr(provider, "init_blocks", 1) or 1)
+    nodes = getattr(provider, "nodes_per_block", 1) or 1
+    per_node = 1 if per_node == float("inf") else int(per_node)
+    return per_node * (blocks * nodes if provider is not None else 1)
