@@ -1,0 +1,105 @@
+"""Scaling of each backend: 2 workers against twice the iterative throughput, and start-up cost.
+
+    python -m benchmarks.scaling --events 400000 --files 4 --workers 2 --queries 6,8 --json out.json
+
+For every backend available here: the fixed start-up cost (starting its
+engine and workers, measured alone), then each query with the engine held,
+as events/s and as efficiency = events/s / (workers x iterative events/s).
+Iterative runs in the same process and run, so the ratios share conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+from coffea import processor
+from coffea.nanoevents import NanoAODSchema
+
+import casa_executors
+from benchmarks.adl.generate import generate
+from benchmarks.adl.queries import QUERIES
+
+
+def dataset(directory: Path, events: int, files: int) -> list[str]:
+    d = directory / f"adl-{events}-{files}"
+    paths = sorted(str(p) for p in d.glob("adl-*.root"))
+    return paths if len(paths) == files else generate(d, events, files, seed=1).files
+
+
+def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int) -> dict:
+    opts = {} if name == "iterative" else {"workers": workers}
+    ex = casa_executors.create(name, status=False, **opts)
+    t0 = time.perf_counter()
+    ex.backend.hold()  # the engine and its workers, nothing else
+    startup = time.perf_counter() - t0
+    row: dict = {"backend": name, "workers": ex.backend.workers, "startup_s": startup, "queries": {}}
+    try:
+        for q in queries:
+            runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
+            t = time.perf_counter()
+            out = runner({"adl": files}, QUERIES[q](), treename="Events")
+            wall = time.perf_counter() - t
+            s = ex.report.summary()
+            row["queries"][q] = {"wall_s": wall, "events": s["events"], "events_per_s": s["events"] / wall,
+                                 "attempts": s["attempts"],
+                                 "counts": {k: v.values().tolist() for k, v in out.items() if hasattr(v, "values")}}
+    finally:
+        t = time.perf_counter()
+        ex.backend.release()
+        row["shutdown_s"] = time.perf_counter() - t
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunksize", type=int, default=50_000)
+    ap.add_argument("--queries", default="6,8")
+    ap.add_argument("--backends", default=",".join(casa_executors.BACKENDS))
+    ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "casa_executors"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    files = dataset(Path(args.data_dir), args.events, args.files)
+    queries = [int(q) for q in args.queries.split(",")]
+    rows, skipped = [], {}
+    for name in args.backends.split(","):
+        why = casa_executors.unavailable(name)
+        if why:
+            skipped[name] = why
+            continue
+        rows.append(measure(name, args.workers, files, queries, args.chunksize))
+    base = next(r for r in rows if r["backend"] == "iterative")
+    print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
+          "efficiency = ev/s / (workers x iterative ev/s)")
+    header = " ".join(f"{'Q' + str(q) + ' ev/s':>12s} {'eff':>5s}" for q in queries)
+    print(f"{'backend':10s} {'start-up s':>10s} {header}")
+    for r in rows:
+        cells = []
+        for q in queries:
+            mine, ref = r["queries"][q], base["queries"][q]
+            r["queries"][q]["efficiency"] = mine["events_per_s"] / (r["workers"] * ref["events_per_s"])
+            r["queries"][q]["identical_to_iterative"] = mine["counts"] == ref["counts"]
+            flag = "" if r["queries"][q]["identical_to_iterative"] else " DIFF"
+            cells.append(f"{mine['events_per_s']:12.0f} {r['queries'][q]['efficiency']:5.2f}{flag}")
+        print(f"{r['backend']:10s} {r['startup_s']:10.2f} " + " ".join(cells))
+    for r in rows:
+        for q in queries:
+            r["queries"][q].pop("counts")
+    for name, why in skipped.items():
+        print(f"{name:10s} not available: {why}")
+    result = {"events": args.events, "files": args.files, "chunksize": args.chunksize, "rows": rows,
+              "skipped": skipped}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
