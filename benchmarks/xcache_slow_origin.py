@@ -1,6 +1,6 @@
 """The ADL queries read from a slow origin: directly, through a cold XCache, through a warm one.
 
-    python -m benchmarks.xcache_slow_origin --events 400000 --files 4 --rate 100mbit --rtt-ms 20 --json out.json
+    python -m benchmarks.xcache_slow_origin --events 400000 --files 4 --rate 25mbit --rtt-ms 20 --json out.json
 
 The origin runs in a network namespace behind a ``tc tbf`` rate limit and a
 relay that adds the round-trip delay (this kernel has no netem). One backend
@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=400_000)
     ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--rate", default="25mbit")
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunksize", type=int, default=100_000)
+    ap.add_argument("--blocksize", default="128k", help="XCache pfc.blocksize (1m over-fetches small baskets)")
+    ap.add_argument("--no-concurrent", action="store_true", help="skip the two-client runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     data.chmod(0o755)
     (data / "store").mkdir(mode=0o755)
     result: dict = {"events": args.events, "files": args.files, "rate": args.rate, "rtt_ms": args.rtt_ms,
+                    "blocksize": args.blocksize,
                     "backend": f"futures({args.workers})"}
     try:
         gen = generate(data / "store", args.events, args.files, seed=3)
@@ -89,13 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
             run = (args.workers, args.chunksize)
             result["local"] = adl_suite(gen.files, None, *run)  # the floor: same files from local disk
             result["direct"] = adl_suite(urls, None, *run)
-            with XCache(origin) as cache:
+            with XCache(origin, blocksize=args.blocksize) as cache:
                 result["cold"] = adl_suite(urls, cache.endpoint, *run)
                 result["warm"] = adl_suite(urls, cache.endpoint, *run)
-                result["warm_concurrent"] = concurrent(2, urls, cache.endpoint, *run)
-            with XCache(origin) as cache:
-                result["cold_concurrent"] = concurrent(2, urls, cache.endpoint, *run)
-            result["direct_concurrent"] = concurrent(2, urls, None, *run)
+                if not args.no_concurrent:
+                    result["warm_concurrent"] = concurrent(2, urls, cache.endpoint, *run)
+            if not args.no_concurrent:
+                with XCache(origin, blocksize=args.blocksize) as cache:
+                    result["cold_concurrent"] = concurrent(2, urls, cache.endpoint, *run)
+                result["direct_concurrent"] = concurrent(2, urls, None, *run)
     finally:
         shutil.rmtree(data, ignore_errors=True)
     ref = result["direct"]["counts"]
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ("local", "direct", "cold", "warm"):
         r = result[k]
         print(f"  {k:6s} {r['wall_s']:7.1f} s  {r['bytes_read'] / 1e6:8.1f} MB  served by {r['served_by']}")
-    for k in ("direct_concurrent", "cold_concurrent", "warm_concurrent"):
+    for k in ("direct_concurrent", "cold_concurrent", "warm_concurrent") if not args.no_concurrent else ():
         print(f"  {k:18s} 2 clients: {result[k]['wall_s']:.1f} s (each {result[k]['client_wall_s']})")
     print(f"  cold/direct = {result['cold_over_direct']:.2f} (target <= 1.10), "
           f"direct/warm = {result['direct_over_warm']:.1f}x (target >= 5), "

@@ -19,14 +19,10 @@ def pytest_runtest_makereport(item, call):
     """With CI set, a skipped component is a failure, never a silent pass."""
     outcome = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped and item.get_closest_marker("allow_skip_in_ci") is None:
+    if IN_CI and report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (CI=true makes a skip a failure): {reason}"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "allow_skip_in_ci: a skip that is legitimate even in CI")
 
 
 @pytest.fixture(scope="session")

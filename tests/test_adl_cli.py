@@ -67,7 +67,6 @@ def test_default_dataset_is_generated_once(tmp_path, monkeypatch):
     assert [tmp_path.joinpath(f).stat().st_mtime_ns for f in files] == stamp
 
 
-@pytest.mark.allow_skip_in_ci
 def test_cache_auto_reads_through_xcache(sample_root, tmp_path):
     servers = pytest.importorskip("casa_executors.xcache.servers")
     if not servers.xrootd_available():

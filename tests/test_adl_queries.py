@@ -139,7 +139,6 @@ def test_trijet_ties_keep_the_first_combination():
     assert b.tolist() == [np.float32(0.3)]
 
 
-@pytest.mark.allow_skip_in_ci
 def test_rdataframe_matches_reference(sample_root, reference):
     """RDataFrame single-thread and implicit-MT, through the CLI's peer runner."""
     pytest.importorskip("ROOT", reason="PyPI package 'root' is not installed")

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", help="write results here")
     run.add_argument("--plots", help="write PNG figures into this directory")
     run.add_argument("--repeat", type=int, default=1, help="run each query N times, keep the fastest")
+    run.add_argument("--strict", action="store_true",
+                     help="exit 1 if any backend is unavailable, fails, or differs from iterative (for CI)")
     _dataset_args(run)
 
     gen = sub.add_parser("generate", help="write a synthetic dataset")
@@ -139,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     coffea_peers = [k for k in COFFEA_PEERS if "coffea" in args.peers or f"coffea-{k}" in args.peers]
     backends = args.backends
-    if backends is None:
-        backends = [b for b in casa_executors.BACKENDS if casa_executors.unavailable(b) is None]
+    if backends is None:  # strict: all of them, so that a missing one is a failure
+        backends = [b for b in casa_executors.BACKENDS if args.strict or casa_executors.unavailable(b) is None]
     files, generated = _files(args)
     cache = args.cache or ("none" if args.data else "auto")
     runner.quiet_nanoaod()
@@ -200,6 +202,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in write_plots(rows, args.plots):
             print(f"wrote {p}", file=sys.stderr)
     errors = [r for r in rows if r.error]
+    if args.strict and (diffs or errors or skipped):
+        print(f"strict: {len(diffs)} differences, {len(errors)} errors, skipped {sorted(skipped)}", file=sys.stderr)
+        return 1
     return 1 if diffs or (errors and len(errors) == len(rows)) else 0
 
 

@@ -138,7 +138,7 @@ def serve(files: list[str], cache: str) -> Iterator[Served]:
     stack = contextlib.ExitStack()
     try:
         origin = stack.enter_context(XRootDOrigin(export))
-        xcache = stack.enter_context(XCache(origin))
+        xcache = stack.enter_context(XCache(origin, blocksize="128k"))  # 1m blocks over-fetch small baskets
     except ServerError as exc:
         stack.close()
         note = f"--cache auto: XRootD servers did not start ({str(exc).splitlines()[0]}); read directly"
