@@ -1,0 +1,304 @@
+"""Spark: every task is its own one-partition Spark job, run from a small thread pool.
+
+The driver retries, so Spark must not: ``spark.task.maxFailures=1``. A task
+whose Python worker or executor dies fails its job with a ``Py4JJavaError``,
+which becomes :class:`WorkerLost` with a one-line message. The analysis's own
+exceptions never take that path: ``run_batch`` returns them as data, so the
+user sees the original exception type, not Java text.
+
+With ``master=`` we own the SparkContext and its JVM, and stop both (the JVM
+by PID) when the backend stops; a ``session=`` given to us is only used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from casa_executors.backends.base import Backend
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
+
+if TYPE_CHECKING:
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+REPO = str(Path(__file__).resolve().parents[2])
+LOOPBACK = "127.0.0.1"
+POOL_THREADS = 64  # an upper bound; threads start on demand, the driver limits what is in flight
+LOG4J2 = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
+"""
+# ours to set: a user conf= may not change these
+FIXED = {"spark.task.maxFailures": "1"}
+
+
+def _local_cores(master: str) -> int | None:
+    """N of ``local[N]`` (``local[N,F]`` retries each task F times: only F = 1 is accepted)."""
+    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,(\d+))?\])?", master)
+    if m is None:
+        return None
+    if m.group(2) not in (None, "1"):
+        raise ExecutorOptionError(f"spark: {master} retries each task {m.group(2)} times; the driver retries "
+                                  f"(use retries=), so give local[{m.group(1)}]")
+    n = m.group(1) or "1"
+    return (os.cpu_count() or 1) if n == "*" else int(n)
+
+
+def short_message(exc: BaseException) -> str:
+    """One line out of a Py4JJavaError: why Spark lost the task (plus the Python error, if any)."""
+    try:
+        text = str(exc.java_exception.getMessage())  # type: ignore[attr-defined]
+    except Exception:
+        text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = re.sub(r"^.*most recent failure: ", "", first)
+    first = re.sub(r"\b(?:org\.apache\.spark|java\.\w+)\.[\w.$]+: ", "", first)
+    first = first.split(" Consider setting")[0]
+    if "Traceback (most recent call last)" in text:  # a Python error outside run_batch
+        errors = [line for line in text.split("\n\tat ")[0].splitlines()
+                  if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line)]
+        if errors:
+            first = f"{first} {errors[-1]}"
+    return first[:300]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class SparkBackend(Backend):
+    name = "spark"
+
+    def __init__(
+        self,
+        master: str | None = None,
+        session: SparkSession | None = None,
+        workers: int | None = None,
+        conf: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(workers)
+        if master is not None and session is not None:
+            raise ExecutorOptionError("spark: give master= or session=, not both")
+        if master is not None and (not isinstance(master, str) or not master):
+            raise ExecutorOptionError(f"spark: master must be a string like 'local[2]' or 'spark://host:7077', "
+                                      f"got {master!r}")
+        if session is not None and not hasattr(session, "sparkContext"):
+            raise ExecutorOptionError(f"spark: session must be a SparkSession with a SparkContext "
+                                      f"(Spark Connect has no RDD API), got {session!r}")
+        if conf is not None and not isinstance(conf, dict):
+            raise ExecutorOptionError(f"spark: conf must be a dict of Spark settings, got {conf!r}")
+        for key, value in FIXED.items():
+            if conf and key in conf and str(conf[key]) != value:
+                raise ExecutorOptionError(f"spark: {key} stays {value}: the driver retries (use retries=)")
+        if session is not None and conf:
+            raise ExecutorOptionError("spark: a session= already has its configuration; drop conf=")
+        if master is None and session is None:
+            master = f"local[{workers or min(os.cpu_count() or 1, 4)}]"
+        cores = _local_cores(master) if master else None
+        if workers is None and cores is not None:
+            self._workers = cores
+        self._master = master
+        self._user_session = session
+        self._conf = {k: str(v) for k, v in (conf or {}).items()}
+        self._session: SparkSession | None = None
+        self._sc: SparkContext | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._tmp: str | None = None
+        self._group = f"casa-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import pyspark  # noqa: F401
+        except ImportError as exc:
+            return f"the spark backend needs the 'pyspark' package ({exc})"
+        java_home = os.environ.get("JAVA_HOME")
+        if not (shutil.which("java") or (java_home and os.path.isfile(os.path.join(java_home, "bin", "java")))):
+            return "the spark backend needs Java (no 'java' on PATH and no JAVA_HOME)"
+        return None
+
+    # -- lifetime ----------------------------------------------------------------
+    def _start(self) -> None:
+        reason = self.unavailable()
+        if reason:
+            raise BackendUnavailable(reason)
+        with warnings.catch_warnings():  # pyspark's own note about the pandas version, each start
+            warnings.filterwarnings("ignore", message=".*PySpark does not yet fully support")
+            self._attach_or_create()
+        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="casa-spark")
+
+    def _attach_or_create(self) -> None:
+        from pyspark import SparkContext
+
+        if self._user_session is not None:
+            sc = self._user_session.sparkContext
+            if getattr(sc, "_jsc", None) is None:
+                raise BackendUnavailable("spark: the session given has been stopped")
+            self._session, self._sc = self._user_session, sc
+        else:
+            if SparkContext._active_spark_context is not None:
+                raise BackendUnavailable("spark: a SparkContext is already running in this process; "
+                                         "pass its session as spark(session=...)")
+            self._session = self._new_session()
+            self._sc = self._session.sparkContext
+            self._sc.setLogLevel("ERROR")
+
+    def _new_session(self) -> SparkSession:
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+
+        self._tmp = tempfile.mkdtemp(prefix="casa-spark-")
+        log4j = os.path.join(self._tmp, "log4j2.properties")
+        Path(log4j).write_text(LOG4J2)
+        pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        settings = {
+            "spark.master": self._master,
+            "spark.app.name": "casa_executors",
+            "spark.driver.host": LOOPBACK,
+            "spark.driver.bindAddress": LOOPBACK,
+            "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",
+            "spark.pyspark.python": sys.executable,
+            "spark.executorEnv.PYTHONPATH": pythonpath,
+            "spark.python.worker.reuse": "true",
+            "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
+            **self._conf,
+            **FIXED,
+        }
+        env = {"PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": LOOPBACK}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read when the JVM and the SparkContext start
+        try:
+            return SparkSession.builder.config(conf=SparkConf().setAll(list(settings.items()))).getOrCreate()
+        except Exception:
+            self._stop_jvm()
+            raise
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _stop(self) -> None:
+        pool, sc, session = self._pool, self._sc, self._session
+        self._pool = self._sc = self._session = None
+        if sc is not None and getattr(sc, "_jsc", None) is not None:
+            try:
+                sc.cancelJobGroup(self._group)  # running jobs end now, their futures fail
+            except Exception:
+                pass
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if session is not None and session is not self._user_session:
+            try:
+                session.stop()
+            finally:
+                self._stop_jvm()
+
+    def _stop_jvm(self) -> None:
+        """End the JVM that pyspark started for us (and its Python daemon), by PID."""
+        from pyspark import SparkContext
+
+        gateway = SparkContext._gateway
+        proc = getattr(gateway, "proc", None)
+        SparkContext._gateway = SparkContext._jvm = None  # the next session starts a new JVM
+        if proc is not None:
+            below = _descendants(proc.pid)
+            try:
+                gateway.shutdown()
+            except Exception:
+                pass
+            if proc.stdin is not None:
+                proc.stdin.close()  # the gateway JVM exits when its stdin closes
+            try:
+                proc.wait(timeout=20)
+            except Exception:
+                proc.kill()
+                proc.wait(timeout=10)
+            deadline = time.time() + 5  # the Python daemon exits with the JVM; make sure
+            while (alive := [p for p in below if os.path.exists(f"/proc/{p}")]) and time.time() < deadline:
+                time.sleep(0.1)
+            _kill(alive)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # -- what the driver uses ------------------------------------------------------
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        if self._pool is None:
+            raise BackendUnavailable("spark: the backend is not started")
+        return self._pool.submit(self._job, fn, arg)
+
+    def _job(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        from py4j.protocol import Py4JError, Py4JJavaError
+
+        sc = self._sc
+        if sc is None:
+            raise WorkerLost("spark: the backend was stopped")
+        try:
+            sc.setJobGroup(self._group, "casa_executors", interruptOnCancel=True)
+            return sc.parallelize([arg], 1).map(fn).collect()[0]
+        except Py4JJavaError as exc:
+            raise WorkerLost(f"spark lost the task: {short_message(exc)}") from None
+        except Py4JError as exc:  # the JVM itself is gone
+            raise WorkerLost(f"spark: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    @property
+    def workers(self) -> int:
+        """``local[N]``'s N, ``workers=``, or the cluster's parallelism once started."""
+        if self._workers:
+            return self._workers
+        sc = self._sc
+        return max(int(sc.defaultParallelism), 1) if sc is not None else 1
+
+    def executor_pids(self) -> list[int]:
+        """Processes below our JVM (Python daemon and workers, in local mode)."""
+        from pyspark import SparkContext
+
+        proc = getattr(SparkContext._gateway, "proc", None)
+        return _descendants(proc.pid) if proc is not None and self._session is not self._user_session else []
+
+    def describe(self) -> str:
+        where = self._master or "session"
+        return f"spark({self.workers} workers, {where})"
