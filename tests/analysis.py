@@ -9,7 +9,9 @@ import awkward as ak
 import cloudpickle
 import hist
 import numpy as np
+import pytest
 from coffea import processor
+from coffea.nanoevents import NanoAODSchema
 
 cloudpickle.register_pickle_by_value(__import__(__name__))
 
@@ -81,4 +83,33 @@ def same(a, b) -> bool:
         and np.array_equal(a["met_column"].value, b["met_column"].value)
         and a["datasets"] == b["datasets"]
         and dict(a["files"]) == dict(b["files"])
+    )
+
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require_engine(name: str) -> None:
+    """A missing engine skips the test, or fails it under CI."""
+    import casa_executors
+
+    reason = casa_executors.unavailable(name)
+    if reason:
+        (pytest.fail if IN_CI else pytest.skip)(reason)
+
+
+def run(ex, files, proc=None, chunksize=250, **runner_kw):
+    """``Runner`` over ``files`` as one dataset, preprocessing every time."""
+    runner_kw.setdefault("metadata_cache", {})
+    if runner_kw["metadata_cache"] is None:
+        runner_kw["metadata_cache"] = {}
+    runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, **runner_kw)
+    return runner({"SingleMu": [str(f) for f in files]}, proc or Analysis(), treename="Events")
+
+
+def same_hists(a: dict, b: dict) -> bool:
+    """Bit-identical ADL query outputs (Int64 histograms with flow bins, event count)."""
+    return set(a) == set(b) and all(
+        v == b[k] if k == "events" else (v == b[k] and (v.values(flow=True) == b[k].values(flow=True)).all())
+        for k, v in a.items()
     )

@@ -69,3 +69,13 @@ def no_leftover_processes():
             break
         psutil.time.sleep(0.2)
     assert not left, f"processes left behind: {[(p.pid, p.name(), p.cmdline()[:3]) for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def reference(sample_files):
+    """The iterative backend's output on ``sample_files``: what every backend must match."""
+    from analysis import run
+
+    import casa_executors
+
+    return run(casa_executors.iterative(status=False), sample_files)

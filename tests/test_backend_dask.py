@@ -19,46 +19,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from analysis import Analysis, Failing, attempts, same
-from coffea import processor
-from coffea.nanoevents import NanoAODSchema
+from analysis import Failing, attempts, require_engine, run, same, same_hists
 
 import casa_executors as ce
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
-    """dask must be here; a missing engine skips the module, or fails it under CI."""
-    reason = ce.unavailable("dask")
-    if reason:
-        (pytest.fail if IN_CI else pytest.skip)(reason)
-
-
-def run(ex, files, proc=None, chunksize=250):
-    r = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
-    return r({"SingleMu": [str(f) for f in files]}, proc or Analysis(), treename="Events")
-
-
-def same_hists(a: dict, b: dict) -> bool:
-    """Bit-identical ADL query outputs (Int64 histograms with flow bins, event count)."""
-    if set(a) != set(b):
-        return False
-    for k, v in a.items():
-        if k == "events":
-            if v != b[k]:
-                return False
-        elif not (v == b[k] and (v.values(flow=True) == b[k].values(flow=True)).all()):
-            return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def reference(sample_files):
-    return run(ce.iterative(status=False), sample_files)
+    require_engine("dask")
 
 
 def alive(p: psutil.Process) -> bool:

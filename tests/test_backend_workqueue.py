@@ -18,45 +18,20 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from analysis import Analysis, Failing, attempts, same
-from coffea import processor
-from coffea.nanoevents import NanoAODSchema
+from analysis import Failing, attempts, require_engine, run, same, same_hists
 from coffea.util import _exception_chain
 
 import casa_executors as ce
 from casa_executors.errors import ChunkError, ExecutorOptionError
 from casa_executors.report import Report
 
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 REPO = Path(__file__).resolve().parents[1]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
 
 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
-    """Work Queue must be here; a missing engine skips the module, or fails it under CI."""
-    reason = ce.unavailable("workqueue")
-    if reason:
-        (pytest.fail if IN_CI else pytest.skip)(reason)
-
-
-def run(ex, files, proc=None, chunksize=250, metadata_cache=None):
-    r = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize,
-                         metadata_cache={} if metadata_cache is None else metadata_cache)
-    return r({"SingleMu": [str(f) for f in files]}, proc or Analysis(), treename="Events")
-
-
-@pytest.fixture(scope="module")
-def reference(sample_files):
-    return run(ce.iterative(status=False), sample_files)
-
-
-def same_hists(a: dict, b: dict) -> bool:
-    """Bit-identical ADL query outputs (Int64 histograms with flow bins, event count)."""
-    return set(a) == set(b) and all(
-        v == b[k] if k == "events" else (v == b[k] and (v.values(flow=True) == b[k].values(flow=True)).all())
-        for k, v in a.items()
-    )
+    require_engine("workqueue")
 
 
 def alive(pid: int) -> bool:

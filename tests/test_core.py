@@ -13,7 +13,7 @@ import hist
 import numpy as np
 import pytest
 import uproot
-from analysis import Analysis, Failing, attempts, same
+from analysis import Failing, attempts, run, same
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
@@ -26,11 +26,6 @@ LOCAL = {
 }
 
 
-def run(ex, files, proc=None, chunksize=250, **runner_kw):
-    fileset = {"SingleMu": [str(f) for f in files]}
-    runner_kw.setdefault("metadata_cache", {})  # preprocess every time
-    r = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, **runner_kw)
-    return r(fileset, proc or Analysis(), treename="Events")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from analysis import Analysis, same
+from analysis import Analysis, run, same
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 from xrootd_fixtures import require_xrootd
@@ -39,14 +39,6 @@ def export(sample_files):
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def reference(sample_files):
-    return run(ce.iterative(status=False), [str(f) for f in sample_files])
-
-
-def run(ex, urls, proc=None, **kw):
-    runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=250, metadata_cache={}, **kw)
-    return runner({"SingleMu": list(urls)}, proc or Analysis(), treename="Events")
 
 
 def origin_urls(origin):
@@ -115,7 +107,8 @@ def test_both_down_and_missing_file_are_clear_errors(export, no_leftover_process
         cache.stop()
         origin.stop()
         ex = EXECUTORS["iterative"](cache=cache.endpoint)
-        with pytest.raises(ce.ChunkError, match=r"could not read root://127\.0\.0\.1:\d+//store/a\.root: xcache:.*origin:"):
+        pattern = r"could not read root://127\.0\.0\.1:\d+//store/a\.root: xcache:.*origin:"
+        with pytest.raises(ce.ChunkError, match=pattern):
             run(ex, urls[:1])
 
 

@@ -8,12 +8,21 @@ hands back a future; the driver does everything else. Subclasses implement
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, ClassVar
 
 from casa_executors.errors import ExecutorOptionError
+
+REPO = str(Path(__file__).resolve().parents[2])
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for worker processes: this checkout first, then the caller's own."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 
 
 class Backend(ABC):

@@ -30,10 +30,9 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import REPO, Backend
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 if TYPE_CHECKING:
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from parsl.dataflow.dflow import DataFlowKernel
 
 BIN = os.path.dirname(sys.executable)
-REPO = str(Path(__file__).resolve().parents[2])
 HEARTBEAT_PERIOD = 2  # s; a dead pool's tasks come back as ManagerLost after HEARTBEAT_THRESHOLD
 HEARTBEAT_THRESHOLD = 10
 TOKEN_VAR = "CASA_PARSL_RUN"

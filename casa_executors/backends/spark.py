@@ -26,14 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import Backend, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-REPO = str(Path(__file__).resolve().parents[2])
 LOOPBACK = "127.0.0.1"
 POOL_THREADS = 64  # an upper bound; threads start on demand, the driver limits what is in flight
 LOG4J2 = """\
@@ -190,7 +189,7 @@ class SparkBackend(Backend):
         self._tmp = tempfile.mkdtemp(prefix="casa-spark-")
         log4j = os.path.join(self._tmp, "log4j2.properties")
         Path(log4j).write_text(LOG4J2)
-        pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        pythonpath = worker_pythonpath()
         settings = {
             "spark.master": self._master,
             "spark.app.name": "casa_executors",

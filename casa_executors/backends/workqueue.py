@@ -66,10 +66,9 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import Backend, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
-REPO = str(Path(__file__).resolve().parents[2])
 WQ_TASK = str(Path(__file__).resolve().with_name("wq_task.py"))
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's python3-workqueue
 LOOPBACK = "127.0.0.1"
@@ -389,7 +388,7 @@ class WorkQueueBackend(Backend):
                 pw.write_text(self._password)
             self._wait = _waiter(wq, self._q)
             self._command = f"exec {shlex.quote(self._python)} wq_task.py in.pkl out.pkl 2>&1"
-            self._pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+            self._pythonpath = worker_pythonpath()
             self._local, self._respawns, self._connected, self._lost_workers = [], 0, 0, 0
             for _ in range(self._local_count):
                 self._spawn()
