@@ -21,14 +21,8 @@ from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
 import casa_executors
-from benchmarks.adl.generate import generate
 from benchmarks.adl.queries import QUERIES
-
-
-def dataset(directory: Path, events: int, files: int) -> list[str]:
-    d = directory / f"adl-{events}-{files}"
-    paths = sorted(str(p) for p in d.glob("adl-*.root"))
-    return paths if len(paths) == files else generate(d, events, files, seed=1).files
+from benchmarks.futures_vs_coffea import dataset
 
 
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:

@@ -63,6 +63,22 @@ class Failing(Analysis):
         return super().process(events)
 
 
+class Busy(Failing):
+    """Never fails; a file named after its PID sits in ``busy`` while a chunk runs."""
+
+    def __init__(self, log: str, busy: str) -> None:
+        super().__init__(log, bad_starts=set(), sleep=0.3)
+        self.busy = busy
+
+    def process(self, events):
+        mark = os.path.join(self.busy, str(os.getpid()))
+        open(mark, "w").close()
+        try:
+            return super().process(events)
+        finally:
+            os.unlink(mark)
+
+
 def attempts(log: str) -> dict[str, int]:
     out: dict[str, int] = {}
     with open(log) as f:

@@ -21,7 +21,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from analysis import Failing, attempts, require_engine, run, same, same_hists
+from analysis import Busy, Failing, attempts, require_engine, run, same, same_hists
 from coffea.util import _exception_chain
 
 import casa_executors as ce
@@ -100,22 +100,6 @@ def kill_when_running(ex, pick: Callable[[], list[int]], min_ok: int = 2, timeou
     thread.killed = []
     thread.start()
     return thread
-
-
-class Busy(Failing):
-    """Never fails; a file named after its PID sits in ``busy`` while a chunk runs."""
-
-    def __init__(self, log: str, busy: str) -> None:
-        super().__init__(log, bad_starts=set(), sleep=0.3)
-        self.busy = busy
-
-    def process(self, events):
-        mark = os.path.join(self.busy, str(os.getpid()))
-        open(mark, "w").close()
-        try:
-            return super().process(events)
-        finally:
-            os.unlink(mark)
 
 
 def busy_pids(busy: Path) -> list[int]:

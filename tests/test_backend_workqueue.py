@@ -18,7 +18,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from analysis import Failing, attempts, require_engine, run, same, same_hists
+from analysis import Busy, Failing, attempts, require_engine, run, same, same_hists
 from coffea.util import _exception_chain
 
 import casa_executors as ce
@@ -56,22 +56,6 @@ def in_sessions(sids: set[int]) -> list[int]:
 def listening_on(port: int) -> set[str]:
     return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-
-
-class Busy(Failing):
-    """Never fails; a file named after its PID sits in ``busy`` while a chunk runs."""
-
-    def __init__(self, log: str, busy: str) -> None:
-        super().__init__(log, bad_starts=set(), sleep=0.3)
-        self.busy = busy
-
-    def process(self, events):
-        mark = os.path.join(self.busy, str(os.getpid()))
-        open(mark, "w").close()
-        try:
-            return super().process(events)
-        finally:
-            os.unlink(mark)
 
 
 def check_worker_loss(ex, files, reference, tmp_path, monkeypatch, pick: Callable[[list[int]], list[int]]) -> dict:
