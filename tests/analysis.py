@@ -129,3 +129,33 @@ def same_hists(a: dict, b: dict) -> bool:
         v == b[k] if k == "events" else (v == b[k] and (v.values(flow=True) == b[k].values(flow=True)).all())
         for k, v in a.items()
     )
+
+
+def assert_adl_identical(backend, files, chunksize: int = 500, **driver_opts) -> None:
+    """All eight ADL queries on ``backend`` are bit-identical to iterative, with one attempt per chunk."""
+    import casa_executors
+    from benchmarks.adl.queries import QUERIES
+
+    cache: dict = {}  # preprocessing is tested elsewhere; one run fills it for the eight
+    for q, cls in QUERIES.items():
+        want = run(casa_executors.iterative(status=False), files, cls(), chunksize=chunksize)
+        ex = casa_executors.Driver(backend=backend, status=False, **driver_opts)
+        got = run(ex, files, cls(), chunksize=chunksize, metadata_cache=cache)
+        assert same_hists(got, want), f"query {q} differs"
+        assert ex.report.summary()["attempts"] == ex.report.summary()["chunks"]
+
+
+def record_lost_attempts(monkeypatch) -> list[str]:
+    """What the driver is told about each failed attempt, as ``Type: message``."""
+    from casa_executors.report import Report
+
+    lost: list[str] = []
+    record = Report.attempt
+
+    def attempt(phase, result):
+        if not result.ok:
+            lost.append(f"{result.error.type_name}: {result.error.message}")
+        record(phase, result)
+
+    monkeypatch.setattr(Report, "attempt", staticmethod(attempt))
+    return lost

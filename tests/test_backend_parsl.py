@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from analysis import Failing, attempts, require_engine, run, same, same_hists
+from analysis import Failing, assert_adl_identical, attempts, require_engine, run, same
 
 import casa_executors as ce
 from casa_executors.errors import ExecutorOptionError
@@ -157,15 +157,7 @@ def local():
 
 
 def test_adl_queries_bit_identical(local, sample_files):
-    from benchmarks.adl.queries import QUERIES
-
-    backend, _ = local
-    for q, cls in QUERIES.items():
-        want = run(ce.iterative(status=False), sample_files, cls(), chunksize=500)
-        ex = ce.Driver(backend=backend, status=False)
-        got = run(ex, sample_files, cls(), chunksize=500)
-        assert same_hists(got, want), f"query {q} differs"
-        assert ex.report.summary()["attempts"] == ex.report.summary()["chunks"]
+    assert_adl_identical(local[0], sample_files)
 
 
 def test_lost_worker_raises(local):

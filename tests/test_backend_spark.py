@@ -21,12 +21,20 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from analysis import Busy, Failing, attempts, require_engine, run, same, same_hists
+from analysis import (
+    Busy,
+    Failing,
+    assert_adl_identical,
+    attempts,
+    record_lost_attempts,
+    require_engine,
+    run,
+    same,
+)
 from coffea.util import _exception_chain
 
 import casa_executors as ce
 from casa_executors.errors import BackendUnavailable, ChunkError, ExecutorOptionError
-from casa_executors.report import Report
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
 
@@ -108,15 +116,7 @@ def busy_pids(busy: Path) -> list[int]:
 
 def check_worker_loss(ex, files, reference, tmp_path, monkeypatch, pick: Callable[[list[int]], list[int]]) -> dict:
     """Kill ``pick(PIDs running a chunk now)`` mid-run; the output must not change."""
-    lost: list[str] = []  # what the driver was told about each failed attempt
-    record = Report.attempt
-
-    def attempt(phase, result):
-        if not result.ok:
-            lost.append(f"{result.error.type_name}: {result.error.message}")
-        record(phase, result)
-
-    monkeypatch.setattr(Report, "attempt", staticmethod(attempt))
+    lost = record_lost_attempts(monkeypatch)
     log, busy = str(tmp_path / "attempts.log"), tmp_path / "busy"
     open(log, "w").close()
     busy.mkdir()
@@ -221,14 +221,7 @@ class TestLocal:
         assert ex.report.preprocessing is not None and all(r.status == "ok" for r in ex.report.preprocessing.rows)
 
     def test_adl_queries_bit_identical(self, local, sample_files):
-        from benchmarks.adl.queries import QUERIES
-
-        for q, cls in QUERIES.items():
-            want = run(ce.iterative(status=False), sample_files, cls(), chunksize=300)
-            ex = ce.Driver(backend=local[0], status=False)
-            got = run(ex, sample_files, cls(), chunksize=300)
-            assert same_hists(got, want), f"query {q} differs"
-            assert ex.report.summary()["attempts"] == ex.report.summary()["chunks"]
+        assert_adl_identical(local[0], sample_files, chunksize=300)
 
     def test_processor_exception_keeps_its_type(self, local, sample_files, tmp_path):
         ex = ce.Driver(backend=local[0], status=False, retries=1)

@@ -18,12 +18,20 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from analysis import Busy, Failing, attempts, require_engine, run, same, same_hists
+from analysis import (
+    Busy,
+    Failing,
+    assert_adl_identical,
+    attempts,
+    record_lost_attempts,
+    require_engine,
+    run,
+    same,
+)
 from coffea.util import _exception_chain
 
 import casa_executors as ce
 from casa_executors.errors import ChunkError, ExecutorOptionError
-from casa_executors.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
@@ -60,15 +68,7 @@ def listening_on(port: int) -> set[str]:
 
 def check_worker_loss(ex, files, reference, tmp_path, monkeypatch, pick: Callable[[list[int]], list[int]]) -> dict:
     """SIGKILL ``pick(PIDs running a chunk now)`` once 2 chunks are done; the output must not change."""
-    lost: list[str] = []  # what the driver was told about each failed attempt
-    record = Report.attempt
-
-    def attempt(phase, result):
-        if not result.ok:
-            lost.append(f"{result.error.type_name}: {result.error.message}")
-        record(phase, result)
-
-    monkeypatch.setattr(Report, "attempt", staticmethod(attempt))
+    lost = record_lost_attempts(monkeypatch)
     log, busy = str(tmp_path / "attempts.log"), tmp_path / "busy"
     open(log, "w").close()
     busy.mkdir()
@@ -256,16 +256,7 @@ def test_local_workers_match_iterative(local, sample_files, reference):
 
 
 def test_adl_queries_bit_identical(local, sample_files):
-    from benchmarks.adl.queries import QUERIES
-
-    backend, _ = local
-    cache: dict = {}  # preprocessing is tested above; here one run fills it for the eight
-    for q, cls in QUERIES.items():
-        want = run(ce.iterative(status=False), sample_files, cls(), chunksize=300)
-        ex = ce.Driver(backend=backend, status=False, chunks_per_task=6)
-        got = run(ex, sample_files, cls(), chunksize=300, metadata_cache=cache)
-        assert same_hists(got, want), f"query {q} differs"
-        assert ex.report.summary()["attempts"] == ex.report.summary()["chunks"]
+    assert_adl_identical(local[0], sample_files, chunksize=300, chunks_per_task=6)
 
 
 def test_processor_exception_keeps_its_type(local, sample_files, tmp_path):

@@ -334,19 +334,30 @@ class XRootDServer:
         if _as_root():
             argv += ["-R", XROOTD_USER]
         argv = [*self._server_prefix(), *argv]
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.workdir / "stdout.log", "ab") as out:
-            self._proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir, env=self._env()
-            )
-        self._record_pids()
-        self._wait_ready(offset)
+        for attempt in (1, 2):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.workdir / "stdout.log", "ab") as out:
+                self._proc = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
+                    env=self._env(),
+                )
+            self._record_pids()
+            code = self._wait_ready(offset)
+            if code is None:
+                return
+            # xrootd 5.5 has been seen to die by SIGSEGV before its first log line; once is retried
+            if attempt == 1 and code < 0:
+                warnings.warn(f"{self.kind} on port {self.port} died at start-up (signal {-code}); starting again",
+                              stacklevel=2)
+                continue
+            self._fail(f"exited with code {code}")
 
     def _record_pids(self) -> None:
         # For reap_stale(); the relay's argv holds the namespace name, not the work dir.
         (self.workdir / "pids").write_text(" ".join(map(str, self.pids)))
 
-    def _wait_ready(self, offset: int) -> None:
+    def _wait_ready(self, offset: int) -> int | None:
+        """None once the log says ready; the exit code if the server died first."""
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -355,15 +366,13 @@ class XRootDServer:
                     f.seek(offset)
                     m = READY_RE.search(f.read())
                 if m and m.group(1) == "completed":
-                    return
+                    return None
                 if m:
-                    break
+                    self._fail("failed to initialise")
             if self._proc.poll() is not None:
-                break
+                return self._proc.returncode
             time.sleep(0.05)
-        else:
-            self._fail(f"not ready after {self.start_timeout:.0f} s")
-        self._fail(f"exited with code {self._proc.poll()}")
+        self._fail(f"not ready after {self.start_timeout:.0f} s")
 
     def _fail(self, why: str) -> None:
         tail = self.log_tail()
