@@ -201,7 +201,7 @@ class _Run:
                 return results
             raise RuntimeError(f"the worker returned {type(results).__name__}, not the results of the batch")
         except BaseException as exc:
-            info = ErrorInfo.lost(exc)
+            info = ErrorInfo.capture(exc)  # engine-level: a lost worker, a cancelled task
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]
 
     def _handle(self, r: ChunkResult) -> None:

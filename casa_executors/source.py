@@ -112,9 +112,9 @@ class MeteredSource(uproot.source.chunk.Source):
         self._position = -1
         self._errors: list[str] = []
         self._inner: uproot.source.chunk.Source | None = None
-        self._open_next(None)
+        self._open_next()
 
-    def _open_next(self, error: BaseException | None) -> None:
+    def _open_next(self) -> None:
         while True:
             if self._inner is not None:
                 _forget(self._inner)
@@ -157,7 +157,7 @@ class MeteredSource(uproot.source.chunk.Source):
                 if len(self._candidates) == 1:
                     raise
                 self._failed(self._label, self._candidates[self._position][1], exc)
-                self._open_next(exc)
+                self._open_next()
 
     def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
         self._num_requests += 1

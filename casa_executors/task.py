@@ -67,11 +67,6 @@ class ErrorInfo:
             pickled = pickle.dumps([_portable(e) for e in _chain(exc)])
         return cls(type(exc).__name__, redact(str(exc), secrets), redact(full, secrets), pickled)
 
-    @classmethod
-    def lost(cls, exc: BaseException) -> ErrorInfo:
-        """An engine-level failure (worker died, task lost) for every chunk of a batch."""
-        return cls.capture(exc)
-
 
 @dataclass
 class ChunkResult:

@@ -9,6 +9,7 @@ import awkward as ak
 import cloudpickle
 import hist
 import numpy as np
+import psutil
 import pytest
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
@@ -79,6 +80,14 @@ class Busy(Failing):
             os.unlink(mark)
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def attempts(log: str) -> dict[str, int]:
     out: dict[str, int] = {}
     with open(log) as f:
@@ -116,8 +125,7 @@ def require_engine(name: str) -> None:
 
 def run(ex, files, proc=None, chunksize=250, **runner_kw):
     """``Runner`` over ``files`` as one dataset, preprocessing every time."""
-    runner_kw.setdefault("metadata_cache", {})
-    if runner_kw["metadata_cache"] is None:
+    if runner_kw.get("metadata_cache") is None:
         runner_kw["metadata_cache"] = {}
     runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, **runner_kw)
     return runner({"SingleMu": [str(f) for f in files]}, proc or Analysis(), treename="Events")

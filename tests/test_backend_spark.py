@@ -24,6 +24,7 @@ import pytest
 from analysis import (
     Busy,
     Failing,
+    alive,
     assert_adl_identical,
     attempts,
     record_lost_attempts,
@@ -42,13 +43,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
     require_engine("spark")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def stop_pids(pids: list[int], timeout: float = 15) -> list[int]:

@@ -21,6 +21,7 @@ import pytest
 from analysis import (
     Busy,
     Failing,
+    alive,
     assert_adl_identical,
     attempts,
     record_lost_attempts,
@@ -40,13 +41,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
     require_engine("workqueue")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def sid(pid: int) -> int | None:
