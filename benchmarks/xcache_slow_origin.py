@@ -25,8 +25,8 @@ from coffea.nanoevents import NanoAODSchema
 import casa_executors
 from benchmarks.adl.generate import generate
 from benchmarks.adl.queries import QUERIES
-from casa_executors.xcache.netem import slow_origin
-from casa_executors.xcache.servers import XCache
+from casa_executors.standins.slowlink import slow_origin
+from casa_executors.standins.xrootd import XCache
 
 
 def adl_suite(urls: list[str], cache: str | None, workers: int, chunksize: int) -> dict:

@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLE_PARQUET = SHARED / "data" / "Run2012B_SingleMu-1000.parquet"
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLE_PARQUET = DATA / "Run2012B_SingleMu-1000.parquet"
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 

@@ -68,7 +68,7 @@ def test_default_dataset_is_generated_once(tmp_path, monkeypatch):
 
 
 def test_cache_auto_reads_through_xcache(sample_root, tmp_path):
-    servers = pytest.importorskip("casa_executors.xcache.servers")
+    servers = pytest.importorskip("casa_executors.standins.xrootd")
     if not servers.xrootd_available():
         pytest.skip("xrootd is not installed")
     export = Path(tempfile.mkdtemp(prefix="adl-export-"))  # xrootd (user xrootd) must reach it

@@ -18,7 +18,6 @@ from benchmarks.adl.schema import branch_dtypes
 from benchmarks.adl.synth import multiplicities
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CSV = REPO.parent / "shared" / "data" / "particle-distribution.csv"
 pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
 
 
@@ -64,12 +63,6 @@ def test_deterministic(dataset, tmp_path):
     assert not ak.array_equal(uproot.open(other[0])["Events"]["Jet_pt"].array(),
                               uproot.open(dataset[0])["Events"]["Jet_pt"].array())
 
-
-def test_multiplicity_table_is_the_shared_one():
-    if not SHARED_CSV.exists():
-        pytest.skip("shared/data not beside the repository")
-    shipped = (REPO / "benchmarks" / "adl" / "data" / "particle-distribution.csv").read_text()
-    assert shipped == SHARED_CSV.read_text()
 
 
 def test_distributions_roughly_right(arrays):

@@ -16,8 +16,8 @@ from coffea.nanoevents import NanoAODSchema
 from xrootd_fixtures import require_xrootd
 
 import casa_executors as ce
-from casa_executors.xcache.issuer import LocalIssuer
-from casa_executors.xcache.servers import XCache, XRootDOrigin
+from casa_executors.standins.issuer import LocalIssuer
+from casa_executors.standins.xrootd import XCache, XRootDOrigin
 
 NAMES = ("a.root", "b.root", "c.root")
 EXECUTORS = {

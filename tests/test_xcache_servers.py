@@ -17,7 +17,7 @@ from xrootd_fixtures import (
 )
 
 from casa_executors.xcache.router import AllCandidatesFailed, CacheRouter, try_candidates
-from casa_executors.xcache.servers import ServerError, XCache, XRootDOrigin
+from casa_executors.standins.xrootd import ServerError, XCache, XRootDOrigin
 
 
 @pytest.fixture(scope="module")

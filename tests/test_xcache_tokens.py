@@ -9,9 +9,9 @@ import traceback
 import pytest
 from xrootd_fixtures import FILE, assert_same, export_dir, open_and_read, read_events, require_xrootd
 
-from casa_executors.xcache.issuer import LocalIssuer
+from casa_executors.standins.issuer import LocalIssuer
 from casa_executors.xcache.router import AllCandidatesFailed, CacheRouter, try_candidates
-from casa_executors.xcache.servers import XCache, XRootDOrigin
+from casa_executors.standins.xrootd import XCache, XRootDOrigin
 from casa_executors.xcache.tokens import (
     REDACTED,
     Token,

@@ -21,7 +21,7 @@ apply_client_env()  # before the first XRootD use in this process
 import uproot  # noqa: E402
 from fsspec_xrootd import XRootDFileSystem  # noqa: E402
 
-from casa_executors.xcache.servers import xrootd_available  # noqa: E402
+from casa_executors.standins.xrootd import xrootd_available  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 FILE = "/store/f.root"

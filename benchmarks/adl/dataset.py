@@ -126,9 +126,9 @@ def serve(files: list[str], cache: str) -> Iterator[Served]:
         yield Served(files, files, files, notes=[note])
         return
     try:
-        from casa_executors.xcache.servers import ServerError, XCache, XRootDOrigin, xrootd_available
+        from casa_executors.standins.xrootd import ServerError, XCache, XRootDOrigin, xrootd_available
     except ImportError as exc:
-        note = f"--cache auto: no casa_executors.xcache.servers ({exc}); read directly"
+        note = f"--cache auto: no casa_executors.standins.xrootd ({exc}); read directly"
         yield Served(files, files, files, notes=[note])
         return
     if not xrootd_available():

@@ -1,12 +1,14 @@
-"""Reading data through XCache: real test servers, token handling, routing."""
+"""Reading data through XCache in production: routing, tokens, client settings.
+
+Local XRootD servers for tests and benchmarks live in ``casa_executors.standins``.
+"""
 
 from .client_env import CLIENT_ENV, apply_client_env
-from .router import AllCandidatesFailed, CacheRouter, try_candidates
+from .router import CacheRouter
 from .tokens import Token, TokenError, TokenPermissionError, authz_query, discover_token, redact
 
 __all__ = [
     "CLIENT_ENV",
-    "AllCandidatesFailed",
     "CacheRouter",
     "Token",
     "TokenError",
@@ -15,5 +17,4 @@ __all__ = [
     "authz_query",
     "discover_token",
     "redact",
-    "try_candidates",
 ]

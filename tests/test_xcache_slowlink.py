@@ -9,7 +9,7 @@ import time
 import pytest
 from xrootd_fixtures import FILE, IN_CI, export_dir, require_xrootd
 
-from casa_executors.xcache.servers import XCache, XRootDOrigin
+from casa_executors.standins.xrootd import XCache, XRootDOrigin
 
 
 def _xrdcp(url: str) -> float:
@@ -31,7 +31,7 @@ def test_slow_origin_rate_delay_and_cleanup(no_leftover_processes):
         if IN_CI:
             pytest.fail("the slow origin needs root (network namespaces, tc)")
         pytest.skip("the slow origin needs root (network namespaces, tc)")
-    from casa_executors.xcache.netem import slow_origin
+    from casa_executors.standins.slowlink import slow_origin
 
     with export_dir() as data:
         size_mbit = (data / FILE.lstrip("/")).stat().st_size * 8 / 1e6

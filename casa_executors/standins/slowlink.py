@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .netns import NetNS, run_ip
-from .servers import LOOPBACK, RELAY, ServerError, XRootDOrigin, _stop_proc
+from .xrootd import LOOPBACK, RELAY, ServerError, XRootDOrigin, _stop_proc
 
 SUBNET = ("10.254.254.1", "10.254.254.2", 30)  # (L side, S side, prefix length)
 

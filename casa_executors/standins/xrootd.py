@@ -257,7 +257,7 @@ class XRootDServer:
         _stop_proc(self._proc)
         self._relay = self._proc = None
 
-    # hooks for subclasses (netem.SlowOrigin)
+    # hooks for subclasses (slowlink.SlowOrigin)
     def _server_prefix(self) -> list[str]:
         """argv prefix that runs xrootd in its namespace."""
         return self.netns.prefix() if self.netns is not None else []

@@ -1,0 +1,107 @@
+"""Stopping processes by PID: the one place that signals, waits and reaps.
+
+Every engine and stand-in we start is stopped through here: SIGTERM, a grace
+period, SIGKILL for what is still running, and a wait that reaps our own
+children. psutil does the process-table work (descendants, zombies, waits).
+Worker-side scripts that must stay stdlib-only (``backends/workqueue/worker.py``,
+``standins/relay.py``) keep their own few lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterable
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+ProcessLike = int | psutil.Process | subprocess.Popen
+
+
+def _as_process(p: ProcessLike) -> psutil.Process | None:
+    try:
+        if isinstance(p, psutil.Process):
+            return p
+        return psutil.Process(p.pid if isinstance(p, subprocess.Popen) else int(p))
+    except (psutil.NoSuchProcess, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` is a running process (a zombie does not count)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below ``pid``, children first."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def with_environ(name: str, value: str) -> list[psutil.Process]:
+    """Processes whose environment has ``name=value`` (a marker we set on what we start)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(name) == value:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def terminate(procs: Iterable[ProcessLike], grace: float = 5.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Send ``sig``, wait up to ``grace`` seconds, SIGKILL the rest; returns the PIDs killed.
+
+    ``subprocess.Popen`` objects are waited for too, so no zombie is left.
+    """
+    procs = list(procs)
+    targets = [p for p in (_as_process(x) for x in procs) if p is not None and p.pid != os.getpid()]
+    for p in targets:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+    _, survivors = psutil.wait_procs(targets, timeout=grace) if grace > 0 else ([], targets)
+    killed = []
+    for p in survivors:
+        try:
+            p.kill()
+            killed.append(p.pid)
+        except psutil.Error:
+            pass
+    if killed:
+        log.info("killed %s after a %.1f s grace period", killed, grace)
+        psutil.wait_procs(survivors, timeout=5)
+    for x in procs:
+        if isinstance(x, subprocess.Popen):
+            try:
+                x.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("process %d did not exit after SIGKILL", x.pid)
+    return killed
+
+
+def kill(procs: Iterable[ProcessLike]) -> list[int]:
+    """SIGKILL at once (a process that must not clean up, or whose parent is gone)."""
+    return terminate(procs, grace=0)
+
+
+def terminate_tree(root: ProcessLike, grace: float = 5.0) -> list[int]:
+    """Stop ``root`` and every process below it (found before the signal)."""
+    proc = _as_process(root)
+    try:
+        below = proc.children(recursive=True) if proc is not None else []
+    except psutil.Error:
+        below = []
+    items: list[ProcessLike] = [root, *below]
+    return terminate(items, grace=grace)
