@@ -116,7 +116,14 @@ def redact(text: str, secrets: Sequence[str]) -> str:
 
 
 def worker_name() -> str:
-    """A name for the worker running this task, as its engine knows it."""
+    """A name for the worker running this task, as its engine knows it; inside a Slurm job
+    ``slurm:<SLURM_JOB_ID>/<name>``, so that the site's accounting can be joined with the report."""
+    name = _engine_worker_name()
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm:{job}/{name}" if job else name
+
+
+def _engine_worker_name() -> str:
     name = os.environ.get("CASA_WORKER_NAME")
     if name:
         return name

@@ -79,3 +79,7 @@ def reference(sample_files):
     import casa_executors
 
     return run(casa_executors.iterative(status=False), sample_files)
+
+
+# one real Slurm and one real dask-gateway per session, shared by test_slurm*/test_gateway* (tests/facility.py)
+from facility import gateway, slurm, slurm_gateway  # noqa: E402,F401

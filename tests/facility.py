@@ -1,0 +1,109 @@
+"""One real Slurm and one real dask-gateway per test session (imported by conftest.py), and their checks.
+
+Starting them costs about 1.5 s each; the test modules share them. After each
+test that uses them, ``facility_clean`` checks that no Slurm job, no job
+process and no gateway scheduler/worker is left.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _require(reason: str | None) -> None:
+    if reason:
+        (pytest.fail if IN_CI else pytest.skip)(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A one-node Slurm, ``SLURM_CONF`` exported for this process and what it starts."""
+    from casa_executors.standins.slurm import LocalSlurm, slurm_unavailable
+
+    _require(slurm_unavailable())
+    cluster = LocalSlurm()
+    cluster.start()
+    cluster.export()
+    yield cluster
+    cluster.stop()
+
+
+def _gateway(backend: str, slurm=None):
+    from casa_executors.standins.gateway import LocalGateway, gateway_unavailable
+
+    _require(gateway_unavailable())
+    gw = LocalGateway({"alice": "alice-pw", "bob": "bob-pw"}, backend=backend, slurm=slurm)
+    gw.start()
+    return gw
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    """dask-gateway-server with the local backend; users alice and bob."""
+    gw = _gateway("local")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_gateway(slurm):
+    """dask-gateway-server whose schedulers and workers are Slurm jobs."""
+    gw = _gateway("slurm", slurm)
+    yield gw
+    gw.stop()
+
+
+def wait_until(check, timeout: float = 30, step: float = 0.2):
+    """``check()`` once it is truthy, else its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return value
+
+
+def assert_no_jobs(slurm, timeout: float = 30) -> None:
+    """``squeue`` empty (within ``timeout``) and no process of a job left."""
+    left = wait_until(lambda: not slurm.jobs(), timeout)
+    assert left, f"Slurm jobs left: {slurm.jobs()}"
+    procs = wait_until(lambda: not slurm.leftovers(), 10)
+    assert procs, f"job processes left: {[(p.pid, p.name()) for p in slurm.leftovers()]}"
+
+
+def exposed(path: Path) -> bool:
+    """Could another local user (not the owner, not in its group) read ``path``?
+
+    Yes if it is other-readable and every directory above it is other-searchable.
+    """
+    st = path.stat()
+    if not st.st_mode & stat.S_IROTH:
+        return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
+
+
+def files_holding(secret: bytes, roots: Iterable[Path]) -> Iterator[Path]:
+    """Every regular file below ``roots`` whose bytes contain ``secret``."""
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                p = Path(dirpath, name)
+                try:
+                    if p.is_file() and not p.is_symlink() and secret in p.read_bytes():
+                        yield p
+                except OSError:
+                    continue
+
+
+def assert_private(secret: bytes, roots: Iterable[Path]) -> list[Path]:
+    """The files under ``roots`` that hold ``secret``; fails if another user could read one."""
+    found = list(files_holding(secret, roots))
+    readable = [(str(p), stat.filemode(p.stat().st_mode)) for p in found if exposed(p)]
+    assert not readable, f"a secret at rest where other users can read it: {readable}"
+    return found
