@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DEBS="xrootd-server xrootd-server-plugins xrootd-client xrootd-scitokens-plugins coop-computing-tools python3-workqueue openjdk-17-jre-headless iproute2 procps"
+DEBS="xrootd-server xrootd-server-plugins xrootd-client xrootd-scitokens-plugins coop-computing-tools python3-workqueue openjdk-17-jre-headless iproute2 procps slurmctld slurmd slurm-client munge"
 missing=""
 for d in $DEBS; do dpkg -s "$d" >/dev/null 2>&1 || missing="$missing $d"; done
 if [ -n "$missing" ]; then
