@@ -124,7 +124,7 @@ def test_options_are_checked():
 
 
 def test_unavailable_names_what_is_missing(monkeypatch):
-    from casa_executors.backends import workqueue
+    from casa_executors.backends.workqueue import backend as workqueue
 
     assert workqueue.WorkQueueBackend.unavailable() is None
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -183,7 +183,7 @@ def test_warm_server_serves_only_its_own_user(tmp_path):
     """The server unpickles what a client names: a process of another user gets nothing run."""
     if os.getuid() != 0:  # CI runs as root
         pytest.skip("needs root, to be another user")
-    from casa_executors.backends import wq_task
+    from casa_executors.backends.workqueue import worker as wq_task
 
     tmp_path.chmod(0o777)
     (tmp_path / "in.pkl").write_bytes(cloudpickle.dumps((touch, str(tmp_path / "ran"))))

@@ -69,7 +69,7 @@ import cloudpickle
 from casa_executors.backends.base import Backend, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
-WQ_TASK = str(Path(__file__).resolve().with_name("wq_task.py"))
+WQ_TASK = str(Path(__file__).resolve().with_name("worker.py"))
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's python3-workqueue
 LOOPBACK = "127.0.0.1"
 TASKS_PER_WORKER = 4  # batches per worker and run: start-up amortised, tail still short
