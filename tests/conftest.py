@@ -81,5 +81,5 @@ def reference(sample_files):
     return run(casa_executors.iterative(status=False), sample_files)
 
 
-# one real Slurm and one real dask-gateway per session, shared by test_slurm*/test_gateway* (tests/facility.py)
-from facility import gateway, slurm, slurm_gateway  # noqa: E402,F401
+# one real Slurm, dask-gateway and token-checking XCache per session, shared by the facility tests (tests/facility.py)
+from facility import gateway, served, slurm, slurm_gateway  # noqa: E402,F401

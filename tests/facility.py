@@ -107,3 +107,96 @@ def assert_private(secret: bytes, roots: Iterable[Path]) -> list[Path]:
     readable = [(str(p), stat.filemode(p.stat().st_mode)) for p in found if exposed(p)]
     assert not readable, f"a secret at rest where other users can read it: {readable}"
     return found
+
+
+class SecretWatch:
+    """Looks, every ``period`` s while a run goes on, for files holding ``secret`` below ``roots()``
+    (sandboxes come and go with their tasks), and remembers each with its mode and exposure."""
+
+    def __init__(self, secret: bytes, roots, period: float = 0.2) -> None:
+        import threading
+
+        self.secret, self.roots, self.period = secret, roots, period
+        self.seen: dict[str, tuple[str, bool]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.scan()
+            time.sleep(self.period)
+
+    def scan(self) -> None:
+        for p in files_holding(self.secret, [Path(r) for r in self.roots() if Path(r).exists()]):
+            try:
+                self.seen.setdefault(str(p), (stat.filemode(p.stat().st_mode), exposed(p)))
+            except OSError:
+                continue
+
+    def __enter__(self) -> SecretWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def exposed(self) -> dict[str, str]:
+        return {p: mode for p, (mode, open_to_others) in self.seen.items() if open_to_others}
+
+
+def new_temp_entries(before: set[str]) -> list[Path]:
+    """What appeared in the temporary directory since ``before`` (``set(os.listdir(tempdir))``)."""
+    import tempfile
+
+    base = Path(tempfile.gettempdir())
+    return [base / n for n in os.listdir(base) if n not in before]
+
+
+class Served:
+    """The three sample files behind a token-checking XRootD origin and an XCache (both real)."""
+
+    def __init__(self, urls: list[str], cache: str, token: str) -> None:
+        self.urls, self.cache, self.token = urls, cache, token
+
+    def driver_options(self) -> dict:
+        return {"cache": self.cache, "token": self.token}
+
+
+@pytest.fixture(scope="session")
+def served(sample_files, tmp_path_factory):
+    """Reads that succeed only with the bearer token: what a worker gets, it got from the executor."""
+    import shutil
+    import tempfile
+
+    from xrootd_fixtures import require_xrootd
+
+    from casa_executors.standins.issuer import LocalIssuer
+    from casa_executors.standins.xrootd import XCache, XRootDOrigin
+
+    require_xrootd()
+    export = Path(tempfile.mkdtemp(prefix="casa-served-"))
+    export.chmod(0o755)
+    (export / "store").mkdir(mode=0o755)
+    for src in sample_files:
+        shutil.copy(src, export / "store" / src.name)
+        (export / "store" / src.name).chmod(0o644)
+    issuer = LocalIssuer()
+    try:
+        with XRootDOrigin(export, token_issuer=issuer) as origin, XCache(origin) as cache:
+            yield Served([origin.url(f"/store/{f.name}") for f in sample_files], cache.endpoint, issuer.mint(lifetime=3600))
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+
+
+def same_physics(out: dict, reference: dict) -> bool:
+    """``Analysis`` outputs equal bit for bit, file names aside (URLs against local paths)."""
+    import numpy as np
+
+    return (
+        out["events"].value == reference["events"].value
+        and np.array_equal(out["met"].values(flow=True), reference["met"].values(flow=True))
+        and np.array_equal(out["jetpt"].values(flow=True), reference["jetpt"].values(flow=True))
+        and np.array_equal(out["jetpt"].variances(flow=True), reference["jetpt"].variances(flow=True))
+        and sorted(out["met_column"].value) == sorted(reference["met_column"].value)
+    )

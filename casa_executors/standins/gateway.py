@@ -56,6 +56,13 @@ BIN = Path(sys.executable).parent
 MARKER = "CASA_GATEWAY_RUN"  # in the environment of every scheduler and worker of one gateway
 
 
+def _cwd(p: psutil.Process) -> str:
+    try:
+        return p.cwd()
+    except psutil.Error:
+        return ""
+
+
 def _name(p: psutil.Process) -> str:
     try:
         return p.name()
@@ -182,8 +189,11 @@ class LocalGateway:
     def leftovers(self) -> list[psutil.Process]:
         """Schedulers and workers of this gateway that are still running (not the server, not its proxy)."""
         server = self._proc.pid if self._proc is not None else None
-        return [p for p in procs.with_environ(MARKER, self.marker)
-                if p.pid not in (os.getpid(), server) and _name(p) != "dask-gateway-proxy"]
+        found = {p.pid: p for p in procs.with_environ(MARKER, self.marker)}
+        if self.dir is not None:  # dask's setproctitle blanks /proc/PID/environ: their work dirs give them away
+            found.update({p.pid: p for p in psutil.process_iter() if _cwd(p).startswith(str(self.dir))})
+        return [p for pid, p in found.items()
+                if pid not in (os.getpid(), server) and _name(p) != "dask-gateway-proxy"]
 
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.address}/api/health", timeout=2) as r:
@@ -216,7 +226,11 @@ class LocalGateway:
             f"c.ClusterConfig.worker_cmd = {[dask, 'worker', '--host', LOOPBACK]!r}",
             "c.ClusterConfig.worker_cores = 1",
             "c.ClusterConfig.worker_threads = 1",
-            f"c.ClusterConfig.worker_memory = {self.worker_memory_gb!r} * 2**30",
+            # what a user may choose per cluster (dask_gateway's cluster_options), in GiB
+            "from dask_gateway_server.options import Float, Options",
+            "c.Backend.cluster_options = Options(",
+            f"    Float('worker_memory', {self.worker_memory_gb!r}, min=0.25, label='Worker memory (GiB)'),",
+            "    handler=lambda options: {'worker_memory': int(options.worker_memory * 2**30)})",
             "c.ClusterConfig.scheduler_memory = 2**30",
             "c.ClusterConfig.idle_timeout = 0",
             "c.ClusterConfig.adaptive_period = 1",

@@ -260,7 +260,7 @@ class LocalSlurm:
             "SlurmdPidFile": d / "run" / "slurmd.pid",
             "SlurmctldLogFile": d / "log" / "slurmctld.log",
             "SlurmdLogFile": d / "log" / "slurmd.log",
-            "ProctrackType": "proctrack/linuxproc",
+            "ProctrackType": "proctrack/pgid",  # a job process whose parent died is still signalled (linuxproc loses it)
             "TaskPlugin": "task/none",
             "JobAcctGatherType": "jobacct_gather/none",
             "AccountingStorageType": "accounting_storage/none",
