@@ -59,6 +59,20 @@ def with_environ(name: str, value: str) -> list[psutil.Process]:
     return found
 
 
+def in_sessions(sids: Iterable[int]) -> list[psutil.Process]:
+    """Running processes (not this one, not zombies) whose session is one of ``sids``: what the
+    session leaders we started (``start_new_session=True``) left behind, orphans included."""
+    sids = set(sids)
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and os.getsid(proc.pid) in sids and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
+    return found
+
+
 def terminate(procs: Iterable[ProcessLike], grace: float = 5.0, sig: int = signal.SIGTERM) -> list[int]:
     """Send ``sig``, wait up to ``grace`` seconds, SIGKILL the rest; returns the PIDs killed.
 

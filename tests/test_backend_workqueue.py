@@ -159,7 +159,7 @@ def test_ndcctools_work_queue_is_preferred(tmp_path, monkeypatch, sample_files, 
     (pkg / "__init__.py").write_text("")
     (pkg / "work_queue.py").write_text(textwrap.dedent("""
         import sys
-        from casa_executors.backends.workqueue import DIST_PACKAGES, _load_alone
+        from casa_executors.backends.workqueue.discovery import DIST_PACKAGES, _load_alone
         _wq = sys.modules.get("work_queue") or _load_alone(DIST_PACKAGES)
         globals().update({k: v for k, v in vars(_wq).items() if not k.startswith("__")})
     """))

@@ -1,5 +1,13 @@
-"""The Work Queue backend (being split by concern: see ``backend.py``)."""
+"""The Work Queue backend, one module per concern (laid out like Parsl's own Work Queue executor).
 
-from casa_executors.backends.workqueue.backend import DIST_PACKAGES, WorkQueueBackend, _load_alone, import_work_queue
+* ``backend.py`` — :class:`WorkQueueBackend`: the manager thread, tasks, futures, lost workers.
+* ``discovery.py`` — finding the Python module (``ndcctools.work_queue`` or Debian's ``work_queue``).
+* ``native.py`` — ctypes shims: a wait that releases the GIL, the manager listening on one address.
+* ``local_workers.py`` — ``work_queue_worker`` processes on this machine: start, respawn, stop by PID.
+* ``worker.py`` — the stdlib-only script each task runs on a worker (and its warm per-worker server).
+"""
+
+from casa_executors.backends.workqueue.backend import WorkQueueBackend
+from casa_executors.backends.workqueue.discovery import DIST_PACKAGES, import_work_queue
 
 __all__ = ["DIST_PACKAGES", "WorkQueueBackend", "import_work_queue"]

@@ -1,4 +1,4 @@
-"""The worker side of a Work Queue task: ``python wq_task.py IN OUT`` in the task's sandbox.
+"""The worker side of a Work Queue task: ``python casa_wq_worker.py IN OUT`` in the task's sandbox.
 
 IN holds ``cloudpickle.dumps((fn, arg))``; OUT gets ``fn(arg)``, written whole or
 not at all. ``fn`` is ``run_batch``, which never raises, so a non-zero exit means
@@ -18,9 +18,12 @@ holds its slot's lock (one slot per task running at once on the worker).
   exits within a second of its worker, or after ``IDLE_S`` without work.
 * If no server can be had, or with ``CASA_WQ_WARM=0``, the task runs here.
 
-The manager ships this file with each task (cached on the worker), so the
-client never imports the ``casa_executors`` package; the server and the cold
-path do, through the task's ``PYTHONPATH``.
+The manager ships this file with each task (cached on the worker) as
+``casa_wq_worker.py``, so the client never imports the ``casa_executors``
+package; the server and the cold path do, through the task's ``PYTHONPATH``.
+It must stay stdlib-only, so it keeps its own few lines of process handling
+(``PR_SET_PDEATHSIG``, a liveness check of its worker) instead of
+``casa_executors.procs``.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def run_on_server(src: str, dst: str, worker_pid: int) -> bool | None:
         finally:
             conn.close()
         if reply != "ok":
-            print(f"wq_task: server {name}-{slot} answered {reply or 'nothing (it died)'}", file=sys.stderr)
+            print(f"casa_wq_worker: server {name}-{slot} answered {reply or 'nothing (it died)'}", file=sys.stderr)
         return reply == "ok"
     return None
 
@@ -198,7 +201,7 @@ def main(argv: list[str]) -> int:
         serve(argv[1], int(argv[2]))
         return 0
     if len(argv) != 2:
-        print("usage: wq_task.py IN OUT", file=sys.stderr)
+        print("usage: casa_wq_worker.py IN OUT", file=sys.stderr)
         return 2
     linux = sys.platform.startswith("linux")
     if linux:
