@@ -15,11 +15,18 @@ from typing import Any
 
 from casa_executors.backends.base import Backend
 from casa_executors.driver import Driver
-from casa_executors.errors import BackendUnavailable, ChunkError, ExecutorOptionError, RemoteError, WorkerLost
+from casa_executors.errors import (
+    BackendUnavailable,
+    CheckpointMismatch,
+    ChunkError,
+    ExecutorOptionError,
+    RemoteError,
+    WorkerLost,
+)
 from casa_executors.report import Report
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "ChunkError", "Driver", "ExecutorOptionError",
+    "BACKENDS", "Backend", "BackendUnavailable", "CheckpointMismatch", "ChunkError", "Driver", "ExecutorOptionError",
     "RemoteError", "Report", "WorkerLost", "create", "dask", "futures", "iterative", "parsl",
     "spark", "unavailable", "workqueue",
 ]

@@ -4,12 +4,20 @@
 preprocess files and once to process chunks. It submits tasks to its backend,
 collects them as they complete, retries, merges in a fixed tree, draws the
 progress bar and fills the report. Backends only run tasks.
+
+Where outputs live and where the tree's merges run is the placement's business
+(:mod:`casa_executors.outputs`): in this process, in a store the workers share
+(merge tasks on the engine; the checkpoint when there is one), or in the
+engine's memory. The loop below is the same for all: chunk batches and merge
+tasks go to the same engine, ready merges first; a merge whose inputs were lost
+or found corrupt sends the chunks below it back to the queue.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import time
 import warnings
@@ -26,11 +34,13 @@ from coffea.util import _exception_chain
 
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
-from casa_executors.errors import ChunkError, ExecutorOptionError
-from casa_executors.merge import TreeMerger
+from casa_executors.checkpoint import Checkpoint
+from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost
+from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
+from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
-from casa_executors.report import Phase, Report
-from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch, decompress, run_batch
+from casa_executors.report import DONE, Phase, Report
+from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch
 
 NOT_RUN = "NotRun"
 
@@ -60,6 +70,10 @@ class Driver(ExecutorBase):
     token: Any = field(default=None, repr=False)
     router: Any = field(default=None, repr=False)  # built from cache/cache_mode/token
     report: Report = field(default_factory=Report, repr=False)
+    checkpoint: str | None = None  # a folder or fsspec URL the workers can write: runs resume from it
+    checkpoint_restart: bool = False  # a checkpoint of another run there is deleted, not refused
+    store: str | None = None  # where workers put outputs to merge them (a folder or URL they all reach)
+    merge: str = "auto"  # "workers": merge on the engine (or fail), "driver": in this process
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
@@ -76,6 +90,17 @@ class Driver(ExecutorBase):
             raise ExecutorOptionError(f"compression must be None or a level 0-16, got {self.compression!r}")
         if self.router is None:
             self.router = self._make_router()
+        for name in ("checkpoint", "store"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ExecutorOptionError(f"{name} must be a folder or an fsspec URL (root://..., file://...), "
+                                          f"got {value!r}")
+        if not isinstance(self.checkpoint_restart, bool):
+            raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
+        check_merge_option(self.merge)
 
     def _make_router(self):
         if self.cache is None:
@@ -131,6 +156,20 @@ class Driver(ExecutorBase):
         return out, (run.skipped[0][1] if result_type and run.skipped else 0)
 
 
+class _ChunkJob:
+    __slots__ = ("future", "indices", "data")
+
+    def __init__(self, future: Future, indices: list[int], data: Any) -> None:
+        self.future, self.indices, self.data = future, indices, data
+
+
+class _MergeJob:
+    __slots__ = ("future", "group")
+
+    def __init__(self, future: Future, group: Group) -> None:
+        self.future, self.group = future, group
+
+
 class _Run:
     """The state of one executor call."""
 
@@ -139,15 +178,28 @@ class _Run:
         self.backend = driver.backend
         n = len(phase.items)
         self.spec = work if self.backend.in_process else cloudpickle.dumps(work)
-        self.compression = None if self.backend.in_process else driver.compression
-        self.merger = TreeMerger(n, driver.merge_fanin)
+        self.checkpoint: Checkpoint | None = None
+        if driver.checkpoint is not None and phase.name == "processing":
+            self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
+            self.checkpoint.open(phase.items, work, driver.merge_fanin)
+        self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
+                                self.checkpoint)
+        if self.placement.name == "driver" and self.backend.in_process:
+            self.placement.compression = None  # nothing leaves this process
+        self.tree = MergeTree(n, driver.merge_fanin)
+        self.merges: deque[Group] = deque()  # ready groups waiting for a slot on the engine
         self.attempts = [0] * n
+        self.failures = [0] * n  # failed attempts: a chunk fails for good after retries + 1
+        self.losses = [0] * n  # outputs lost after the chunk was done (recomputed up to retries + 1 times)
         self.todo: deque[int] = deque(range(n))
-        self.inflight: dict[int, tuple[Future, list[int]]] = {}
+        self.inflight: dict[int, _ChunkJob | _MergeJob] = {}
         self.keys = itertools.count()
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.abort: tuple[int, BaseException] | None = None
         self.skipped: list[tuple[int, BaseException]] = []
+        self.result: Any = None
+        self.finished = False
+        self.corrupt: list[str] = []
         self.batch = driver.chunks_per_task or self.backend.batch_size(n)
         self.limit = max(self.backend.max_inflight(), 1)
         self.bar = ProgressBar(
@@ -156,43 +208,185 @@ class _Run:
 
     def drive(self) -> Any:
         try:
-            while self.todo or self.inflight:
+            self._begin()
+            while not self.finished:
                 self._submit_more()
+                if self.finished:
+                    break
+                if not self.inflight:
+                    raise RuntimeError("casa_executors: the merge tree is incomplete with nothing left to run")
                 try:
                     key = self.done.get(timeout=0.25)
                 except queue.Empty:
                     self.bar.refresh()
                     continue
-                future, indices = self.inflight.pop(key)
-                for result in self._results(future, indices):
-                    self._handle(result)
+                job = self.inflight.pop(key)
+                if isinstance(job, _MergeJob):
+                    self._merged(job)
+                else:
+                    for position, result in enumerate(self._results(job.future, job.indices)):
+                        self._handle(result, job, position)
         finally:
             self.bar.close()
-            for future, _ in self.inflight.values():
+            for job in self.inflight.values():
                 with contextlib.suppress(Exception):  # e.g. parsl's AppFuture.cancel raises
-                    future.cancel()
-        return self.merger.result if self.merger.done else self.merger.partial()
+                    job.future.cancel()
+            self.inflight.clear()
+            self._close()
+        return self.result
 
+    # -- the start and the end ---------------------------------------------------------
+    def _begin(self) -> None:
+        """With a checkpoint: restore what it holds, run only the other chunks."""
+        if self.checkpoint is None:
+            return
+        restored, todo, leftovers = self.checkpoint.resolve(self.tree)
+        self.checkpoint.store.remove(leftovers)  # below restored nodes, temporary, partial: a kill's debris
+        self.todo = deque(sorted(todo))
+        for level, index in restored:
+            span = self.tree.span(level, index)
+            self.bar.events += Report.restore(self.phase, span)
+            self.bar.refresh(advance=len(span))
+        for level, index in restored:
+            self._put(Node(level, index, node_key(level, index), True))
+
+    def _finish(self) -> None:
+        root = self.tree.root
+        try:
+            self.result = self.placement.fetch(root)
+        except Lost as exc:
+            self.tree.root = None
+            self._lose(exc, None)
+            return
+        self.finished = True
+        if self.checkpoint is not None and root.complete:
+            self.checkpoint.write_manifest(complete=True)
+
+    def _close(self) -> None:
+        try:
+            self.placement.close(self.finished)
+        finally:
+            self.phase.merge = self.placement.info()
+            if self.checkpoint is not None:
+                self.phase.checkpoint = {
+                    "url": self.checkpoint.url, "run_key": self.checkpoint.identity.get("run_key", ""),
+                    "restored": sum(1 for r in self.phase.rows if r.status == "restored"),
+                    "corrupt": list(self.corrupt), "restarted": self.checkpoint.restarted,
+                }
+
+    # -- the merge tree --------------------------------------------------------------
+    def _put(self, node: Node) -> None:
+        for group in self.tree.put(node):
+            if not self.placement.merges_here:
+                self.merges.append(group)
+                continue
+            try:
+                handle = self.placement.merge_here(group)
+            except Lost as exc:
+                self._lose(exc, group)
+                continue
+            self._put(Node(group.level, group.index, handle, group.complete))
+        if self.tree.root is not None and not self.finished:
+            self._finish()
+
+    def _merged(self, job: _MergeJob) -> None:
+        group = job.group
+        try:
+            handle = self.placement.merged(group, job.future)
+        except Lost as exc:
+            self._lose(exc, group)
+            return
+        except MergeFailed:
+            raise
+        except BaseException as exc:  # the engine lost the merge task
+            self._merge_failed(group, exc)
+            return
+        self._put(Node(group.level, group.index, handle, group.complete))
+
+    def _merge_failed(self, group: Group, exc: BaseException) -> None:
+        why = f"a merge task failed on the engine: {type(exc).__name__}: {exc}"
+        lost = self.placement.lost_children(group)
+        if lost:
+            self._lose(Lost(lost, why), group)
+            return
+        group.attempts += 1
+        if group.attempts <= self.driver.retries:
+            self.merges.appendleft(group)
+        elif self.placement.name == "store":  # the store still has the children: merge them here
+            try:
+                handle = self.placement.merge_here(group)
+            except Lost as lost_exc:
+                self._lose(lost_exc, group)
+                return
+            self._put(Node(group.level, group.index, handle, group.complete))
+        else:
+            self._lose(Lost([c for c in group.children if c.handle is not None], why), group)
+
+    def _lose(self, exc: Lost, group: Group | None) -> None:
+        """Outputs are gone or corrupt: plan their subtrees again (restore what the store has, rerun the rest)."""
+        gone = {(n.level, n.index) for n in exc.nodes}
+        if group is not None:
+            self.tree.put_back([c for c in group.children if (c.level, c.index) not in gone])
+        if exc.corrupt:
+            self.corrupt += exc.corrupt
+            self.placement.store.remove(exc.corrupt)
+        for node in exc.nodes:
+            if self.checkpoint is not None:
+                restored, todo, _ = self.checkpoint.resolve(self.tree, node.level, node.index)
+            else:
+                restored, todo = [], list(self.tree.span(node.level, node.index))
+            for i in todo:
+                self._rerun(i, exc)
+            for level, index in restored:
+                self._put(Node(level, index, node_key(level, index), True))
+
+    def _rerun(self, i: int, exc: Lost) -> None:
+        row = self.phase.rows[i]
+        if row.status not in DONE:  # it had failed: it still has no output
+            self._put(Node(0, i, None, False))
+            return
+        self.losses[i] += 1
+        self.bar.refresh(advance=-1)
+        self.bar.events -= row.events
+        if self.losses[i] > self.driver.retries + 1:
+            Report.give_up(self.phase, i, "failed", "WorkerLost", f"its output was lost {self.losses[i]} times: {exc}")
+            self._give_up(i, WorkerLost(f"the output of this chunk was lost {self.losses[i]} times: {exc}"))
+            return
+        Report.requeue(self.phase, i)
+        self.todo.appendleft(i)
+
+    # -- chunks ------------------------------------------------------------------------
     def _submit_more(self) -> None:
         if self.abort is not None:
             while self.todo:
                 i = self.todo.popleft()
                 Report.give_up(self.phase, i, "failed", NOT_RUN,
                                f"not run: the run stopped after {self.describe(*self.abort)}")
-                self.merger.add(i, None)
-            return
+                self._put(Node(0, i, None, False))
+        while self.merges and len(self.inflight) < self.limit:
+            group = self.merges.popleft()
+            fn, arg = self.placement.merge_call(group)
+            self._track(_MergeJob(self._submit(fn, arg), group))
         while self.todo and len(self.inflight) < self.limit:
             take = [self.todo.popleft() for _ in range(min(self.batch, len(self.todo)))]
             tasks = [ChunkTask(i, self.phase.items[i], self.attempts[i] + 1) for i in take]
-            batch = TaskBatch(self.spec, tasks, self.compression, self.driver.router)
-            key = next(self.keys)
+            batch = TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router)
             try:
-                future = self.backend.submit(run_batch, batch)
+                future, data = self.placement.submit_chunks(batch)
             except Exception as exc:  # the engine refused the task itself
-                future = Future()
-                future.set_exception(exc)
-            self.inflight[key] = (future, take)
-            future.add_done_callback(lambda f, key=key: self.done.put(key))
+                future, data = _failed(exc), None
+            self._track(_ChunkJob(future, take, data))
+
+    def _submit(self, fn: Any, arg: Any) -> Future:
+        try:
+            return self.backend.submit(fn, arg)
+        except Exception as exc:  # the engine refused the task itself
+            return _failed(exc)
+
+    def _track(self, job: _ChunkJob | _MergeJob) -> None:
+        key = next(self.keys)
+        self.inflight[key] = job
+        job.future.add_done_callback(lambda f, key=key: self.done.put(key))
 
     def _results(self, future: Future, indices: list[int]) -> list[ChunkResult]:
         try:
@@ -204,27 +398,31 @@ class _Run:
             info = ErrorInfo.capture(exc)  # engine-level: a lost worker, a cancelled task
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]
 
-    def _handle(self, r: ChunkResult) -> None:
+    def _handle(self, r: ChunkResult, job: _ChunkJob, position: int) -> None:
         i = r.index
         self.attempts[i] += 1
         Report.attempt(self.phase, r)
         if r.ok:
-            self.merger.add(i, decompress(r.output))
             self.bar.advance(r.events)
+            self._put(Node(0, i, self.placement.leaf(r, job.data, position), True))
             return
+        self.failures[i] += 1
         exc = r.error.exception()
-        if self.attempts[i] <= self.driver.retries and self.abort is None:
+        if self.failures[i] <= self.driver.retries and self.abort is None:
             self.todo.append(i)
             self.bar.retries += 1
             return
         Report.give_up(self.phase, i, "failed")
-        self.merger.add(i, None)
+        self._give_up(i, exc)
+
+    def _give_up(self, i: int, exc: BaseException) -> None:
         self.bar.failures += 1
         self.bar.advance()
         if self._skippable(exc):
             self.skipped.append((i, exc))
         elif self.abort is None:
             self.abort = (i, exc)
+        self._put(Node(0, i, None, False))
 
     def _skippable(self, exc: BaseException) -> bool:
         skip = self.skipbadfiles
@@ -245,7 +443,7 @@ class _Run:
 
     def error(self, partial_output: Any) -> ChunkError:
         index, exc = self.abort
-        failed = sum(1 for r in self.phase.rows if r.status != "ok")
+        failed = sum(1 for r in self.phase.rows if r.status not in DONE)
         err = ChunkError(
             f"{self.describe(index, exc)}. {failed} of {len(self.phase.rows)} items did not complete; "
             "executor.report.failures() lists them (use recoverable=True or Runner(skipbadfiles=...) "
@@ -254,3 +452,9 @@ class _Run:
         )
         err.__cause__ = exc
         return err
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future

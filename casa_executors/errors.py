@@ -42,3 +42,7 @@ class ChunkError(RuntimeError):
     def __init__(self, message: str, partial_output=None) -> None:
         super().__init__(message)
         self.partial_output = partial_output
+
+
+class CheckpointMismatch(ValueError):
+    """``checkpoint=`` names a location that holds another run (other items, processor or versions)."""

@@ -1,21 +1,62 @@
-"""Merge chunk outputs in a fixed tree, as they arrive.
+"""The fixed merge tree, and the merge functions that run on workers.
 
 Chunk ``i`` is leaf ``i``; every ``fanin`` consecutive nodes of a level merge
-into one node of the next level as soon as all of them are in. The result is
-independent of completion order, so every backend gives the same bits, and
-column accumulators keep chunk order. The driver holds at most about
-``fanin - 1`` nodes per level for each chunk still running.
+into one node of the next level once all of them are in, left to right. The
+result does not depend on which chunk finished first, so every backend — and
+every place a merge runs (the driver, a worker, a mix after a resume) — gives
+the same bits, and column accumulators keep chunk order.
+
+:class:`MergeTree` is only the bookkeeping: which nodes are in, which groups
+are ready. Where outputs live and who merges a ready group is the business of
+:mod:`casa_executors.outputs`. A group with at most one output (its other
+children failed, or the last, short group of a level) is not merged at all:
+that output stands for the parent as it is, exactly as a fold of one value.
+
+A node is *complete* when every chunk below it succeeded: only complete nodes
+are checkpoints (``nodes/<level>/<index>`` in a store), because a resumed run
+must not take a node with a failed chunk inside for a finished one.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from coffea.processor import accumulate
+from coffea.processor.accumulator import iadd
+
+from casa_executors.store import NodeCorrupt, NodeMissing, Store, decode, encode
 
 
-class TreeMerger:
+def node_key(level: int, index: int, complete: bool = True) -> str:
+    """Where a node lives in a store: complete nodes are checkpoints, the others scratch."""
+    return f"{'nodes' if complete else 'partial'}/{level}/{index}"
+
+
+@dataclass
+class Node:
+    level: int
+    index: int
+    handle: Any  # the output itself, a store key, or an engine future; None: nothing (all failed)
+    complete: bool  # every chunk below succeeded
+
+
+@dataclass
+class Group:
+    """A node whose children are all in: merge ``children`` (in order) into it."""
+
+    level: int
+    index: int
+    children: list[Node]
+    attempts: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return all(c.complete for c in self.children)
+
+
+class MergeTree:
     def __init__(self, n: int, fanin: int = 8) -> None:
         if fanin < 2:
             raise ValueError("merge fan-in must be at least 2")
@@ -23,50 +64,185 @@ class TreeMerger:
         self.sizes = [n]
         while self.sizes[-1] > 1:
             self.sizes.append(math.ceil(self.sizes[-1] / fanin))
-        self._nodes: list[dict[int, Any]] = [{} for _ in self.sizes]
+        self.top = len(self.sizes) - 1
+        self._held: list[dict[int, Node]] = [{} for _ in self.sizes]
+        self.root: Node | None = None
+
+    # -- shape ---------------------------------------------------------------------
+    def children(self, level: int, index: int) -> range:
+        return range(index * self.fanin, min((index + 1) * self.fanin, self.sizes[level - 1]))
+
+    def span(self, level: int, index: int) -> range:
+        """The chunks below a node."""
+        width = self.fanin**level
+        return range(index * width, min((index + 1) * width, self.sizes[0]))
+
+    # -- state ---------------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        return sum(1 for level in self._held for v in level.values() if v.handle is not None)
+
+    def held_nodes(self) -> list[Node]:
+        return [n for level in self._held for n in level.values()]
+
+    def put(self, node: Node) -> list[Group]:
+        """Take in a finished node; returns the groups it made ready (to merge, in any order)."""
+        ready: list[Group] = []
+        while True:
+            if node.level == self.top:
+                self.root = node
+                return ready
+            nodes = self._held[node.level]
+            if node.index in nodes:
+                raise ValueError(f"node {node.level}/{node.index} (chunk {node.index}) merged twice")
+            nodes[node.index] = node
+            parent = node.index // self.fanin
+            members = self.children(node.level + 1, parent)
+            if not all(m in nodes for m in members):
+                return ready
+            group = Group(node.level + 1, parent, [nodes.pop(m) for m in members])
+            present = [c for c in group.children if c.handle is not None]
+            if len(present) >= 2:
+                ready.append(group)
+                return ready
+            # nothing to merge: the one output (or none) stands for the parent as it is
+            node = Node(group.level, group.index, present[0].handle if present else None, group.complete)
+
+    def put_back(self, nodes: list[Node]) -> None:
+        """Children of a group whose merge could not run (a sibling was lost): hold them again."""
+        for n in nodes:
+            self._held[n.level][n.index] = n
+
+
+def fold(values: Any) -> Any:
+    """Left fold with coffea's ``iadd``, skipping None: ``accumulate(values[1:], values[0])``."""
+    out = None
+    for v in values:
+        if v is None:
+            continue
+        out = v if out is None else iadd(out, v)
+    return out
+
+
+class TreeMerger:
+    """The tree merged in this process, as outputs arrive (the driver's own merge)."""
+
+    def __init__(self, n: int, fanin: int = 8) -> None:
+        self.tree = MergeTree(n, fanin)
+        self.sizes = self.tree.sizes
+        self.held_peak = 0
         self._done = n == 0
         self.result: Any = None
-        self.held_peak = 0
 
     @property
     def held(self) -> int:
-        return sum(1 for level in self._nodes for v in level.values() if v is not None)
-
-    def add(self, index: int, output: Any) -> None:
-        """Output of chunk ``index``; ``None`` for a chunk that gave nothing (failed)."""
-        self._put(0, index, output)
-        self.held_peak = max(self.held_peak, self.held)
-
-    def _put(self, level: int, index: int, value: Any) -> None:
-        if self.sizes[level] == 1:
-            self.result, self._done = value, True
-            return
-        nodes = self._nodes[level]
-        if index in nodes:
-            raise ValueError(f"chunk {index} merged twice")
-        nodes[index] = value
-        group = index // self.fanin
-        members = range(group * self.fanin, min((group + 1) * self.fanin, self.sizes[level]))
-        if all(m in nodes for m in members):
-            values = [nodes.pop(m) for m in members]
-            self._put(level + 1, group, _merge(values))
+        return self.tree.held
 
     @property
     def done(self) -> bool:
         return self._done
 
+    def add(self, index: int, output: Any) -> None:
+        """Output of chunk ``index``; ``None`` for a chunk that gave nothing (failed)."""
+        self.put(Node(0, index, output, output is not None))
+
+    def put(self, node: Node) -> None:
+        todo = self.tree.put(node)
+        self.held_peak = max(self.held_peak, self.tree.held)
+        while todo:
+            g = todo.pop()
+            todo += self.tree.put(Node(g.level, g.index, fold(c.handle for c in g.children), g.complete))
+        if self.tree.root is not None:
+            self.result, self._done = self.tree.root.handle, True
+
     def partial(self) -> Any:
-        """Everything merged so far (for an aborted run), in index order."""
+        """Everything merged so far (for an aborted run), in chunk order."""
         if self._done:
             return self.result
-        held = [
-            (i * self.fanin**level, v) for level, nodes in enumerate(self._nodes) for i, v in nodes.items()
-        ]
-        return _merge([v for _, v in sorted(held, key=lambda kv: kv[0])])
+        held = sorted(self.tree.held_nodes(), key=lambda n: n.index * self.tree.fanin**n.level)
+        return fold(n.handle for n in held)
 
 
-def _merge(values: list[Any]) -> Any:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return accumulate(values[1:], values[0])
+# -- merges on a worker ------------------------------------------------------------------------------
+
+
+class MergeFailed(RuntimeError):
+    """Adding outputs together failed (incompatible outputs): not the engine's fault, not retried."""
+
+
+@dataclass
+class StoredMerge:
+    """Merge stored children into a stored node (a task on any engine, or in the driver)."""
+
+    store: Store
+    children: list[str | None]  # keys, in order; None: a child with no output
+    key: str  # where the node goes
+    delete: list[str] = field(default_factory=list)  # consumed children to remove once the node is written
+    compression: int | None = 1
+
+
+@dataclass
+class MergeResult:
+    key: str = ""
+    nbytes: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of children missing or corrupt
+    error: Any = None  # task.ErrorInfo when the outputs could not be added
+    wall_s: float = 0.0
+
+
+def merge_stored(task: StoredMerge) -> MergeResult:
+    """Read the children one by one (checking each), fold, write the node, remove consumed children.
+
+    A missing or corrupt child is reported, not raised: the driver recomputes what
+    it stood for. Nothing is written or removed then.
+    """
+    from casa_executors.task import ErrorInfo
+
+    t0 = time.perf_counter()
+    result = MergeResult(key=task.key)
+    out = None
+    for key in task.children:
+        if key is None:
+            continue
+        try:
+            value = decode(task.store.get(key))
+        except (NodeMissing, NodeCorrupt) as exc:
+            result.bad.append((key, str(exc)))
+            continue
+        if result.bad or result.error is not None:
+            continue  # only checking the rest
+        try:
+            out = value if out is None else iadd(out, value)
+        except Exception as exc:
+            result.error = ErrorInfo.capture(MergeFailed(f"cannot add the output in {key}: {exc!r}"))
+    if not result.bad and result.error is None:
+        result.nbytes = task.store.put_output(task.key, out, task.compression)
+        task.store.remove(task.delete)
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _held_value(child: Any) -> Any:
+    if isinstance(child, tuple):  # (the batch's results, position): a chunk output
+        results, position = child
+        child = results[position].output
+    return decode(child) if isinstance(child, bytes) else child
+
+
+def merge_held(arg: tuple[int | None, list[Any]]) -> Any:
+    """Merge outputs an engine holds in memory (dask futures resolved into the arguments).
+
+    Returns the node, encoded as the chunk outputs are; raises :class:`MergeFailed`
+    when the outputs cannot be added (anything else is the engine's trouble).
+    """
+    compression, children = arg
+    out = None
+    for child in children:
+        if child is None:
+            continue
+        value = _held_value(child)
+        try:
+            out = value if out is None else iadd(out, value)
+        except Exception as exc:
+            raise MergeFailed(f"cannot add chunk outputs: {exc!r}") from None
+    return encode(out, compression) if compression is not None else out

@@ -1,4 +1,9 @@
-"""What happened to every chunk of a run: one row each, failures, summary."""
+"""What happened to every chunk of a run: one row each, failures, summary.
+
+A row ends ``ok`` (computed in this call), ``restored`` (its output came from
+the checkpoint), ``failed`` or ``skipped``. Rows are slotted and share empty
+tuples, so 20,000 of them stay a few MB.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,14 @@ from typing import Any
 from casa_executors.task import ChunkResult
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkRow:
     index: int
     dataset: str
     filename: str
     entrystart: int | None
     entrystop: int | None
-    status: str = "pending"  # ok | failed | skipped
+    status: str = "pending"  # ok | restored | failed | skipped
     attempts: int = 0
     worker: str = ""
     host: str = ""
@@ -26,8 +31,8 @@ class ChunkRow:
     cpu_s: float = 0.0
     events: int = 0
     bytes_read: int = 0
-    endpoints: list[str] = field(default_factory=list)
-    failovers: list[str] = field(default_factory=list)
+    endpoints: tuple[str, ...] = ()
+    failovers: tuple[str, ...] = ()
     error_type: str = ""
     error: str = ""
 
@@ -43,6 +48,8 @@ class Phase:
     rows: list[ChunkRow]
     started: float = field(default_factory=time.time)
     wall_s: float = 0.0
+    merge: dict[str, Any] = field(default_factory=dict)  # where outputs lived and merged (outputs.py)
+    checkpoint: dict[str, Any] | None = None  # location, run key, corrupt files found
 
     @classmethod
     def of(cls, name: str, backend: str, workers: int, items: list[Any]) -> Phase:
@@ -57,6 +64,9 @@ class Phase:
             for i, it in enumerate(items)
         ]
         return cls(name, backend, workers, list(items), rows)
+
+
+DONE = ("ok", "restored")  # the chunk's output is in the result
 
 
 class Report:
@@ -89,8 +99,10 @@ class Report:
         row.wall_s += result.wall_s
         row.cpu_s += result.cpu_s
         row.bytes_read += result.bytes_read
-        row.endpoints = result.endpoints or row.endpoints
-        row.failovers.extend(result.failovers)
+        if result.endpoints:
+            row.endpoints = tuple(result.endpoints)
+        if result.failovers:
+            row.failovers = (*row.failovers, *result.failovers)
         if result.ok:
             row.status, row.events = "ok", result.events
             row.error_type = row.error = ""
@@ -104,6 +116,23 @@ class Report:
         if error_type:
             row.error_type, row.error = error_type, error
 
+    @staticmethod
+    def restore(phase: Phase, indices: range | list[int]) -> int:
+        """Rows whose output came from the checkpoint; returns their events."""
+        events = 0
+        for i in indices:
+            row = phase.rows[i]
+            row.status = "restored"
+            if row.entrystart is not None and row.entrystop is not None:
+                row.events = row.entrystop - row.entrystart
+            events += row.events
+        return events
+
+    @staticmethod
+    def requeue(phase: Phase, index: int) -> None:
+        """A chunk whose output was lost (or found corrupt) after it was done: it runs again."""
+        phase.rows[index].status = "pending"
+
     # -- user side ---------------------------------------------------------
     def rows(self) -> list[ChunkRow]:
         return list(self.processing.rows) if self.processing else []
@@ -115,7 +144,7 @@ class Report:
     def failed_items(self) -> list[Any]:
         """The WorkItems that failed for good: pass them to ``Runner`` as the fileset."""
         p = self.processing
-        return [] if p is None else [p.items[r.index] for r in p.rows if r.status != "ok"]
+        return [] if p is None else [p.items[r.index] for r in p.rows if r.status not in DONE]
 
     def failed_files(self) -> dict[str, list[str]]:
         """Files that could not even be opened in preprocessing, as a fileset."""
@@ -129,7 +158,7 @@ class Report:
     def summary(self) -> dict[str, Any]:
         p = self.processing
         rows = p.rows if p else []
-        ok = [r for r in rows if r.status == "ok"]
+        ok = [r for r in rows if r.status in DONE]
         events = sum(r.events for r in ok)
         wall = p.wall_s if p else 0.0
         cpu = sum(r.cpu_s for r in rows)
@@ -143,6 +172,8 @@ class Report:
             "workers": workers,
             "chunks": len(rows),
             "processed": len(ok),
+            "computed": sum(1 for r in ok if r.status == "ok"),
+            "restored": sum(1 for r in ok if r.status == "restored"),
             "failed": len(rows) - len(ok),
             "files_failed": sum(len(v) for v in self.failed_files().values()),
             "events": events,
@@ -155,6 +186,8 @@ class Report:
             "retries": sum(max(r.attempts - 1, 0) for r in rows),
             "failovers": sum(len(r.failovers) for r in rows),
             "served_by": served,
+            "merge": dict(p.merge) if p else {},
+            "checkpoint": dict(p.checkpoint) if p and p.checkpoint else None,
             "failures": [
                 {"file": r.filename, "entries": [r.entrystart, r.entrystop], "attempts": r.attempts,
                  "error_type": r.error_type, "error": r.error}
@@ -176,8 +209,9 @@ class Report:
 
     def __str__(self) -> str:
         s = self.summary()
+        restored = f" ({s['restored']} restored from the checkpoint)" if s["restored"] else ""
         lines = [
-            f"{s['backend']}: {s['processed']}/{s['chunks']} chunks, {s['events']} events "
+            f"{s['backend']}: {s['processed']}/{s['chunks']} chunks{restored}, {s['events']} events "
             f"in {s['wall_s']:.2f} s ({s['events_per_s']:.0f} ev/s), {s['attempts']} attempts, "
             f"{s['bytes_read'] / 1e6:.1f} MB read"
         ]

@@ -8,6 +8,7 @@ that the original exception type reaches the user.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pickle
@@ -22,7 +23,9 @@ from typing import Any
 import cloudpickle
 
 from casa_executors.errors import RemoteError
+from casa_executors.merge import node_key
 from casa_executors.source import ChunkIO, Router, metering
+from casa_executors.store import Store, decode, encode
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class TaskBatch:
     tasks: list[ChunkTask]
     compression: int | None = None
     router: Router | None = None
+    store: Store | None = None  # write each output there (key ``nodes/0/<index>``) and return only its size
 
 
 @dataclass
@@ -72,8 +76,9 @@ class ErrorInfo:
 class ChunkResult:
     index: int
     attempt: int
-    output: Any = None  # compressed bytes when the batch asked for compression
+    output: Any = None  # compressed bytes when the batch asked for compression; None when stored
     error: ErrorInfo | None = None
+    output_bytes: int = 0  # size of the encoded output, wherever it went
     worker: str = ""
     host: str = ""
     started: float = 0.0
@@ -150,21 +155,11 @@ def _function(spec: bytes | Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _compress(output: Any, level: int | None) -> Any:
-    if level is None:
-        return output
-    import lz4.frame
-
-    return lz4.frame.compress(
-        cloudpickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL), compression_level=level
-    )
+    return output if level is None else encode(output, level)
 
 
 def decompress(payload: Any) -> Any:
-    if isinstance(payload, bytes):
-        import lz4.frame
-
-        return pickle.loads(lz4.frame.decompress(payload))
-    return payload
+    return decode(payload) if isinstance(payload, bytes) else payload
 
 
 def _events(item: Any) -> int:
@@ -180,7 +175,11 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch)
     try:
         with metering(io):
             output = function(task.item)
-        result.output = _compress(output, batch.compression)
+        if batch.store is not None:
+            result.output_bytes = batch.store.put_output(node_key(0, task.index), output, batch.compression)
+        else:
+            result.output = _compress(output, batch.compression)
+            result.output_bytes = len(result.output) if isinstance(result.output, bytes) else 0
         result.events = _events(task.item)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -206,3 +205,8 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
         info = ErrorInfo.capture(exc)
         return [ChunkResult(t.index, t.attempt, error=info, worker=worker_name()) for t in batch.tasks]
     return [run_chunk(function, task, batch) for task in batch.tasks]
+
+
+def strip_outputs(results: list[ChunkResult]) -> list[ChunkResult]:
+    """The results without their outputs (which stay where the engine keeps them)."""
+    return [dataclasses.replace(r, output=None) for r in results]

@@ -28,6 +28,9 @@ def worker_pythonpath() -> str:
 class Backend(ABC):
     name: ClassVar[str]
     in_process: ClassVar[bool] = False  # runs in the driver's process: no pickling
+    # results stay on the workers until fetched, and futures can be task arguments (Dask): outputs
+    # then stay in worker memory and merge there (outputs.EnginePlacement)
+    holds_results: ClassVar[bool] = False
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -66,6 +69,11 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name}({self.workers} workers)"
+
+    @property
+    def workers_local(self) -> bool:
+        """Do all workers run on this machine (so a temporary folder here is a store they share)?"""
+        return self.in_process
 
     # -- lifetime --------------------------------------------------------------
     def start(self) -> None:

@@ -123,6 +123,10 @@ class FuturesBackend(Backend):
     def server_pid(self) -> int | None:
         return self._server._forkserver_pid if self._server else None
 
+    @property
+    def workers_local(self) -> bool:
+        return True
+
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         if self._pool is None or self._pool._broken:
             if self._pool is not None:

@@ -1,0 +1,293 @@
+"""Where chunk outputs live during a run, and where their merges run.
+
+The driver's loop is the same for all; a :class:`Placement` says what a chunk
+task does with its output, what a ready group of the merge tree becomes, and
+how the final output is fetched. Three exist:
+
+``DriverPlacement``
+    outputs come back with the results and merge in the driver as they arrive
+    (iterative; any engine's preprocessing; ``merge="driver"``; engines whose
+    workers may be elsewhere when no shared ``store=`` is given).
+``StorePlacement``
+    workers write each output to a :class:`~casa_executors.store.Store` and
+    return its size; merge tasks run on the engine, read the children, write
+    the node and delete the children; the driver reads only the root. The store
+    is the checkpoint when there is one, else ``store=``, else a temporary
+    folder on this machine when the engine's workers run here.
+``EnginePlacement``
+    the engine keeps outputs in worker memory and runs merge tasks on them
+    (Dask: futures as arguments); the driver waits for small metadata futures
+    and fetches only the root. A worker lost with outputs in memory: Dask
+    recomputes them from lineage; if that fails too, the driver runs the chunks
+    below again.
+
+Every placement merges the same fixed tree (:mod:`casa_executors.merge`), so
+the output is bit-identical whichever is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+import warnings
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from casa_executors.errors import ExecutorOptionError
+from casa_executors.merge import (
+    Group,
+    MergeFailed,
+    MergeResult,
+    Node,
+    StoredMerge,
+    fold,
+    merge_held,
+    merge_stored,
+    node_key,
+)
+from casa_executors.store import NodeCorrupt, NodeMissing, Store
+from casa_executors.task import ChunkResult, TaskBatch, decompress, run_batch, strip_outputs
+
+if TYPE_CHECKING:
+    from casa_executors.backends.base import Backend
+    from casa_executors.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+MERGE_MODES = ("auto", "workers", "driver")
+LOST_STATES = ("error", "cancelled")  # "lost": Dask recomputes it from lineage
+
+
+class Lost(Exception):
+    """Outputs the driver counted on are gone (a lost worker, a missing or corrupt file)."""
+
+    def __init__(self, nodes: list[Node], why: str, corrupt: list[str] | None = None) -> None:
+        super().__init__(why)
+        self.nodes, self.corrupt = nodes, corrupt or []
+
+
+class Placement:
+    name = "driver"
+    merges_here = True  # ready groups are merged in the driver process, at once
+
+    def __init__(self, backend: Backend, compression: int | None) -> None:
+        self.backend, self.compression = backend, compression
+        self.merge_tasks = 0
+        self.bytes_to_driver = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"outputs": self.name, "merges": "driver" if self.merges_here else "workers",
+                "merge_tasks": self.merge_tasks, "bytes_to_driver": self.bytes_to_driver}
+
+    # chunks
+    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
+        """(the future the driver waits on — its result is the list of ChunkResult —, data to keep)"""
+        return self.backend.submit(run_batch, batch), None
+
+    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+        if isinstance(result.output, bytes):
+            self.bytes_to_driver += len(result.output)
+        return decompress(result.output)
+
+    # merges
+    def merge_here(self, group: Group) -> Any:
+        return fold(c.handle for c in group.children)
+
+    def merge_call(self, group: Group) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def merged(self, group: Group, future: Future) -> Any:
+        raise NotImplementedError
+
+    def lost_children(self, group: Group) -> list[Node]:
+        """After a merge task failed on the engine: children whose data went with it."""
+        return []
+
+    # the end
+    def fetch(self, root: Node) -> Any:
+        return root.handle
+
+    def forget(self, nodes: list[Node]) -> None:
+        """Merged children nobody needs any more."""
+
+    def close(self, finished: bool) -> None:
+        pass
+
+
+DriverPlacement = Placement
+
+
+class StorePlacement(Placement):
+    name = "store"
+
+    def __init__(self, backend: Backend, compression: int | None, store: Store,
+                 checkpoint: Checkpoint | None = None, merges_here: bool = False,
+                 owned_dir: str | None = None) -> None:
+        super().__init__(backend, compression)
+        self.store, self.checkpoint = store, checkpoint
+        self.merges_here = merges_here
+        self._owned_dir = owned_dir  # a temporary folder we made: removed at the end
+        self.output_bytes = 0
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "store": self.store.url, "output_bytes": self.output_bytes}
+
+    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
+        batch.store = self.store
+        return self.backend.submit(run_batch, batch), None
+
+    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+        self.output_bytes += result.output_bytes
+        return node_key(0, result.index)
+
+    def _task(self, group: Group) -> StoredMerge:
+        complete = group.complete
+        keys = [c.handle for c in group.children]
+        # a checkpoint keeps complete nodes until a complete parent stands for them
+        delete = [k for k in keys if k is not None
+                  and (self.checkpoint is None or complete or not k.startswith("nodes/"))]
+        return StoredMerge(self.store, keys, node_key(group.level, group.index, complete), delete, self.compression)
+
+    def merge_call(self, group: Group) -> tuple[Any, Any]:
+        self.merge_tasks += 1
+        return merge_stored, self._task(group)
+
+    def merge_here(self, group: Group) -> Any:
+        return self._outcome(group, merge_stored(self._task(group)))
+
+    def merged(self, group: Group, future: Future) -> Any:
+        return self._outcome(group, future.result())
+
+    def _outcome(self, group: Group, result: MergeResult) -> str:
+        if not isinstance(result, MergeResult):
+            raise RuntimeError(f"a merge task returned {type(result).__name__}, not a MergeResult")
+        if result.error is not None:
+            raise MergeFailed(result.error.message)
+        if result.bad:
+            bad = {k for k, _ in result.bad}
+            corrupt = [k for k, why in result.bad if "missing" not in why]
+            raise Lost([c for c in group.children if c.handle in bad], "; ".join(w for _, w in result.bad), corrupt)
+        return result.key
+
+    def fetch(self, root: Node) -> Any:
+        if root.handle is None:
+            return None
+        try:
+            payload = self.store.get(root.handle)
+        except NodeMissing as exc:
+            raise Lost([root], str(exc)) from None
+        except NodeCorrupt as exc:
+            raise Lost([root], str(exc), [root.handle]) from None
+        self.bytes_to_driver += len(payload)
+        from casa_executors.store import decode
+
+        output = decode(payload)
+        if self.checkpoint is not None and not root.handle.startswith("nodes/"):
+            self.store.remove([root.handle])  # a partial root (failed chunks inside) is not a checkpoint
+        return output
+
+    def close(self, finished: bool) -> None:
+        if self.checkpoint is not None:
+            return
+        try:
+            self.store.wipe()
+        except OSError as exc:
+            log.warning("could not remove the run's outputs at %s: %s", self.store.url, exc)
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+
+
+class EnginePlacement(Placement):
+    name = "engine"
+    merges_here = False
+
+    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
+        data = self.backend.submit(run_batch, batch)
+        return self.backend.submit(strip_outputs, data), data
+
+    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+        return (data, position)
+
+    def merge_call(self, group: Group) -> tuple[Any, Any]:
+        self.merge_tasks += 1
+        return merge_held, (self.compression, [c.handle for c in group.children])
+
+    def merged(self, group: Group, future: Future) -> Any:
+        exc = future.exception()
+        if exc is not None:
+            raise exc
+        return future
+
+    def lost_children(self, group: Group) -> list[Node]:
+        return [c for c in group.children if c.handle is not None and _status(c.handle) in LOST_STATES]
+
+    def fetch(self, root: Node) -> Any:
+        if root.handle is None:
+            return None
+        future = root.handle[0] if isinstance(root.handle, tuple) else root.handle
+        try:
+            value = future.result()
+        except MergeFailed:
+            raise
+        except Exception as exc:
+            raise Lost([root], f"the engine lost the final output: {type(exc).__name__}: {exc}") from None
+        if isinstance(root.handle, tuple):  # one chunk only: the leaf is the root
+            value = value[root.handle[1]].output
+        if isinstance(value, bytes):
+            self.bytes_to_driver += len(value)
+        return decompress(value)
+
+    def close(self, finished: bool) -> None:
+        pass
+
+
+def _status(handle: Any) -> str:
+    future = handle[0] if isinstance(handle, tuple) else handle
+    return getattr(future, "status", "finished")
+
+
+# -- choosing ------------------------------------------------------------------------------------------
+
+
+def check_merge_option(merge: Any) -> None:
+    if merge not in MERGE_MODES:
+        raise ExecutorOptionError(f"merge must be one of {', '.join(map(repr, MERGE_MODES))}, got {merge!r}")
+
+
+def choose(backend: Backend, phase_name: str, compression: int | None, merge: str,
+           store_url: str | None, checkpoint: Checkpoint | None) -> Placement:
+    """The placement for one executor call (see the module docstring)."""
+    if phase_name != "processing":
+        return DriverPlacement(backend, compression)  # file metadata: small, and not checkpointed
+    here = merge == "driver" or backend.in_process
+    if checkpoint is not None:
+        _warn_if_unreachable(backend, checkpoint.url, "checkpoint")
+        return StorePlacement(backend, compression, checkpoint.store, checkpoint, merges_here=here)
+    if store_url is not None:
+        _warn_if_unreachable(backend, store_url, "store")
+        return StorePlacement(backend, compression, Store(store_url).child(f"run-{uuid.uuid4().hex[:12]}"),
+                              merges_here=here)
+    if here:
+        return DriverPlacement(backend, compression)
+    if backend.holds_results:
+        return EnginePlacement(backend, compression)
+    if backend.workers_local:
+        folder = tempfile.mkdtemp(prefix="casa-outputs-")
+        return StorePlacement(backend, compression, Store(folder), owned_dir=folder)
+    message = (f"{backend.name}: its workers may run on other machines, so chunk outputs come back to this "
+               "process and merge here; give store='root://host//path' (or a folder every worker and this "
+               "process share) to merge them on the workers")
+    if merge == "workers":
+        raise ExecutorOptionError(message.replace("come back to this process and merge here; ", "cannot merge on "
+                                                  "the workers through a folder of this machine; "))
+    warnings.warn(message, stacklevel=4)
+    return DriverPlacement(backend, compression)
+
+
+def _warn_if_unreachable(backend: Backend, url: str, option: str) -> None:
+    local = "://" not in url or url.startswith("file://")
+    if local and not backend.workers_local and not backend.in_process:
+        warnings.warn(f"{option}={url!r} is a path on this machine and the workers of {backend.name} may run "
+                      "elsewhere: it must be on a disk they share, or use a URL they reach (root://...)",
+                      stacklevel=4)

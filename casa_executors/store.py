@@ -1,0 +1,229 @@
+"""The output store: where workers put chunk outputs and merged tree nodes.
+
+A :class:`Store` is a folder named by an fsspec URL — a local path, ``file://``
+on a shared disk, ``root://host//path`` on an XRootD server (fsspec-xrootd) —
+that the driver and every worker can reach. Only keys and sizes travel through
+the engine; the bytes go worker -> store -> worker, and the driver reads one
+file at the end (the root of the merge tree).
+
+Every file is a small header and a payload::
+
+    b"CASAOUT1" | payload length (8 bytes, little-endian) | blake2b-256 of the payload | payload
+
+The payload is a cloudpickled output, LZ4-framed unless compression is off.
+A write goes to ``<key>.tmp-<random>`` and is renamed onto ``<key>``, so a
+reader sees a whole file or none; a file cut short or changed afterwards (a
+full disk, a bad copy, bit rot) fails the length or digest check on read with
+:class:`NodeCorrupt`, and the driver recomputes what it stood for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import posixpath
+import struct
+import uuid
+from typing import Any
+
+import cloudpickle
+
+MAGIC = b"CASAOUT1"
+HEADER = struct.Struct(f"<{len(MAGIC)}sQ32s")
+TMP = ".tmp-"
+LZ4_MAGIC = b"\x04\x22\x4d\x18"
+
+
+class NodeMissing(FileNotFoundError):
+    """A key the driver expected is not in the store (deleted, or never finished writing)."""
+
+
+class NodeCorrupt(ValueError):
+    """A file in the store fails its length or checksum test."""
+
+
+# -- outputs as bytes --------------------------------------------------------------------
+
+
+def encode(output: Any, level: int | None) -> bytes:
+    """cloudpickle, then LZ4 at ``level`` (``None``: no compression)."""
+    data = cloudpickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
+    if level is None:
+        return data
+    import lz4.frame
+
+    return lz4.frame.compress(data, compression_level=level)
+
+
+def decode(payload: bytes) -> Any:
+    if payload[:4] == LZ4_MAGIC:
+        import lz4.frame
+
+        payload = lz4.frame.decompress(payload)
+    return pickle.loads(payload)
+
+
+def digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=32).digest()
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, len(payload), digest(payload)) + payload
+
+
+def unframe(data: bytes, what: str) -> bytes:
+    """The payload of a stored file, checked; :class:`NodeCorrupt` says what is wrong."""
+    if len(data) < HEADER.size:
+        raise NodeCorrupt(f"{what}: {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+    magic, length, checksum = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise NodeCorrupt(f"{what}: not an output file (header {magic!r})")
+    payload = data[HEADER.size:]
+    if len(payload) != length:
+        raise NodeCorrupt(f"{what}: truncated or padded ({len(payload)} payload bytes, header says {length})")
+    if digest(payload) != checksum:
+        raise NodeCorrupt(f"{what}: blake2b checksum mismatch")
+    return payload
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class Store:
+    """A folder of output files under an fsspec URL; picklable (the file system is reopened per process)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.storage_options = dict(storage_options or {})
+        self._fs: Any = None
+        self._root = ""
+        self._made: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def child(self, name: str) -> Store:
+        """The store of a sub-folder (one run's scratch space)."""
+        return Store(f"{self.url}/{name}", self.storage_options)
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            self._fs, self._root = fsspec.url_to_fs(self.url, **self.storage_options)
+            self._root = self._root.rstrip("/")
+        return self._fs
+
+    @property
+    def local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def path(self, key: str) -> str:
+        _ = self.fs
+        return f"{self._root}/{key}"
+
+    def _makedirs(self, directory: str) -> None:
+        if directory not in self._made:
+            self.fs.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
+
+    # -- bytes ----------------------------------------------------------------
+    def put(self, key: str, payload: bytes) -> int:
+        """Write ``payload`` under ``key`` atomically; returns the file's size."""
+        final = self.path(key)
+        self._makedirs(posixpath.dirname(final))
+        tmp = f"{final}{TMP}{uuid.uuid4().hex[:12]}"
+        data = frame(payload)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            self.fs.mv(tmp, final)
+        except OSError:
+            # some servers refuse to rename onto an existing file: the same node written twice
+            # (a re-sent task) holds the same output, so replace it
+            if not self.fs.exists(final):
+                raise
+            self.fs.rm_file(final)
+            self.fs.mv(tmp, final)
+        return len(data)
+
+    def get(self, key: str) -> bytes:
+        """The checked payload under ``key``."""
+        try:
+            with self.fs.open(self.path(key), "rb") as f:  # a fresh handle: a cached one may see an older file
+                data = f.read()
+        except FileNotFoundError:
+            raise NodeMissing(f"{self.url}/{key} is missing") from None
+        except OSError as exc:  # fsspec-xrootd says OSError for a missing file
+            if not self.exists(key):
+                raise NodeMissing(f"{self.url}/{key} is missing") from None
+            raise exc
+        return unframe(data, f"{self.url}/{key}")
+
+    def put_output(self, key: str, output: Any, level: int | None) -> int:
+        return self.put(key, encode(output, level))
+
+    def get_output(self, key: str) -> Any:
+        return decode(self.get(key))
+
+    # -- keys -----------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self.path(key)))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every file under ``prefix`` (relative keys), temporary ones included."""
+        base = self.path(prefix).rstrip("/")
+        self.fs.invalidate_cache()  # listings are cached; other processes write here
+        if not self.fs.exists(base):
+            return []
+        root = self._root + "/"
+        return [p[len(root):] if p.startswith(root) else p for p in self.fs.find(base)]
+
+    def remove(self, keys: list[str]) -> None:
+        """Delete ``keys``; those already gone are fine."""
+        for key in keys:
+            try:
+                self.fs.rm_file(self.path(key))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if self.exists(key):
+                    raise
+
+    def wipe(self) -> None:
+        """Delete the whole folder: files, then folders from the deepest up."""
+        root = self.path("").rstrip("/")
+        self.remove(self.keys())
+        if self.fs.exists(root):
+            folders = [p for p, info in self.fs.find(root, withdirs=True, detail=True).items()
+                       if info["type"] == "directory"]
+            for folder in sorted(folders, key=lambda p: -p.count("/")):
+                self.fs.rmdir(folder)
+            if self.fs.exists(root):
+                self.fs.rmdir(root)
+        self.fs.invalidate_cache()
+        self._made.clear()
+
+    # -- small documents (the checkpoint manifest) ------------------------------------------
+    def put_json(self, key: str, doc: dict[str, Any]) -> None:
+        self.put(key, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        """The document under ``key``; None if there is none."""
+        try:
+            return json.loads(self.get(key))
+        except NodeMissing:
+            return None
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
