@@ -47,6 +47,14 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` joined by spaces; empty if it is gone or not ours to read."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
+
+
 def with_environ(name: str, value: str) -> list[psutil.Process]:
     """Processes whose environment has ``name=value`` (a marker we set on what we start)."""
     found = []
@@ -73,18 +81,15 @@ def in_sessions(sids: Iterable[int]) -> list[psutil.Process]:
     return found
 
 
-def terminate(procs: Iterable[ProcessLike], grace: float = 5.0, sig: int = signal.SIGTERM) -> list[int]:
-    """Send ``sig``, wait up to ``grace`` seconds, SIGKILL the rest; returns the PIDs killed.
+def wait_or_kill(procs: Iterable[ProcessLike], grace: float = 5.0) -> list[int]:
+    """Give processes already on their way out ``grace`` seconds, then SIGKILL the rest.
 
-    ``subprocess.Popen`` objects are waited for too, so no zombie is left.
+    For a process told to stop some other way (stdin closed, a pipe closed);
+    returns the PIDs killed. ``subprocess.Popen`` objects and our own children
+    are reaped, so no zombie is left.
     """
     procs = list(procs)
     targets = [p for p in (_as_process(x) for x in procs) if p is not None and p.pid != os.getpid()]
-    for p in targets:
-        try:
-            p.send_signal(sig)
-        except psutil.Error:
-            pass
     _, survivors = psutil.wait_procs(targets, timeout=grace) if grace > 0 else ([], targets)
     killed = []
     for p in survivors:
@@ -105,9 +110,25 @@ def terminate(procs: Iterable[ProcessLike], grace: float = 5.0, sig: int = signa
     return killed
 
 
+def terminate(procs: Iterable[ProcessLike], grace: float = 5.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Send ``sig``, wait up to ``grace`` seconds, SIGKILL the rest; returns the PIDs killed.
+
+    ``subprocess.Popen`` objects are waited for too, so no zombie is left.
+    """
+    procs = list(procs)
+    for x in procs:
+        p = _as_process(x)
+        if p is not None and p.pid != os.getpid():
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+    return wait_or_kill(procs, grace=grace)
+
+
 def kill(procs: Iterable[ProcessLike]) -> list[int]:
     """SIGKILL at once (a process that must not clean up, or whose parent is gone)."""
-    return terminate(procs, grace=0)
+    return wait_or_kill(procs, grace=0)
 
 
 def terminate_tree(root: ProcessLike, grace: float = 5.0) -> list[int]:

@@ -18,20 +18,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import logging
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
-import time
 import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
+from casa_executors import procs
 from casa_executors.backends.base import REPO, Backend
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
@@ -43,6 +43,7 @@ BIN = os.path.dirname(sys.executable)
 HEARTBEAT_PERIOD = 2  # s; a dead pool's tasks come back as ManagerLost after HEARTBEAT_THRESHOLD
 HEARTBEAT_THRESHOLD = 10
 TOKEN_VAR = "CASA_PARSL_RUN"
+log = logging.getLogger(__name__)
 
 
 def _script(name: str) -> str | None:
@@ -58,44 +59,12 @@ def _worker_env(token: str) -> str:
             f"export {TOKEN_VAR}={token}\n")
 
 
-def _with_token(token: str) -> list[int]:
-    """PIDs of the processes whose environment holds our token (Linux /proc)."""
-    if not token or not os.path.isdir("/proc"):
-        return []
-    needle = f"{TOKEN_VAR}={token}".encode()
-    pids = []
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/environ", "rb") as f:
-                        if needle in f.read().split(b"\0"):
-                            pids.append(int(entry.name))
-                except OSError:
-                    pass
-    return pids
-
-
-def _end(pids: list[int], grace: float = 2.0) -> None:
-    """SIGTERM each PID, then SIGKILL those still running after ``grace`` seconds."""
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _running(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def _end_leftovers(token: str) -> None:
+    """Stop, by PID, whatever still carries our token (helpers a lost pool left behind)."""
+    left = procs.with_environ(TOKEN_VAR, token) if token else []
+    if left:
+        log.info("parsl: stopping %d leftover worker processes %s", len(left), [p.pid for p in left])
+        procs.terminate(left, grace=2.0)
 
 
 def _fresh_copy(obj: Any) -> Any:
@@ -255,7 +224,7 @@ class ParslBackend(Backend):
             for ex in config.executors:  # whatever started before the failure
                 with contextlib.suppress(Exception):
                     ex.shutdown()
-            _end(_with_token(self._token))
+            _end_leftovers(self._token)
             self._remove_run_dir()
             raise
         atexit.register(self.stop)  # a held engine still ends with the interpreter
@@ -273,7 +242,7 @@ class ParslBackend(Backend):
         finally:
             if dfk is not None and DataFlowKernelLoader._dfk is dfk:
                 parsl.clear()
-            _end(_with_token(self._token))  # what a lost pool left behind
+            _end_leftovers(self._token)  # what a lost pool left behind
             self._remove_run_dir()
 
     def _remove_run_dir(self) -> None:

@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 
+from casa_executors import procs
+
 PREFIX = "casa-xrd"
 _counter = itertools.count()
 
@@ -29,16 +31,6 @@ def run_ip(*args: str) -> None:
         raise RuntimeError(f"`ip {' '.join(args)}` failed: {res.stderr.strip()}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prune_stale() -> None:
     """Delete our namespaces left behind by processes that died."""
     try:
@@ -48,7 +40,7 @@ def prune_stale() -> None:
     for name in names:
         parts = name.split("-")
         if name.startswith(PREFIX + "-") and len(parts) >= 4 and parts[2].isdigit():
-            if not _pid_alive(int(parts[2])):
+            if not procs.alive(int(parts[2])):
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
 
 

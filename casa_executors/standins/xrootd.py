@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -26,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from casa_executors import procs
 
 from .netns import NetNS, netns_available
 
@@ -64,18 +65,10 @@ def _free_port() -> int:
 
 
 def _stop_proc(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    """SIGTERM the process by PID, SIGKILL it after ``grace`` seconds, reap it."""
+    """Stop the process by PID (SIGTERM, SIGKILL after ``grace`` seconds) and close its pipes."""
     if proc is None:
         return
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        except ProcessLookupError:
-            proc.wait(10)
+    procs.terminate([proc], grace=grace)
     for f in (proc.stdout, proc.stderr):
         if f:
             f.close()
@@ -122,12 +115,10 @@ def reap_stale(tmpdir: str | None = None) -> None:
     for owner in [*base.glob("casa-origin-*/owner.pid"), *base.glob("casa-xcache-*/owner.pid")]:
         workdir = owner.parent
         try:
-            if Path(f"/proc/{int(owner.read_text())}").exists():
+            if procs.alive(int(owner.read_text())):
                 continue
-            for pid in map(int, (workdir / "pids").read_text().split()):
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
-                if str(workdir).encode() in cmd:  # still ours: same work dir in argv
-                    os.kill(pid, signal.SIGKILL)
+            pids = map(int, (workdir / "pids").read_text().split())
+            procs.kill(pid for pid in pids if str(workdir) in procs.cmdline(pid))  # still ours: work dir in argv
         except (OSError, ValueError):
             pass
         shutil.rmtree(workdir, ignore_errors=True)
