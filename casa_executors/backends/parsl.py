@@ -1,4 +1,5 @@
-"""Parsl: a user ``Config``, or a local HighThroughputExecutor with ``workers=N``.
+"""Parsl: a user ``Config``, a local HighThroughputExecutor with ``workers=N``, or blocks on a batch
+system with ``provider=`` (``workers=N`` or ``adapt=(min, max)``; see ``parsl_provider.py``).
 
 Each start builds a DataFlowKernel from a fresh copy of the configuration
 (parsl executors cannot be started twice, and coffea's Runner calls the
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
 from casa_executors.backends.base import REPO, Backend
+from casa_executors.backends.parsl_provider import FirstWorker, from_provider
+from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 if TYPE_CHECKING:
@@ -111,8 +114,15 @@ def _chained(app_future: Future) -> Future:
 class ParslBackend(Backend):
     name = "parsl"
 
-    def __init__(self, config: Config | None = None, workers: int | None = None) -> None:
+    def __init__(self, config: Config | None = None, workers: int | None = None, provider: Any = None,
+                 adapt: tuple[int, int] | None = None, host: str | None = None,
+                 worker_timeout: float = DEFAULT_WORKER_TIMEOUT) -> None:
         super().__init__(workers)
+        adapt = check_adapt("parsl", adapt)
+        self._first_worker = FirstWorker(provider, workers, adapt, check_worker_timeout("parsl", worker_timeout))
+        self._provider = provider
+        if provider is not None or adapt is not None or host is not None:
+            config, workers = from_provider(config, provider, workers, adapt, host), None
         if config is not None and workers is not None:
             raise ExecutorOptionError("parsl: give config= or workers=, not both")
         self._template: Config | None = None
@@ -213,6 +223,9 @@ class ParslBackend(Backend):
         self._token = uuid.uuid4().hex
         if self._template is not None:
             config = _fresh_copy(self._template)
+            if self._provider is not None:  # a private run directory (parsl's default: ./runinfo)
+                self._run_dir = config.run_dir = tempfile.mkdtemp(prefix="casa-parsl-")
+                self._first_worker.seen, self._first_worker.failed = False, None
         else:
             self._run_dir = tempfile.mkdtemp(prefix="casa-parsl-")
             config = self._local_config(self._run_dir)
@@ -228,6 +241,12 @@ class ParslBackend(Backend):
             self._remove_run_dir()
             raise
         atexit.register(self.stop)  # a held engine still ends with the interpreter
+        if self._provider is not None and self._first_worker.at_start:
+            try:
+                self._first_worker.wait(self._dfk)
+            except BaseException:
+                self._stop()  # cancels the blocks
+                raise
 
     def _stop(self) -> None:
         import parsl
@@ -261,7 +280,10 @@ class ParslBackend(Backend):
         app = self._apps.get(fn)
         if app is None:
             app = self._apps[fn] = PythonApp(fn, data_flow_kernel=self._dfk)
-        return _chained(app(arg))
+        future = _chained(app(arg))
+        if self._provider is not None:
+            self._first_worker.wait(self._dfk)  # adapt=(0, n): the work asks for the first block
+        return future
 
     def _ensure_block(self) -> None:
         """Without a scaling strategy nobody replaces a dead block: launch one if none is left."""
@@ -279,13 +301,19 @@ class ParslBackend(Backend):
         return self._dfk
 
     @property
+    def run_dir(self) -> str | None:
+        """The run directory we made (local workers, provider=), while started."""
+        return self._run_dir
+
+    @property
     def workers(self) -> int:
         if self._template is None:
             return self._workers or 1
         return sum(_capacity(ex) for ex in self._template.executors) or 1
 
     def describe(self) -> str:
-        return f"parsl({self.workers} workers{', config' if self._template is not None else ''})"
+        where = type(self._provider).__name__ if self._provider is not None else "config"
+        return f"parsl({self.workers} workers{', ' + where if self._template is not None else ''})"
 
 
 def _capacity(executor: Any) -> int:
