@@ -4,6 +4,7 @@
 * ``discovery.py`` — finding the Python module (``ndcctools.work_queue`` or Debian's ``work_queue``).
 * ``native.py`` — ctypes shims: a wait that releases the GIL, the manager listening on one address.
 * ``local_workers.py`` — ``work_queue_worker`` processes on this machine: start, respawn, stop by PID.
+* ``slurm.py`` — workers as batch jobs (``submit="slurm"``) through cctools' ``work_queue_factory``.
 * ``worker.py`` — the stdlib-only script each task runs on a worker (and its warm per-worker server).
 """
 

@@ -10,7 +10,8 @@ process that stays warm between tasks (see ``worker.py``); ``warm=False`` runs
 every task in a fresh interpreter. ``workers=N`` starts N local
 ``work_queue_worker`` processes (``local_workers.py``), stops them and
 everything left in their sessions by PID; ``port=`` alone waits for workers
-started elsewhere (``wait_for_workers``).
+started elsewhere (``wait_for_workers``); ``submit="slurm"`` has
+``work_queue_factory`` submit them as batch jobs (``slurm.py``).
 
 Retries belong to the driver. Work Queue silently re-sends a task whose worker
 was lost (``specify_max_retries`` does not change that in cctools 9.9), so a
@@ -53,9 +54,11 @@ from typing import Any
 import cloudpickle
 
 from casa_executors.backends.base import Backend, worker_pythonpath
+from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
 from casa_executors.backends.workqueue.native import LOOPBACK, bound_to, task_address, waiter
+from casa_executors.backends.workqueue.slurm import BatchWorkers, batch_workers, manager_address
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -95,8 +98,16 @@ class WorkQueueBackend(Backend):
         password: str | None = None,
         host: str = LOOPBACK,
         warm: bool = True,
+        submit: str | None = None,
+        adapt: tuple[int, int] | None = None,
+        batch_options: str | None = None,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     ) -> None:
         super().__init__(workers)
+        # submit="slurm": workers are batch jobs that work_queue_factory submits (slurm.py)
+        self._batch: BatchWorkers | None = batch_workers(submit, workers, check_adapt("workqueue", adapt),
+                                                         batch_options, check_worker_timeout("workqueue",
+                                                                                             worker_timeout))
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
             raise ExecutorOptionError(f"workqueue: port must be a TCP port number (0 picks one), got {port!r}")
         for opt, value in (("python", python), ("name", name), ("password", password)):
@@ -108,9 +119,9 @@ class WorkQueueBackend(Backend):
             raise ExecutorOptionError(f"workqueue: host must be an IPv4 address to listen on, got {host!r}") from None
         if not isinstance(warm, bool):
             raise ExecutorOptionError(f"workqueue: warm must be True or False, got {warm!r}")
-        if workers is None and port is None:
+        if workers is None and port is None and self._batch is None:
             self._workers = min(os.cpu_count() or 1, 4)
-        self._local_count = self._workers or 0
+        self._local_count = 0 if self._batch is not None else self._workers or 0
         self._port_opt, self._host = port, host
         self._python, self._project, self._password = python or sys.executable, name, password
         self._warm = warm
@@ -172,12 +183,21 @@ class WorkQueueBackend(Backend):
                 self._local = LocalWorkers(self._local_count, manager, self._port, self._staging,
                                            self._staging / "password" if self._password else None)
                 self._local.start()
+            if self._batch is not None:
+                self._batch.start(manager_address(self._host), self._port, self._staging,
+                                  self._staging / "password" if self._password else None)
         except BaseException:
             self._teardown()
             raise
         self._thread = threading.Thread(target=self._loop, name="casa-workqueue", daemon=True)
         self._thread.start()
         atexit.register(self.stop)
+        if self._batch is not None and self._batch.at_start:
+            try:
+                self._batch.wait_first(lambda: self._connected)
+            except BaseException:
+                self._stop()
+                raise
 
     def _stop(self) -> None:
         atexit.unregister(self.stop)
@@ -194,6 +214,8 @@ class WorkQueueBackend(Backend):
         if self._local is not None:
             self._local.stop()
             self._local = None
+        if self._batch is not None:
+            self._batch.stop()  # the factory, and the jobs it submitted
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
@@ -358,12 +380,15 @@ class WorkQueueBackend(Backend):
         (directory / "in.pkl").write_bytes(cloudpickle.dumps((fn, arg), protocol=pickle.HIGHEST_PROTOCOL))
         future: Future = Future()
         self._inbox.put((key, future, directory))
+        if self._batch is not None:
+            self._batch.wait_first(lambda: self._connected)  # adapt=(0, n): the work asks for the first worker
         return future
 
     @property
     def workers(self) -> int:
         """Local workers, or the workers connected now (port= with workers started elsewhere)."""
-        return max(self._local_count, self._connected) or 1
+        planned = self._batch.bounds[1] if self._batch is not None else 0  # what batch workers may reach
+        return max(self._local_count, self._connected, planned) or 1
 
     def batch_size(self, n_chunks: int) -> int:
         return max(math.ceil(n_chunks / (TASKS_PER_WORKER * self.workers)), 1)
@@ -371,6 +396,11 @@ class WorkQueueBackend(Backend):
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def staging_dir(self) -> Path | None:
+        """Where task inputs and outputs wait on this side (mode 700), while started."""
+        return self._staging
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> int:
         """Wait until ``n`` workers are connected (or ``timeout`` s); return how many are."""

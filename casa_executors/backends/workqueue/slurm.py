@@ -1,0 +1,177 @@
+"""Work Queue workers as Slurm jobs: ``workqueue(submit="slurm", workers=N | adapt=(min, max))``.
+
+cctools' ``work_queue_factory -T slurm`` watches our manager and keeps between
+``min`` and ``max`` workers submitted (``workers=N``: exactly N), one core
+each; a worker idle for ``IDLE_S`` seconds exits and its job ends, and the
+factory, stopped by PID when the run ends, cancels the jobs it still has.
+
+Each job runs a small wrapper instead of the bare worker: ``umask 077`` and a
+fresh private work directory (``mktemp -d`` under the job's ``$TMPDIR``),
+removed when the job ends. Tasks and their inputs, the bearer token inside
+them included, therefore sit on the worker's disk readable by the job's owner
+only. (cctools 9.9 does not encrypt manager-worker traffic; a password file,
+``password=``, keeps strangers' workers out.)
+
+Jobs carry a ``--comment`` naming this manager, so that whatever the factory
+leaves behind can still be found and cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from casa_executors import procs
+from casa_executors.backends.scaling import Adapt, describe_size, slurm_job_states, wait_for_workers
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError
+
+log = logging.getLogger(__name__)
+
+SUBMITTERS = ("slurm",)
+IDLE_S = 10  # a worker without a task for this long exits (adapt gives it back)
+
+
+def submit_unavailable(kind: str) -> str | None:
+    for tool in ("work_queue_factory", "work_queue_worker", "sbatch", "squeue", "scancel"):
+        if shutil.which(tool) is None:
+            return f"workqueue: submit={kind!r} needs {tool} on PATH (coop-computing-tools, slurm-client)"
+    return None
+
+
+def _wrapper(worker: str) -> str:
+    return "\n".join([
+        "#!/bin/sh",
+        "# a private work directory for this worker, gone when the job ends",
+        "umask 077",
+        'd=$(mktemp -d "${TMPDIR:-/tmp}/casa-wq-worker.XXXXXXXX") || exit 1',
+        "trap 'rm -rf \"$d\"' EXIT",
+        "trap 'rm -rf \"$d\"; exit 143' TERM INT",
+        f'{shlex.quote(worker)} --workdir "$d" "$@"',
+        "",
+    ])
+
+
+def batch_workers(submit: object, workers: int | None, adapt: Adapt | None, batch_options: object,
+                  worker_timeout: float) -> BatchWorkers | None:
+    """Check ``submit=`` and the options that go with it; the factory to start, or None."""
+    if submit is None:
+        if adapt is not None or batch_options is not None:
+            raise ExecutorOptionError("workqueue: adapt= and batch_options= need submit= (e.g. submit='slurm')")
+        return None
+    if submit not in SUBMITTERS:
+        raise ExecutorOptionError(f"workqueue: submit must be one of: {', '.join(SUBMITTERS)}; got {submit!r}")
+    if workers is not None and adapt is not None:
+        raise ExecutorOptionError("workqueue: give workers= or adapt=, not both")
+    if batch_options is not None and not isinstance(batch_options, str):
+        raise ExecutorOptionError(f"workqueue: batch_options must be a string of sbatch options, got "
+                                  f"{batch_options!r}")
+    return BatchWorkers(str(submit), workers, adapt, batch_options or "", worker_timeout)
+
+
+class BatchWorkers:
+    """One ``work_queue_factory`` for one manager, and the jobs it submits."""
+
+    def __init__(self, kind: str, workers: int | None, adapt: Adapt | None, batch_options: str = "",
+                 worker_timeout: float = 300.0) -> None:
+        self.kind, self.workers, self.adapt = kind, workers, adapt
+        self.batch_options, self.worker_timeout = batch_options, worker_timeout
+        self.tag = f"casa-wq-{secrets.token_hex(6)}"
+        self._proc: subprocess.Popen | None = None
+        self.scratch: Path | None = None
+        self.seen = False
+        self.failed: BackendUnavailable | None = None
+
+    @property
+    def at_start(self) -> bool:
+        """Workers are asked for before any work: the run waits for the first one when it starts."""
+        lo, _ = self.bounds
+        return lo > 0
+
+    def wait_first(self, connected: Callable[[], int]) -> None:
+        """Return once a worker is connected; after ``worker_timeout`` raise, and from then on at once."""
+        if self.seen:
+            return
+        if self.failed is not None:
+            raise self.failed
+        try:
+            wait_for_workers(connected, self.worker_timeout, lambda: self.missing(self.worker_timeout), self.alive)
+        except BackendUnavailable as exc:
+            self.failed = exc
+            raise
+        self.seen = True
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return self.adapt if self.adapt is not None else (self.workers or 1, self.workers or 1)
+
+    def start(self, manager: str, port: int, staging: Path, password_file: Path | None) -> None:
+        self.seen, self.failed = False, None
+        reason = submit_unavailable(self.kind)
+        if reason:
+            raise BackendUnavailable(reason)
+        worker = shutil.which("work_queue_worker") or "work_queue_worker"
+        self.scratch = staging / "factory"
+        self.scratch.mkdir(mode=0o700)
+        wrapper = staging / "casa_wq_worker"  # the factory copies it into its scratch directory
+        wrapper.write_text(_wrapper(worker))
+        wrapper.chmod(0o700)
+        lo, hi = self.bounds
+        options = f"--comment={self.tag} {self.batch_options}".strip()
+        cmd = ["work_queue_factory", "-T", self.kind, "--min-workers", str(lo), "--max-workers", str(hi),
+               "--cores", "1", "--timeout", str(IDLE_S), "--worker-binary", str(wrapper),
+               "--scratch-dir", str(self.scratch), "--batch-options", options, "--parent-death",
+               "-o", str(self.scratch / "factory.log")]
+        if password_file is not None:
+            cmd += ["--password", str(password_file)]
+        with open(self.scratch / "factory.out", "wb") as out:
+            self._proc = subprocess.Popen([*cmd, manager, str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, cwd=self.scratch)
+        log.info("work_queue_factory -T %s for %s:%d, %s", self.kind, manager, port,
+                 describe_size(self.workers, self.adapt))
+
+    def alive(self) -> str | None:
+        """None while the factory runs, else why it stopped (for a clear error instead of a long wait)."""
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        tail = (self.scratch / "factory.out").read_text(errors="replace").strip().splitlines()[-3:]
+        return f"workqueue: work_queue_factory exited with code {self._proc.returncode}: {' | '.join(tail)}"
+
+    def job_ids(self) -> list[str]:
+        """Jobs this factory submitted that Slurm still lists."""
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True, timeout=10,
+                                 stdin=subprocess.DEVNULL).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [line.split()[0] for line in out.splitlines() if line.strip().endswith(self.tag)]
+
+    def missing(self, timeout: float) -> str:
+        ids = self.job_ids()
+        jobs = (f"its job(s) {', '.join(ids)} ({slurm_job_states(ids)})" if ids
+                else "no job of it is in the queue (see factory.log)")
+        return (f"workqueue: no worker joined within {timeout:g} s (work_queue_factory -T {self.kind}, "
+                f"{describe_size(self.workers, self.adapt)}); {jobs}. Raise worker_timeout= if the queue is slow")
+
+    def stop(self) -> None:
+        """Stop the factory by PID (it cancels its jobs), then cancel any job of ours still listed."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            procs.terminate([proc], grace=15)
+        left = self.job_ids()
+        if left:
+            log.warning("workqueue: cancelling jobs the factory left: %s", left)
+            subprocess.run(["scancel", *left], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def manager_address(host: str) -> str:
+    """The address batch workers dial: this machine's name when the manager listens on every interface."""
+    if host in ("0.0.0.0", ""):
+        import socket
+
+        return socket.getfqdn()
+    return host

@@ -1,0 +1,69 @@
+"""Work Queue on a real Slurm: workers submitted as Slurm jobs by cctools' work_queue_factory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+from analysis import assert_adl_identical, require_engine, run
+from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics
+
+import casa_executors as ce
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine():
+    require_engine("workqueue")
+
+
+def test_adl_queries_on_workers_that_are_slurm_jobs(slurm, served, sample_files, reference):
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+    backend = WorkQueueBackend(submit="slurm", workers=2, worker_timeout=60)
+    backend.hold()
+    try:
+        assert backend.wait_for_workers(2, timeout=60) == 2
+        jobs = [j for j in slurm.jobs() if j.state == "RUNNING"]
+        assert len(jobs) == 2
+        assert_adl_identical(backend, sample_files)
+        # through a token-checking XCache: the token travels inside each task's input, which lands in the
+        # staging directory and in the workers' sandboxes: readable by their owner only
+        roots = lambda: [backend.staging_dir, *new_temp_entries(temp_before)]  # noqa: E731
+        with SecretWatch(served.token.encode(), roots) as token_seen:
+            ex = ce.Driver(backend=backend, status=False, **served.driver_options())
+            out = run(ex, served.urls)
+        assert same_physics(out, reference)
+        assert ex.report.summary()["served_by"] == {f"xcache:{served.cache}": 12}
+        assert any("casa-wq-worker." in p for p in token_seen.seen), token_seen.seen  # the watch does see it
+        assert not token_seen.exposed(), token_seen.seen
+        workers = {r.worker for r in ex.report.rows()}
+        assert workers and {w.split("/", 1)[0] for w in workers} <= {f"slurm:{j.id}" for j in jobs}
+    finally:
+        backend.release()
+    assert_no_jobs(slurm)
+    assert not [p for p in new_temp_entries(temp_before) if p.name.startswith("casa-wq-worker.")]
+
+
+def test_workers_that_never_start_are_named(slurm, sample_files):
+    ex = ce.workqueue(submit="slurm", workers=1, batch_options="--begin=now+1hour", worker_timeout=4, status=False)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as err:
+        run(ex, sample_files)
+    assert time.monotonic() - t0 < 40
+    msg = str(err.value)
+    assert "workqueue: no worker joined within 4 s (work_queue_factory -T slurm, workers=1)" in msg, msg
+    assert "PENDING (BeginTime)" in msg, msg
+    assert_no_jobs(slurm)
+
+
+def test_submit_options_are_checked():
+    with pytest.raises(ExecutorOptionError, match="submit must be one of: slurm"):
+        ce.workqueue(submit="pbs")
+    with pytest.raises(ExecutorOptionError, match="workers= or adapt="):
+        ce.workqueue(submit="slurm", workers=2, adapt=(0, 2))
+    with pytest.raises(ExecutorOptionError, match="adapt= and batch_options= need submit="):
+        ce.workqueue(adapt=(0, 2))
