@@ -215,7 +215,8 @@ class LocalGateway:
     # -- internals -----------------------------------------------------------------------------
     def _config(self) -> str:
         dask = str(BIN / "dask")
-        env = {MARKER: self.marker}
+        # the executor retries a task whose worker died, and counts it: the scheduler must not re-run it
+        env = {MARKER: self.marker, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
         lines = [
             "c = get_config()  # noqa: F821",
             f"c.DaskGateway.address = {LOOPBACK + ':0'!r}",  # the private API
