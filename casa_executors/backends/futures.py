@@ -10,16 +10,18 @@ the driver retries its chunks.
 from __future__ import annotations
 
 import io
+import logging
 import os
-import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import context, forkserver, process, reduction, spawn, util
 from multiprocessing.popen_forkserver import Popen as ForkServerPopen
 from typing import Any
 
+from casa_executors import procs
 from casa_executors.backends.base import Backend
+
+log = logging.getLogger(__name__)
 
 PRELOAD = ["coffea.processor", "coffea.nanoevents", "casa_executors.task"]
 
@@ -78,14 +80,9 @@ def stop_fork_server(server: forkserver.ForkServer, grace: float = 5.0) -> None:
     pid = server._forkserver_pid
     if pid is None:
         return
-    os.close(server._forkserver_alive_fd)
-    deadline = time.monotonic() + grace
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            break
-        time.sleep(0.02)
+    os.close(server._forkserver_alive_fd)  # the fork server exits when this pipe closes
+    if procs.wait_or_kill([pid], grace=grace):
+        log.warning("futures: the fork server (pid %d) did not exit within %.0f s; killed", pid, grace)
     address = server._forkserver_address
     if address and not util.is_abstract_socket_namespace(address) and os.path.exists(address):
         os.unlink(address)
@@ -130,6 +127,7 @@ class FuturesBackend(Backend):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         if self._pool is None or self._pool._broken:
             if self._pool is not None:
+                log.info("futures: a worker died and broke the pool; starting a new pool")
                 self._pool.shutdown(wait=False, cancel_futures=True)
             self._new_pool()
         return self._pool.submit(fn, arg)

@@ -12,13 +12,12 @@ by PID) when the backend stops; a ``session=`` given to us is only used.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
-import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from casa_executors import procs
 from casa_executors.backends.base import Backend, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 POOL_THREADS = 64  # an upper bound; threads start on demand, the driver limits what is in flight
 LOG4J2 = """\
@@ -76,33 +77,6 @@ def short_message(exc: BaseException) -> str:
         if errors:
             first = f"{first} {errors[-1]}"
     return first[:300]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class SparkBackend(Backend):
@@ -243,22 +217,18 @@ class SparkBackend(Backend):
         proc = getattr(gateway, "proc", None)
         SparkContext._gateway = SparkContext._jvm = None  # the next session starts a new JVM
         if proc is not None:
-            below = _descendants(proc.pid)
+            below = procs.descendants(proc.pid)
             try:
                 gateway.shutdown()
             except Exception:
                 pass
             if proc.stdin is not None:
                 proc.stdin.close()  # the gateway JVM exits when its stdin closes
-            try:
-                proc.wait(timeout=20)
-            except Exception:
-                proc.kill()
-                proc.wait(timeout=10)
-            deadline = time.time() + 5  # the Python daemon exits with the JVM; make sure
-            while (alive := [p for p in below if os.path.exists(f"/proc/{p}")]) and time.time() < deadline:
-                time.sleep(0.1)
-            _kill(alive)
+            if procs.wait_or_kill([proc], grace=20):
+                log.warning("spark: the JVM (pid %d) did not exit within 20 s of its stdin closing; killed", proc.pid)
+            # the Python daemon exits with the JVM; what is left after 5 s is killed
+            if killed := procs.wait_or_kill(below, grace=5):
+                log.info("spark: killed processes %s left by the JVM", killed)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -291,12 +261,19 @@ class SparkBackend(Backend):
         sc = self._sc
         return max(int(sc.defaultParallelism), 1) if sc is not None else 1
 
+    @property
+    def workers_local(self) -> bool:
+        """``local[N]``: executors are threads of our JVM, their Python workers on this machine."""
+        return self._master is not None and _local_cores(self._master) is not None
+
     def executor_pids(self) -> list[int]:
         """Processes below our JVM (Python daemon and workers, in local mode)."""
         from pyspark import SparkContext
 
         proc = getattr(SparkContext._gateway, "proc", None)
-        return _descendants(proc.pid) if proc is not None and self._session is not self._user_session else []
+        if proc is None or self._session is self._user_session:
+            return []
+        return [p.pid for p in procs.descendants(proc.pid)]
 
     def describe(self) -> str:
         where = self._master or "session"
