@@ -34,7 +34,7 @@ def test_spark_leaves_no_readable_token(served, reference):
 
 def test_workqueue_sandboxes_keep_the_token_private(served, reference):
     require_engine("workqueue")
-    out, seen = watched_run(ce.workqueue(workers=2, status=False, **served.driver_options()), served)
+    out, seen = watched_run(ce.workqueue(workers=1, status=False, **served.driver_options()), served)
     assert same_physics(out, reference)
     assert seen.seen, "the task inputs (with the token) were never seen: the watch looked in the wrong place"
     assert not seen.exposed(), seen.seen
