@@ -98,7 +98,8 @@ def dask(**options: Any) -> Driver:
 
 
 def parsl(**options: Any) -> Driver:
-    """Parsl: ``config=`` or ``workers=N`` for a local HighThroughputExecutor."""
+    """Parsl: ``config=``, ``workers=N`` for a local HighThroughputExecutor, or ``provider=`` (e.g. a
+    SlurmProvider) with ``workers=N`` or ``adapt=(min, max)`` for blocks on a batch system."""
     return create("parsl", **options)
 
 
@@ -108,5 +109,6 @@ def spark(**options: Any) -> Driver:
 
 
 def workqueue(**options: Any) -> Driver:
-    """Work Queue: ``workers=N`` local work_queue_worker processes, or ``port=`` for external ones."""
+    """Work Queue: ``workers=N`` local work_queue_worker processes, ``port=`` for external ones, or
+    ``submit="slurm"`` with ``workers=N`` or ``adapt=(min, max)`` for workers as batch jobs."""
     return create("workqueue", **options)
