@@ -324,7 +324,7 @@ def test_tls_cluster_matches_iterative(tls_cluster, sample_files, reference):
 def test_existing_client_is_used_not_closed(tls_cluster, sample_files, reference):
     from distributed import Client
 
-    from casa_executors.backends.tls import client_security
+    from casa_executors.backends.dask.security import client_security
 
     client = Client(tls_cluster["address"], security=client_security(tls_cluster["secrets"]),
                     set_as_default=False)

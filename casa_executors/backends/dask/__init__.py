@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from casa_executors.backends.base import Backend
-from casa_executors.backends.tls import client_security, cluster_security, make_secrets_dir
+from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 if TYPE_CHECKING:

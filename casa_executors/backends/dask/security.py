@@ -38,7 +38,7 @@ def secrets_files(secrets_dir: str | os.PathLike[str]) -> dict[str, str]:
         if not path.is_file():
             raise ExecutorOptionError(
                 f"secrets_dir {str(root)!r} has no {name} ({role}); expected {', '.join(ROLES)} "
-                "(casa_executors.backends.tls.make_secrets_dir makes a local set)"
+                "(casa_executors.backends.dask.make_secrets_dir makes a local set)"
             )
         files[name] = str(path.resolve())
     return files
