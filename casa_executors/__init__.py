@@ -93,7 +93,9 @@ def futures(**options: Any) -> Driver:
 
 
 def dask(**options: Any) -> Driver:
-    """Dask distributed: ``client=``, ``address=`` (+ ``secrets_dir=``), or ``workers=N`` for a LocalCluster."""
+    """Dask distributed: ``client=``, ``address=`` (+ ``secrets_dir=``), ``workers=N`` for a LocalCluster,
+    ``cluster=`` (a dask-jobqueue/distributed cluster) or ``gateway=`` (+ ``auth=``) with ``workers=N`` or
+    ``adapt=(min, max)``."""
     return create("dask", **options)
 
 

@@ -1,4 +1,5 @@
-"""Dask distributed: an existing ``Client``, a scheduler address (TLS), or our own LocalCluster.
+"""Dask distributed: an existing ``Client``, a scheduler address (TLS), our own LocalCluster, or a cluster
+to size: ``cluster=`` (any distributed/dask-jobqueue cluster) or ``gateway=`` (dask-gateway), see ``cluster.py``.
 
 The driver retries, so dask must not: tasks go in with ``retries=0``, and the
 LocalCluster we own has ``allowed-failures = 0``, so a task whose worker dies
@@ -14,7 +15,9 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from casa_executors.backends.base import Backend
+from casa_executors.backends.dask.cluster import ManagedCluster, facility
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
+from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 if TYPE_CHECKING:
@@ -38,10 +41,24 @@ class DaskBackend(Backend):
         security: Security | None = None,
         workers: int | None = None,
         processes: bool = True,
+        cluster: Any = None,
+        gateway: str | None = None,
+        auth: Any = None,
+        adapt: tuple[int, int] | None = None,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+        cluster_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(workers)
         if client is not None and address is not None:
             raise ExecutorOptionError("dask: give client= or address=, not both")
+        if (cluster is not None or gateway is not None) and (client is not None or address is not None):
+            raise ExecutorOptionError("dask: give one of client=, address=, cluster=, gateway= "
+                                      "(with gateway=, cluster= names one of your gateway clusters)")
+        self._adapt = check_adapt("dask", adapt)
+        self._worker_timeout = check_worker_timeout("dask", worker_timeout)
+        self._facility = facility(cluster, gateway, auth, cluster_options, workers, self._adapt,
+                                  self._worker_timeout)
+        self._managed: ManagedCluster | None = None
         if workers is not None and (client is not None or address is not None):
             raise ExecutorOptionError("dask: workers= starts a LocalCluster; it cannot go with client= or address=")
         if secrets_dir is not None and security is not None:
@@ -64,7 +81,7 @@ class DaskBackend(Backend):
             security = client_security(secrets_dir) if address is not None else cluster_security(secrets_dir)
         if address is not None:
             address = self._check_address(address, security)
-        if workers is None and client is None and address is None:
+        if workers is None and client is None and address is None and self._facility is None:
             self._workers = min(os.cpu_count() or 1, 4)
         self._user_client = client
         self._address = address
@@ -101,7 +118,11 @@ class DaskBackend(Backend):
     def _start(self) -> None:
         from distributed import Client, LocalCluster
 
-        if self._user_client is not None:
+        if self._facility is not None:
+            managed = self._facility()
+            self._client = managed.start()
+            self._managed = managed
+        elif self._user_client is not None:
             if self._user_client.status not in ("running", "connecting", "newly-created"):
                 raise BackendUnavailable(f"dask: the client given is {self._user_client.status}")
             self._client = self._user_client
@@ -148,6 +169,11 @@ class DaskBackend(Backend):
 
     def _stop(self) -> None:
         _ = self.workers  # remember the count for a report begun before the next start
+        managed, self._managed = self._managed, None
+        if managed is not None:  # it closes our client and gives back what the run asked for
+            self._client = None
+            managed.stop()
+            return
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         try:
@@ -162,7 +188,10 @@ class DaskBackend(Backend):
         if self._client is None:
             raise BackendUnavailable("dask: the backend is not started")
         # a distributed Future: add_done_callback/result/cancel; a lost task raises KilledWorker
-        return self._client.submit(fn, arg, pure=False, retries=0)
+        future = self._client.submit(fn, arg, pure=False, retries=0)
+        if self._managed is not None:
+            self._managed.wait_first_worker()  # adapt=(0, n): the work asks for the first worker
+        return future
 
     def _nthreads(self) -> dict[str, int]:
         client = self._client or self._user_client
@@ -177,7 +206,7 @@ class DaskBackend(Backend):
     def workers(self) -> int:
         """Our LocalCluster's size; for an external cluster the workers connected now
         (while not connected: as many as at the last connection)."""
-        if self._address is None and self._user_client is None:
+        if self._address is None and self._user_client is None and self._facility is None:
             return self._workers or 1
         n = len(self._nthreads())
         if n:
@@ -186,6 +215,8 @@ class DaskBackend(Backend):
 
     def max_inflight(self) -> int:
         threads = sum(self._nthreads().values()) or self.workers
+        if self._adapt is not None:  # enough queued work for adaptive scaling to ask for up to the maximum
+            threads = max(threads, self._adapt[1])
         return 2 * threads
 
     def worker_pids(self) -> dict[str, int]:
@@ -194,4 +225,12 @@ class DaskBackend(Backend):
 
     def describe(self) -> str:
         where = self._address or ("client" if self._user_client is not None else "LocalCluster")
+        if self._managed is not None:
+            where = self._managed.label + (f", adapt={self._adapt}" if self._adapt else "")
         return f"dask({self.workers} workers, {where})"
+
+    @property
+    def cluster_name(self) -> str | None:
+        """The gateway cluster's name (or the cluster object's), while started."""
+        cluster = self._managed.cluster if self._managed is not None else None
+        return getattr(cluster, "name", None)
