@@ -32,6 +32,20 @@ class WorkerLost(RuntimeError):
     """The engine lost the worker (or the task) that was running a chunk."""
 
 
+class AllEndpointsFailed(OSError):
+    """Every endpoint of a file (its caches, then its origin) failed.
+
+    The message names the user's URL and each endpoint's error, never a token.
+    """
+
+    def __init__(self, url: str, errors: list[str]) -> None:
+        self.url, self.errors = url, errors
+        super().__init__(f"could not read {url}: " + "; ".join(errors))
+
+    def __reduce__(self):
+        return (AllEndpointsFailed, (self.url, self.errors))
+
+
 class ChunkError(RuntimeError):
     """A chunk failed for good (after all its attempts).
 

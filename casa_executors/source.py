@@ -11,6 +11,7 @@ routed one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ import uproot
 import uproot.source.chunk
 from uproot.source.fsspec import FSSpecSource
 
+from casa_executors.errors import AllEndpointsFailed  # also importable from here, its first home
+
+log = logging.getLogger(__name__)
+
 
 class Router(Protocol):
     def candidates(self, url: str) -> list[tuple[str, str]]: ...
@@ -27,17 +32,6 @@ class Router(Protocol):
     def secrets(self) -> list[str]: ...
 
     def describe(self, url: str) -> str: ...
-
-
-class AllEndpointsFailed(OSError):
-    """Every endpoint of a file failed; names the user's URL, never a token."""
-
-    def __init__(self, url: str, errors: list[str]) -> None:
-        self.url, self.errors = url, errors
-        super().__init__(f"could not read {url}: " + "; ".join(errors))
-
-    def __reduce__(self):
-        return (AllEndpointsFailed, (self.url, self.errors))
 
 
 class ChunkIO:
@@ -57,6 +51,10 @@ class ChunkIO:
 
     def secrets(self) -> list[str]:
         return [] if self.router is None else list(self.router.secrets())
+
+    def describe(self, url: str) -> str:
+        """``url`` as logs and errors may show it (no token)."""
+        return url if self.router is None else self.router.describe(url)
 
     def add_bytes(self, n: int) -> None:
         with self._lock:
@@ -140,8 +138,11 @@ class MeteredSource(uproot.source.chunk.Source):
         if self._position + 1 >= len(self._candidates):
             if len(self._candidates) == 1:
                 raise exc
-            raise AllEndpointsFailed(self._file_path, self._errors) from None
+            # from None: the causes' text carries the routed URL, token included
+            raise AllEndpointsFailed(self._io.describe(self._file_path), self._errors) from None
         self._io.failed_over(label, exc)
+        log.info("reading %s: %s failed (%s); trying %s", self._io.describe(self._file_path), label, text,
+                 self._candidates[self._position + 1][0])
 
     @property
     def _can_fail_over(self) -> bool:

@@ -1,4 +1,8 @@
-"""CacheRouter: URL forms, tokens, local paths, consistent hashing (pure, no server)."""
+"""CacheRouter: URL forms, tokens, local paths, consistent hashing (no server).
+
+The fail-over over its candidates is the production reader's (``MeteredSource``); with a
+server it is exercised in test_xcache_servers.py, here only against ports nobody listens on.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import pickle
 
 import pytest
 
-from casa_executors.xcache.router import AllCandidatesFailed, CacheRouter, moved_fraction, try_candidates
+from casa_executors.errors import AllEndpointsFailed
+from casa_executors.standins.ports import free_ports
+from casa_executors.xcache.client_env import apply_client_env
+from casa_executors.xcache.router import CacheRouter, moved_fraction
 from casa_executors.xcache.tokens import Token
 
 C1, C2 = "root://cache1:1094", "root://cache2:1094"
@@ -114,23 +121,18 @@ def test_bad_arguments():
         CacheRouter([])
 
 
-def test_try_candidates_fails_over_and_redacts():
-    router = CacheRouter(C1, token=JWT)
-    seen = []
-
-    def opener(url):
-        seen.append(url)
-        if url.startswith(C1):
-            raise OSError(f"cannot reach {url}")
-        return "data"
-
-    assert try_candidates(router, URL, opener) == (f"origin:{ORIGIN}", "data")
-    assert len(seen) == 2
-
-    def always_fails(url):
-        raise OSError(f"[ERROR] failed for {url} token={JWT}")
-
-    with pytest.raises(AllCandidatesFailed) as info:
-        try_candidates(router, URL, always_fails)
-    assert URL in str(info.value) and JWT not in str(info.value)
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+def test_every_endpoint_failing_is_one_token_free_error():
+    """Cache and origin both refuse: one AllEndpointsFailed naming the URL, never the token."""
+    apply_client_env()  # before the XRootD client loads: a refused connection then fails at once
+    pytest.importorskip("fsspec_xrootd", reason="the XRootD client (pip install casa_executors[xcache])")
+    from xrootd_fixtures import read_routed
+    cache_port, origin_port = free_ports(2)  # nobody listens on them
+    cache, origin = f"root://127.0.0.1:{cache_port}", f"root://127.0.0.1:{origin_port}"
+    url = f"{origin}//store/data/f.root"
+    router = CacheRouter(cache, token=JWT)
+    for given in (url, f"{url}?authz=Bearer%20{JWT}"):  # the token added by the router, or in the URL itself
+        with pytest.raises(AllEndpointsFailed) as info:
+            read_routed(router, given)
+        assert url in str(info.value) and JWT not in str(info.value) + repr(info.value.args)
+        assert f"xcache:{cache}" in str(info.value) and f"origin:{origin}" in str(info.value)  # both were tried
+        assert info.value.__cause__ is None and info.value.__suppress_context__

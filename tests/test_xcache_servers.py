@@ -10,14 +10,16 @@ from xrootd_fixtures import (
     FILE,
     assert_same,
     export_dir,
-    open_and_read,
     read_events,
+    read_routed,
     read_when_back,
     require_xrootd,
 )
 
-from casa_executors.xcache.router import AllCandidatesFailed, CacheRouter, try_candidates
+from casa_executors.errors import AllEndpointsFailed
+from casa_executors.standins.ports import free_port
 from casa_executors.standins.xrootd import ServerError, XCache, XRootDOrigin
+from casa_executors.xcache.router import CacheRouter
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +72,29 @@ def test_forwarding_form(servers, direct):
         assert_same(read_events(url), direct)
         assert fwd.cache_info(FILE)["state"] == "complete"  # the key is the path only
         router = CacheRouter(fwd.endpoint, mode="forward")
-        label, arrays = try_candidates(router, origin.url(FILE), open_and_read)
-        assert label == f"xcache:{fwd.endpoint}"
+        arrays, io = read_routed(router, origin.url(FILE))
+        assert io.endpoints == [f"xcache:{fwd.endpoint}"] and io.failovers == []
         assert_same(arrays, direct)
 
 
 def test_missing_file_error_names_original_url(servers):
     origin, cache = servers
     url = origin.url("/store/missing.root")
-    with pytest.raises(AllCandidatesFailed) as info:
-        try_candidates(CacheRouter(cache.endpoint), url, open_and_read)
+    with pytest.raises(AllEndpointsFailed) as info:
+        read_routed(CacheRouter(cache.endpoint), url)
     msg = str(info.value)
     assert url in msg
     assert f"xcache:{cache.endpoint}" in msg and f"origin:{origin.endpoint}" in msg
     assert "no such file" in msg.lower()
+
+
+def test_failover_from_a_dead_cache_to_the_origin(servers, direct):
+    origin, _ = servers
+    dead = f"root://127.0.0.1:{free_port()}"  # nobody listens there
+    arrays, io = read_routed(CacheRouter(dead, token="aaa.bbb.ccc"), origin.url(FILE))
+    assert io.endpoints == [f"origin:{origin.endpoint}"]  # served by the origin ...
+    assert io.failovers == [f"xcache:{dead}: OSError"]  # ... after exactly one failed endpoint
+    assert_same(arrays, direct)
 
 
 def test_outages_and_restart(data, direct, no_leftover_processes):
@@ -112,8 +123,9 @@ def test_outages_and_restart(data, direct, no_leftover_processes):
 
         cache.stop()
         t0 = time.monotonic()
-        label, arrays = try_candidates(CacheRouter(cache.endpoint), origin.url(FILE), open_and_read)
-        assert label == f"origin:{origin.endpoint}"
+        arrays, io = read_routed(CacheRouter(cache.endpoint), origin.url(FILE))
+        assert io.endpoints == [f"origin:{origin.endpoint}"]
+        assert io.failovers == [f"xcache:{cache.endpoint}: OSError"]
         assert time.monotonic() - t0 < 5, "fail-over from a dead cache must be quick"
         assert_same(arrays, direct)
         pids = origin.pids

@@ -7,11 +7,12 @@ import pickle
 import traceback
 
 import pytest
-from xrootd_fixtures import FILE, assert_same, export_dir, open_and_read, read_events, require_xrootd
+from xrootd_fixtures import FILE, assert_same, export_dir, read_events, read_routed, require_xrootd
 
+from casa_executors.errors import AllEndpointsFailed
 from casa_executors.standins.issuer import LocalIssuer
-from casa_executors.xcache.router import AllCandidatesFailed, CacheRouter, try_candidates
 from casa_executors.standins.xrootd import XCache, XRootDOrigin
+from casa_executors.xcache.router import CacheRouter
 from casa_executors.xcache.tokens import (
     REDACTED,
     Token,
@@ -140,16 +141,16 @@ def test_router_reads_protected_data_and_never_leaks_the_token(protected, issuer
     origin, cache, fwd = protected
     good = Token(issuer.mint(), source="test")
     for c, mode in ((cache, "plain"), (fwd, "forward")):
-        label, arrays = try_candidates(CacheRouter(c.endpoint, mode=mode, token=good), origin.url(FILE), open_and_read)
-        assert label == f"xcache:{c.endpoint}"
+        arrays, io = read_routed(CacheRouter(c.endpoint, mode=mode, token=good), origin.url(FILE))
+        assert io.endpoints == [f"xcache:{c.endpoint}"]
         assert_same(arrays, direct)
 
     for token in (good, Token(issuer.mint(scope="storage.read:/elsewhere"))):
         router = CacheRouter(cache.endpoint, token=token)
         secret = token.reveal()
         path = FILE if token is not good else "/store/missing.root"
-        with pytest.raises(AllCandidatesFailed) as info:
-            try_candidates(router, origin.url(path), open_and_read)
+        with pytest.raises(AllEndpointsFailed) as info:
+            read_routed(router, origin.url(path))
         exc = info.value
         text = "".join(traceback.format_exception(exc)) + repr(exc) + str(exc.args)
         assert secret not in text

@@ -21,7 +21,9 @@ apply_client_env()  # before the first XRootD use in this process
 import uproot  # noqa: E402
 from fsspec_xrootd import XRootDFileSystem  # noqa: E402
 
+from casa_executors.source import ChunkIO, MeteredSource, metering  # noqa: E402
 from casa_executors.standins.xrootd import xrootd_available  # noqa: E402
+from casa_executors.xcache.router import CacheRouter  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 FILE = "/store/f.root"
@@ -90,9 +92,18 @@ def read_when_back(url: str, within: float = 15.0) -> tuple[ak.Array, float]:
             time.sleep(0.2)
 
 
-def open_and_read(url: str) -> ak.Array:
-    """An opener for ``try_candidates``."""
-    return read_events(url)
+def read_routed(router: CacheRouter, url: str) -> tuple[ak.Array, ChunkIO]:
+    """Read ``url`` as a worker does: ``MeteredSource`` inside a metered chunk (fail-over included).
+
+    Returns the arrays and the chunk's record (``endpoints`` that served it, ``failovers``).
+    """
+    with metering(ChunkIO(router)) as io:
+        try:
+            with uproot.open(url, handler=MeteredSource, timeout=10) as f:
+                return f["Events"].arrays(), io
+        except OSError:
+            XRootDFileSystem.clear_instance_cache()  # as in read_events
+            raise
 
 
 def assert_same(a: ak.Array, b: ak.Array) -> None:

@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 from casa_executors import procs
 
 from .netns import NetNS, netns_available
+from .ports import free_port
 
 if TYPE_CHECKING:
     from .issuer import LocalIssuer
@@ -56,12 +56,6 @@ def xrootd_available() -> bool:
         return False
     libdirs = [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib")]
     return all(any((d / lib).exists() for d in libdirs) for lib in PLUGINS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _stop_proc(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
@@ -233,7 +227,7 @@ class XRootDServer:
             if self.netns is not None:
                 self._start_relay()
             elif self.port is None:
-                self.port = _free_port()
+                self.port = free_port()
             self._spawn()
             self._after_ready()
         except BaseException:

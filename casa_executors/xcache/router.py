@@ -3,19 +3,19 @@
 Pure and picklable: built on the driver, used on workers. ``candidates(url)``
 gives ``[(label, url_to_open), ...]`` in the order to try: the cache (chosen
 by consistent hashing when there are several), then the origin URL itself.
+The worker-side reader (``casa_executors.source.MeteredSource``) tries them.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Callable, Iterable
-from typing import Literal, TypeVar
+from collections.abc import Iterable
+from typing import Literal
 from urllib.parse import parse_qsl, quote, urlencode
 
 from .tokens import Token, authz_query, redact
 
-T = TypeVar("T")
 XROOTD_SCHEMES = ("root", "xroot", "roots", "xroots")
 Mode = Literal["plain", "forward"]
 
@@ -143,38 +143,6 @@ class CacheRouter:
             other.vnodes,
             other.spares,
         )
-
-
-class AllCandidatesFailed(OSError):
-    """Every candidate failed; the message names the original URL, token-free."""
-
-    def __init__(self, url: str, errors: list[tuple[str, str]]) -> None:
-        self.url, self.errors = url, errors
-        tried = "; ".join(f"{label}: {err}" for label, err in errors)
-        super().__init__(f"could not open {url} (tried {tried})")
-
-
-def try_candidates(
-    router: CacheRouter,
-    url: str,
-    opener: Callable[[str], T],
-    on_error: Callable[[str, BaseException], None] | None = None,
-) -> tuple[str, T]:
-    """Open the first candidate that works: ``(label, opener(url))``.
-
-    A reference for the worker-side Source: errors are redacted, and the final
-    error is raised ``from None`` because the causes' text carries the token.
-    """
-    errors: list[tuple[str, str]] = []
-    for label, cand in router.candidates(url):
-        try:
-            return label, opener(cand)
-        except Exception as exc:  # any failure means: try the next one
-            if on_error is not None:
-                on_error(label, exc)
-            msg = f"{type(exc).__name__}: {exc}".strip().replace(cand, router.describe(cand))
-            errors.append((label, redact(msg, router.token)))
-    raise AllCandidatesFailed(router.describe(url), errors) from None
 
 
 def moved_fraction(before: CacheRouter, after: CacheRouter, keys: Iterable[str]) -> float:
