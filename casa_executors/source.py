@@ -22,6 +22,7 @@ import uproot.source.chunk
 from uproot.source.fsspec import FSSpecSource
 
 from casa_executors.errors import AllEndpointsFailed  # also importable from here, its first home
+from casa_executors.xcache.tokens import redact
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,7 @@ class MeteredSource(uproot.source.chunk.Source):
 
     def _failed(self, label: str, url: str, exc: BaseException) -> None:
         """Note an endpoint's failure; raise once none is left."""
-        router = self._io.router
-        text = f"{type(exc).__name__}: {exc}"
-        if router is not None:
-            text = text.replace(url, router.describe(url))
-        for secret in self._io.secrets():
-            text = text.replace(secret, "<redacted>")
+        text = redact(f"{type(exc).__name__}: {exc}".replace(url, self._io.describe(url)), self._io.secrets())
         self._errors.append(f"{label}: {text}")
         if self._position + 1 >= len(self._candidates):
             if len(self._candidates) == 1:

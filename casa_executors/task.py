@@ -26,6 +26,7 @@ from casa_executors.errors import RemoteError
 from casa_executors.merge import node_key
 from casa_executors.source import ChunkIO, Router, metering
 from casa_executors.store import Store, decode, encode
+from casa_executors.xcache.tokens import redact
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,6 @@ def _portable(exc: BaseException) -> BaseException:
     except Exception:
         pass
     return RemoteError(type(exc).__name__, str(exc))
-
-
-def redact(text: str, secrets: Sequence[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "<redacted>")
-    return text
 
 
 def worker_name() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
+from urllib.parse import quote
 
 import pytest
 from xrootd_fixtures import FILE, assert_same, export_dir, read_events, read_routed, require_xrootd
@@ -57,6 +58,9 @@ def test_authz_query_and_redact():
     assert SECRET not in redact(url, SECRET)
     assert redact(url) == f"root://h:1//store/f.root?a=1&authz=Bearer%20{REDACTED}"
     assert redact(f"Authorization: Bearer {SECRET}") == f"Authorization: Bearer {REDACTED}"
+    # several secrets at once (a router's, a worker's error text), raw or URL-quoted: one placeholder
+    text = f"{SECRET}/x?t={quote(SECRET + '/=', safe='')} and {SECRET}/="
+    assert redact(text, [Token(SECRET + "/="), SECRET]) == f"{REDACTED}/x?t={REDACTED} and {REDACTED}"
 
 
 def test_discovery_order(clean_env, monkeypatch):

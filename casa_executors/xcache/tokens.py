@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-REDACTED = "<redacted-token>"
+REDACTED = "<redacted-token>"  # the one placeholder for a scrubbed secret
 # "Bearer <jwt>" in any URL-ish spelling: space, %20, +.
 _BEARER_RE = re.compile(r"(Bearer(?:%20|\+|\s)+)[A-Za-z0-9._~+/=%-]+")
 
@@ -106,10 +107,15 @@ def authz_query(token: Token | str) -> str:
     return "authz=" + quote(f"Bearer {secret}", safe="")
 
 
-def redact(text: str, token: Token | str | None = None) -> str:
-    """Remove a token (raw or URL-quoted) and any ``Bearer <x>`` from text."""
-    if token is not None:
-        secret = token.reveal() if isinstance(token, Token) else token
-        for form in {secret, quote(secret, safe=""), quote(secret)}:
-            text = text.replace(form, REDACTED)
+def redact(text: str, secrets: Token | str | Iterable[Token | str] | None = None) -> str:
+    """Replace each secret (raw or URL-quoted) and any ``Bearer <x>`` in ``text`` by :data:`REDACTED`.
+
+    The one scrubber: router URLs, fail-over errors, worker exceptions and tracebacks go through it.
+    """
+    items = [secrets] if isinstance(secrets, Token | str) else list(secrets or ())
+    for item in items:
+        secret = item.reveal() if isinstance(item, Token) else item
+        if secret:
+            for form in sorted({secret, quote(secret, safe=""), quote(secret)}, key=len, reverse=True):
+                text = text.replace(form, REDACTED)
     return _BEARER_RE.sub(lambda m: m.group(1) + REDACTED, text)
