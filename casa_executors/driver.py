@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import time
@@ -43,6 +44,7 @@ from casa_executors.report import DONE, Phase, Report
 from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch
 
 NOT_RUN = "NotRun"
+log = logging.getLogger(__name__)
 
 
 def unwrap_runner_retries(function: Any) -> tuple[Any, Any, bool]:
@@ -67,6 +69,7 @@ class Driver(ExecutorBase):
     chunks_per_task: int | None = None
     cache: str | list[str] | None = None
     cache_mode: str = "plain"
+    cache_spares: int = 0  # further caches (next on the hash ring) tried before the origin
     token: Any = field(default=None, repr=False)
     router: Any = field(default=None, repr=False)  # built from cache/cache_mode/token
     report: Report = field(default_factory=Report, repr=False)
@@ -78,7 +81,7 @@ class Driver(ExecutorBase):
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
             raise ExecutorOptionError(f"backend must be a casa_executors Backend, got {self.backend!r}")
-        for name, low in (("retries", 0), ("merge_fanin", 2)):
+        for name, low in (("retries", 0), ("merge_fanin", 2), ("cache_spares", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ExecutorOptionError(f"{name} must be a whole number >= {low}, got {value!r}")
@@ -112,7 +115,7 @@ class Driver(ExecutorBase):
 
         token = discover_token(self.token) if self.token is not False else None
         try:
-            return CacheRouter(self.cache, mode=self.cache_mode, token=token)
+            return CacheRouter(self.cache, mode=self.cache_mode, token=token, spares=self.cache_spares)
         except ValueError as exc:
             raise ExecutorOptionError(str(exc)) from None
 
@@ -352,6 +355,7 @@ class _Run:
             Report.give_up(self.phase, i, "failed", "WorkerLost", f"its output was lost {self.losses[i]} times: {exc}")
             self._give_up(i, WorkerLost(f"the output of this chunk was lost {self.losses[i]} times: {exc}"))
             return
+        log.info("%s item %d: its output was lost (%s); running it again", self.phase.name, i, type(exc).__name__)
         Report.requeue(self.phase, i)
         self.todo.appendleft(i)
 
@@ -409,6 +413,8 @@ class _Run:
         self.failures[i] += 1
         exc = r.error.exception()
         if self.failures[i] <= self.driver.retries and self.abort is None:
+            log.info("%s item %d: attempt %d failed on %s (%s); retrying", self.phase.name, i, r.attempt,
+                     r.worker or self.backend.describe(), r.error.type_name)
             self.todo.append(i)
             self.bar.retries += 1
             return

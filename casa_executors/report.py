@@ -1,7 +1,7 @@
 """What happened to every chunk of a run: one row each, failures, summary.
 
 A row ends ``ok`` (computed in this call), ``restored`` (its output came from
-the checkpoint), ``failed`` or ``skipped``. Rows are slotted and share empty
+the checkpoint) or ``failed``. Rows are slotted and share empty
 tuples, so 20,000 of them stay a few MB.
 """
 
@@ -23,7 +23,7 @@ class ChunkRow:
     filename: str
     entrystart: int | None
     entrystop: int | None
-    status: str = "pending"  # ok | restored | failed | skipped
+    status: str = "pending"  # ok | restored | failed
     attempts: int = 0
     worker: str = ""
     host: str = ""
@@ -139,7 +139,7 @@ class Report:
 
     def failures(self) -> list[ChunkRow]:
         phases = [p for p in (self.preprocessing, self.processing) if p is not None]
-        return [r for p in phases for r in p.rows if r.status in ("failed", "skipped")]
+        return [r for p in phases for r in p.rows if r.status == "failed"]
 
     def failed_items(self) -> list[Any]:
         """The WorkItems that failed for good: pass them to ``Runner`` as the fileset."""

@@ -170,3 +170,22 @@ def test_several_caches_spread_files_consistently(export, reference, no_leftover
         assert all(len(v) == 1 for v in by_file.values())  # a file always goes to the same cache
         expected = {u: f"xcache:{ex.router.caches_for(u.split('//', 2)[2].join(['/', '']))[0]}" for u in urls}
         assert {u: next(iter(v)) for u, v in by_file.items()} == expected
+
+
+def test_cache_spares_read_from_the_next_cache_before_the_origin(export, no_leftover_processes):
+    with XRootDOrigin(export) as origin, XCache(origin) as c1, XCache(origin) as c2:
+        urls = origin_urls(origin)
+        ex = EXECUTORS["iterative"](cache=[c1.endpoint, c2.endpoint], cache_spares=1)
+        assert ex.router.spares == 1 and ex.copy().router == ex.router  # Runner copies the executor
+        first = ex.router.caches_for("/store/a.root")  # a.root's cache, then its spare
+        down, spare = (c1, c2) if first[0] == c1.endpoint else (c2, c1)
+        down.stop()
+        out = run(ex, urls)
+        assert out["events"].value == 3000
+        s = ex.report.summary()
+        assert s["served_by"] == {f"xcache:{spare.endpoint}": 12}  # never the origin
+        assert s["failovers"] >= 4  # a.root's chunks at least went from the dead cache to the spare
+        assert all(f.startswith(f"xcache:{down.endpoint}: ") for r in ex.report.rows() for f in r.failovers)
+    for bad in (-1, "1", True):
+        with pytest.raises(ce.ExecutorOptionError, match="cache_spares"):
+            ce.iterative(cache="root://127.0.0.1:1094", cache_spares=bad)

@@ -117,9 +117,6 @@ class FuturesBackend(Backend):
     def pids(self) -> list[int]:
         return list((self._pool._processes or {}).keys()) if self._pool else []
 
-    def server_pid(self) -> int | None:
-        return self._server._forkserver_pid if self._server else None
-
     @property
     def workers_local(self) -> bool:
         return True

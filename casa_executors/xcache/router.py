@@ -68,6 +68,8 @@ class CacheRouter:
     ) -> None:
         if mode not in ("plain", "forward"):
             raise ValueError(f"mode must be 'plain' or 'forward', not {mode!r}")
+        if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
+            raise ValueError(f"spares must be a whole number >= 0, not {spares!r}")
         names = [caches] if isinstance(caches, str) else list(caches)
         self.caches = list(dict.fromkeys(_normalize_endpoint(c) for c in names))
         if not self.caches:
