@@ -20,6 +20,15 @@ from casa_executors.errors import ExecutorOptionError
 REPO = str(Path(__file__).resolve().parents[2])
 
 
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Workers of a local engine when ``workers=`` is not given: one per core, at most 4
+    (the machine stays usable, and more rarely pays off for one analysis on one node)."""
+    return min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
+
+
 def worker_pythonpath() -> str:
     """PYTHONPATH for worker processes: this checkout first, then the caller's own."""
     return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)

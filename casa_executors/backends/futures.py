@@ -19,7 +19,7 @@ from multiprocessing.popen_forkserver import Popen as ForkServerPopen
 from typing import Any
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import Backend, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class FuturesBackend(Backend):
     name = "futures"
 
     def __init__(self, workers: int | None = None) -> None:
-        super().__init__(min(os.cpu_count() or 1, 4) if workers is None else workers)
+        super().__init__(default_workers() if workers is None else workers)
         self._pool: ProcessPoolExecutor | None = None
         self._server: forkserver.ForkServer | None = None
 

@@ -33,7 +33,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import REPO, Backend
+from casa_executors.backends.base import REPO, Backend, default_workers
 from casa_executors.backends.parsl_provider import FirstWorker, from_provider
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
@@ -139,7 +139,7 @@ class ParslBackend(Backend):
                 ) from None
             self._adapt(self._template)
         elif workers is None:
-            self._workers = min(os.cpu_count() or 1, 4)
+            self._workers = default_workers()
         self._dfk: DataFlowKernel | None = None
         self._apps: dict[Callable[[Any], Any], Any] = {}
         self._run_dir: str | None = None

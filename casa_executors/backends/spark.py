@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class SparkBackend(Backend):
         if session is not None and conf:
             raise ExecutorOptionError("spark: a session= already has its configuration; drop conf=")
         if master is None and session is None:
-            master = f"local[{workers or min(os.cpu_count() or 1, 4)}]"
+            master = f"local[{workers or default_workers()}]"
         cores = _local_cores(master) if master else None
         if workers is None and cores is not None:
             self._workers = cores

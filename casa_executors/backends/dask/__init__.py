@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import Backend, default_workers
 from casa_executors.backends.dask.cluster import ManagedCluster, facility
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
@@ -82,7 +82,7 @@ class DaskBackend(Backend):
         if address is not None:
             address = self._check_address(address, security)
         if workers is None and client is None and address is None and self._facility is None:
-            self._workers = min(os.cpu_count() or 1, 4)
+            self._workers = default_workers()
         self._user_client = client
         self._address = address
         self._security = security

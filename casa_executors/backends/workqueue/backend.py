@@ -53,7 +53,7 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.backends.base import Backend, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
@@ -120,7 +120,7 @@ class WorkQueueBackend(Backend):
         if not isinstance(warm, bool):
             raise ExecutorOptionError(f"workqueue: warm must be True or False, got {warm!r}")
         if workers is None and port is None and self._batch is None:
-            self._workers = min(os.cpu_count() or 1, 4)
+            self._workers = default_workers()
         self._local_count = 0 if self._batch is not None else self._workers or 0
         self._port_opt, self._host = port, host
         self._python, self._project, self._password = python or sys.executable, name, password
