@@ -260,7 +260,7 @@ class LocalSlurm:
             "SlurmdPidFile": d / "run" / "slurmd.pid",
             "SlurmctldLogFile": d / "log" / "slurmctld.log",
             "SlurmdLogFile": d / "log" / "slurmd.log",
-            "ProctrackType": "proctrack/pgid",  # a job process whose parent died is still signalled (linuxproc loses it)
+            "ProctrackType": "proctrack/pgid",  # a job process whose parent died is still signalled (not so linuxproc)
             "TaskPlugin": "task/none",
             "JobAcctGatherType": "jobacct_gather/none",
             "AccountingStorageType": "accounting_storage/none",
@@ -273,7 +273,7 @@ class LocalSlurm:
             "SlurmdParameters": "config_overrides",  # more CPUs than the machine has: jobs share cores
             "ReturnToService": 2,
             "MailProg": "/bin/true",
-            "KillWait": 2,  # seconds between SIGTERM and SIGKILL when a job is cancelled
+            "KillWait": 5,  # seconds between SIGTERM and SIGKILL when a job is cancelled (sites: often 30)
             "MinJobAge": 5,
             "SchedulerParameters": "sched_interval=1",
         }

@@ -94,7 +94,6 @@ def shipping_secrets(job_cls: type, token_file: str | os.PathLike[str] | None = 
                 "umask 077",
                 f'{SECRETS_VAR}=$(mktemp -d "${{TMPDIR:-/tmp}}/casa-job.XXXXXXXX") || exit 1',
                 f"trap 'rm -rf \"{d}\"' EXIT",
-                f"trap 'rm -rf \"{d}\"; exit 143' TERM INT",
             ]
             for path, name in files.items():
                 data = base64.b64encode(Path(path).read_bytes()).decode()
@@ -103,6 +102,15 @@ def shipping_secrets(job_cls: type, token_file: str | os.PathLike[str] | None = 
                 lines.append(f'export BEARER_TOKEN_FILE="{d}/{TOKEN_NAME}"')
             self._point_at(files, d)
             self._job_script_prologue = lines + list(self._job_script_prologue or [])
+            # in the background, so that a cancelled job removes the files at once, not after the worker
+            # has stopped (Slurm's SIGKILL may come first), and again once it has
+            self._command_template = "\n".join([
+                f"{self._command_template} &",
+                "child=$!",
+                f"trap 'rm -rf \"{d}\"; kill -TERM $child 2>/dev/null; wait $child; rm -rf \"{d}\"; exit 143' "
+                "TERM INT",
+                'wait "$child"',
+            ])
 
         def _transfer(self, files: dict[str, str]) -> None:
             # HTCondor puts transferred files in the job's scratch directory (its working directory)

@@ -50,8 +50,12 @@ def _wrapper(worker: str) -> str:
         "umask 077",
         'd=$(mktemp -d "${TMPDIR:-/tmp}/casa-wq-worker.XXXXXXXX") || exit 1',
         "trap 'rm -rf \"$d\"' EXIT",
-        "trap 'rm -rf \"$d\"; exit 143' TERM INT",
-        f'{shlex.quote(worker)} --workdir "$d" "$@"',
+        f'{shlex.quote(worker)} --workdir "$d" "$@" &',
+        "child=$!",
+        "# cancelled: the task files go at once (Slurm's SIGKILL may come before the worker has stopped),",
+        "# and what the stopping worker wrote meanwhile goes after it",
+        "trap 'rm -rf \"$d\"; kill -TERM $child 2>/dev/null; wait $child; rm -rf \"$d\"; exit 143' TERM INT",
+        'wait "$child"',
         "",
     ])
 
