@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import awkward as ak
 import cloudpickle
@@ -13,6 +18,8 @@ import psutil
 import pytest
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
+
+from casa_executors import procs
 
 cloudpickle.register_pickle_by_value(__import__(__name__))
 
@@ -80,11 +87,13 @@ class Busy(Failing):
             os.unlink(mark)
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
+def alive(p: int | psutil.Process) -> bool:
+    """Running and not a zombie; for a ``psutil.Process``, still that same process (not a reused PID)."""
+    if not isinstance(p, psutil.Process):
+        return procs.alive(p)
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -159,17 +168,151 @@ def assert_adl_identical(backend, files, chunksize: int = 500, **driver_opts) ->
         assert ex.report.summary()["attempts"] == ex.report.summary()["chunks"]
 
 
-def record_lost_attempts(monkeypatch) -> list[str]:
-    """What the driver is told about each failed attempt, as ``Type: message``."""
+@dataclass
+class Losses:
+    """What the driver was told was lost during a run."""
+
+    attempts: list[str] = field(default_factory=list)  # failed attempts, as ``Type: message``
+    outputs: list[int] = field(default_factory=list)  # chunks whose finished output was lost (run again)
+
+
+def record_losses(monkeypatch) -> Losses:
+    """Record every failed attempt and every lost output the driver reports."""
     from casa_executors.report import Report
 
-    lost: list[str] = []
-    record = Report.attempt
+    losses = Losses()
+    attempt, requeue = Report.attempt, Report.requeue
 
-    def attempt(phase, result):
+    def on_attempt(phase, result):
         if not result.ok:
-            lost.append(f"{result.error.type_name}: {result.error.message}")
-        record(phase, result)
+            losses.attempts.append(f"{result.error.type_name}: {result.error.message}")
+        attempt(phase, result)
 
-    monkeypatch.setattr(Report, "attempt", staticmethod(attempt))
-    return lost
+    def on_requeue(phase, index):
+        losses.outputs.append(index)
+        requeue(phase, index)
+
+    monkeypatch.setattr(Report, "attempt", staticmethod(on_attempt))
+    monkeypatch.setattr(Report, "requeue", staticmethod(on_requeue))
+    return losses
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def interpreter_singleton(p: psutil.Process) -> bool:
+    """CPython's resource tracker: one per interpreter, it exits with it (not ours to stop)."""
+    try:
+        return any("resource_tracker import main" in part for part in p.cmdline())
+    except psutil.Error:
+        return True
+
+
+def descendants() -> set[psutil.Process]:
+    """This interpreter's running descendants (CPython's resource tracker aside)."""
+    return {p for p in procs.descendants(os.getpid()) if alive(p) and not interpreter_singleton(p)}
+
+
+def stop_procs(started: Iterable[int | psutil.Process], grace: float = 15) -> list[int]:
+    """Stop processes a test started itself (SIGTERM, ``grace`` seconds, SIGKILL); the PIDs still alive after."""
+    started = list(started)
+    procs.terminate([p for p in started if alive(p)], grace=grace)
+    return [p if isinstance(p, int) else p.pid for p in started if alive(p)]
+
+
+def assert_gone(seen: dict[psutil.Process, str] | Iterable[psutil.Process], timeout: float = 15) -> None:
+    """Processes an engine had must all end within ``timeout`` once it is stopped; any left is killed by
+    PID and fails the test."""
+    roles = seen if isinstance(seen, dict) else dict.fromkeys(seen, "")
+    deadline = time.time() + timeout
+    while any(alive(p) for p in roles) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [(p.pid, role or procs.cmdline(p.pid)[:80]) for p, role in roles.items() if alive(p)]
+    procs.kill(p for p in roles if alive(p))
+    assert not left, f"processes left behind: {left}"
+
+
+class Watch(threading.Thread):
+    """Records ``sample()`` (processes, or process -> role) every 0.2 s until stopped: engines that start
+    and replace processes while a run goes on leave none unseen."""
+
+    def __init__(self, sample: Callable[[], dict[psutil.Process, str] | Iterable[psutil.Process]]) -> None:
+        super().__init__(daemon=True)
+        self.sample, self.seen, self.done = sample, {}, threading.Event()
+
+    def look(self) -> None:
+        try:
+            found = self.sample()
+        except Exception:  # an engine between states; the next look sees it
+            return
+        self.seen.update(found if isinstance(found, dict) else dict.fromkeys(found, ""))
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.look()
+
+    def __enter__(self) -> Watch:
+        self.look()
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+        self.look()
+
+
+# -- a lost worker -------------------------------------------------------------------------------
+
+
+def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
+                      victims: Callable[[list[int]], list[psutil.Process]], lost_prefix: str = "",
+                      timeout: float = 120) -> dict:
+    """SIGKILL ``victims(PIDs running a chunk now)`` once 2 chunks are done and more are to go.
+
+    The output must not change, every chunk must end ok exactly once, and the driver must have
+    attempted exactly what was lost again: attempts = chunks + lost attempts + lost outputs.
+    """
+    losses = record_losses(monkeypatch)
+    log, busy = str(tmp_path / "attempts.log"), tmp_path / "busy"
+    open(log, "w").close()
+    busy.mkdir()
+    killed: dict[psutil.Process, list[psutil.Process]] = {}  # victim -> its descendants, seen before the kill
+
+    def killer() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            p = ex.report.processing
+            ok = sum(r.status == "ok" for r in p.rows) if p is not None else 0
+            if p is not None and ok >= len(p.rows):
+                return  # too late
+            running = [int(m.name) for m in busy.iterdir() if alive(int(m.name))]
+            if ok >= 2 and running and (chosen := victims(running)):
+                for v in chosen:
+                    with contextlib.suppress(psutil.Error):
+                        killed[v] = v.children(recursive=True)
+                        v.kill()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    t0 = time.time()
+    thread.start()
+    out = run(ex, files, Busy(log, str(busy)), chunksize=100)
+    thread.join()
+    assert killed, "the run ended before a worker could be killed"
+    assert same(out, reference)  # nothing lost, nothing counted twice
+    rows = ex.report.rows()
+    s = ex.report.summary()
+    assert sorted(r.index for r in rows) == list(range(30)) and all(r.status == "ok" for r in rows)
+    assert s["processed"] == s["chunks"] == 30 and sum(r.events for r in rows) == 3000
+    assert losses.attempts or losses.outputs, "nothing was lost"
+    assert s["attempts"] == s["chunks"] + len(losses.attempts) + len(losses.outputs), (s["attempts"], losses)
+    tries = attempts(log)
+    assert len(tries) == 30 and max(tries.values()) >= 2  # every chunk started; the killed one again
+    if lost_prefix:
+        assert losses.attempts and all(m.startswith(lost_prefix) for m in losses.attempts), losses.attempts
+    return {"wall_s": round(time.time() - t0, 1), "attempts": s["attempts"], "lost": sorted(set(losses.attempts)),
+            "outputs_lost": losses.outputs, "killed": list(killed),
+            "below_killed": [c for below in killed.values() for c in below],
+            "retried": [(r.index, r.attempts) for r in rows if r.attempts > 1]}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -47,28 +47,19 @@ def sample_files(sample_root, tmp_path_factory) -> list[Path]:
     return files
 
 
-def _interpreter_singleton(p: psutil.Process) -> bool:
-    """CPython's resource tracker: one per interpreter, it exits with it (not ours to stop)."""
-    try:
-        return any("resource_tracker import main" in part for part in p.cmdline())
-    except psutil.Error:
-        return True
-
-
 @pytest.fixture
 def no_leftover_processes():
     """Fails the test if it leaves child processes of this interpreter behind."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+    from analysis import descendants
+
+    from casa_executors import procs
+
+    before = descendants()
     yield
-    deadline = psutil.time.time() + 10
-    while True:
-        left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE and not _interpreter_singleton(p)]
-        if not left or psutil.time.time() > deadline:
-            break
-        psutil.time.sleep(0.2)
-    assert not left, f"processes left behind: {[(p.pid, p.name(), p.cmdline()[:3]) for p in left]}"
+    deadline = time.time() + 10
+    while (left := descendants() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {[(p.pid, procs.cmdline(p.pid)[:120]) for p in left]}"
 
 
 @pytest.fixture(scope="module")
