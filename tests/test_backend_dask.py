@@ -1,7 +1,9 @@
-"""The dask backend on real processes: our LocalCluster, and a TLS scheduler + 2 workers started here.
+"""What only the dask backend does: its options, a TLS LocalCluster, and a TLS scheduler + 2 workers
+started here (coffea-casa's layout: certificates from a secrets directory, a foreign CA refused).
 
-Every process started here is stopped by PID, also on failure; worker loss is
-a SIGKILL to a worker process in the middle of a run.
+What every backend does (our own LocalCluster) is in test_backend_contract.py. Every process
+started here is stopped by PID, also on failure; worker loss is a SIGKILL to a worker process
+in the middle of a run.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
 import pytest
-from analysis import Failing, assert_adl_identical, attempts, require_engine, run, same
+from analysis import alive, check_worker_loss, require_engine, run, same, stop_procs
+from test_backend_contract import DaskKit
 
 import casa_executors as ce
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
@@ -32,124 +33,12 @@ def engine():
     require_engine("dask")
 
 
-def alive(p: psutil.Process) -> bool:
-    """Running, not a zombie, and still the same process (psutil checks for a reused PID)."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def stop_procs(procs: Iterable[psutil.Process], timeout: float = 15) -> list[int]:
-    """SIGTERM, wait, then SIGKILL each process; return the PIDs still alive after that."""
-    procs = list(procs)
-    for p in procs:
-        if alive(p):
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-    deadline = time.time() + timeout
-    while any(alive(p) for p in procs) and time.time() < deadline:
-        time.sleep(0.1)
-    for p in procs:
-        if alive(p):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-    time.sleep(0.3)
-    return [p.pid for p in procs if alive(p)]
-
-
 def worker_procs(backend) -> set[psutil.Process]:
     out = set()
     for pid in backend.worker_pids().values():
         with contextlib.suppress(psutil.Error):
             out.add(psutil.Process(pid))
     return out
-
-
-@pytest.fixture
-def no_new_processes():
-    """Every child process a test starts is gone after it (multiprocessing's resource tracker,
-    which lives as long as this interpreter, aside)."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    deadline = time.time() + 10
-    while True:
-        left = [p.pid for p in me.children(recursive=True) if p.pid not in before and alive(p)
-                and "resource_tracker" not in " ".join(_cmdline(p))]
-        if not left or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert not left, f"processes left behind: {[(pid, _cmdline(psutil.Process(pid))) for pid in left]}"
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-class Killer(threading.Thread):
-    """Kills ``pick()`` by PID once the run's processing has ``min_ok`` chunks done and more to go."""
-
-    def __init__(self, ex, pick: Callable[[], int | None], min_ok: int = 2, timeout: float = 120) -> None:
-        super().__init__(daemon=True)
-        self.ex, self.pick, self.min_ok, self.timeout = ex, pick, min_ok, timeout
-        self.killed: psutil.Process | None = None
-        self.at: float = 0.0
-
-    def run(self) -> None:
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            p = self.ex.report.processing
-            if p is not None:
-                ok = sum(r.status == "ok" for r in p.rows)
-                if ok >= len(p.rows):
-                    return  # too late
-                if ok >= self.min_ok:
-                    pid = self.pick()
-                    if pid:
-                        victim = psutil.Process(pid)
-                        victim.kill()
-                        self.killed, self.at = victim, time.time()
-                        return
-            time.sleep(0.05)
-
-
-def busy_worker_pid(backend) -> int | None:
-    """The PID of a worker that is running a task right now."""
-    pids = backend.worker_pids()
-    for addr, keys in backend._client.processing().items():
-        if keys and addr in pids:
-            return pids[addr]
-    return None
-
-
-def check_worker_loss(ex, files, reference, tmp_path, seen: set[psutil.Process]):
-    log = str(tmp_path / "attempts.log")
-    open(log, "w").close()
-    killer = Killer(ex, lambda: busy_worker_pid(ex.backend))
-    seen.update(worker_procs(ex.backend))
-    killer.start()
-    t0 = time.time()
-    out = run(ex, files, Failing(log, bad_starts=set(), sleep=0.3), chunksize=100)
-    killer.join()
-    assert killer.killed, "the run ended before a worker could be killed"
-    assert not alive(killer.killed)
-    seen.update(worker_procs(ex.backend))
-    assert same(out, reference)  # nothing lost, nothing counted twice
-    rows = ex.report.rows()
-    assert all(r.status == "ok" for r in rows)
-    s = ex.report.summary()
-    assert s["processed"] == s["chunks"] == len(rows) == 30
-    assert s["attempts"] > s["chunks"]
-    assert sum(r.events for r in rows) == 3000
-    retried = [r for r in rows if r.attempts > 1]
-    assert retried and all(r.status == "ok" for r in retried)
-    assert len(attempts(log)) == 30  # every chunk started (a task killed while queued never did)
-    return {"wall_s": time.time() - t0, "after_kill_s": time.time() - killer.at, "attempts": s["attempts"],
-            "retried": [(r.index, r.attempts) for r in retried]}
 
 
 # -- options -------------------------------------------------------------------------
@@ -196,58 +85,18 @@ def test_unavailable_names_the_missing_package(monkeypatch):
     assert "distributed" in DaskBackend.unavailable()
 
 
-# -- our own LocalCluster --------------------------------------------------------------
+# -- a LocalCluster with TLS ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local():
-    """One LocalCluster of 2 worker processes for the module, owned by the backend."""
-    ex = ce.dask(workers=2, status=False)
-    ex.backend.hold()
-    procs = worker_procs(ex.backend)
-    try:
-        yield ex.backend, procs
-    finally:
-        ex.backend.release()
-        left = stop_procs(procs, timeout=10)
-        assert not left, f"LocalCluster worker processes left: {left}"
-
-
-@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
-def test_local_cluster_owned_and_stopped(tls, sample_files, reference, tmp_path, no_new_processes):
+def test_local_cluster_with_tls_owned_and_stopped(sample_files, reference, tmp_path, no_leftover_processes):
     from casa_executors.backends.dask import make_secrets_dir
 
-    secrets = {"secrets_dir": str(make_secrets_dir(tmp_path / "s"))} if tls else {}
-    ex = ce.dask(workers=2, status=False, **secrets)
+    ex = ce.dask(workers=2, status=False, secrets_dir=str(make_secrets_dir(tmp_path / "s")))
     out = run(ex, sample_files)
     assert same(out, reference)
     assert ex.report.summary()["processed"] == 12
     assert ex.report.processing.workers == 2 and ex.backend._cluster is None  # stopped after the call
-    assert {r.worker.split("://")[0] for r in ex.report.rows()} == {"tls" if tls else "tcp"}
-
-
-def test_adl_queries_bit_identical(local, sample_files):
-    assert_adl_identical(local[0], sample_files)
-
-
-def test_lost_task_raises(local):
-    """The scheduler does not re-run a task whose worker died: its future raises KilledWorker."""
-    from distributed import KilledWorker
-
-    backend, procs = local
-    future = backend.submit(os._exit, 3)  # takes its worker down
-    with pytest.raises(KilledWorker):
-        future.result(timeout=60)
-    backend._client.wait_for_workers(2, timeout=60)
-    procs.update(worker_procs(backend))
-
-
-def test_local_worker_loss(local, sample_files, reference, tmp_path):
-    backend, procs = local
-    ex = ce.Driver(backend=backend, status=False)
-    info = check_worker_loss(ex, sample_files, reference, tmp_path, procs)
-    print("LocalCluster worker loss:", info)
-    assert len(backend.worker_pids()) == 2  # the nanny started a new worker
+    assert {r.worker.split("://")[0] for r in ex.report.rows()} == {"tls"}
 
 
 # -- a TLS scheduler and two workers as separate processes ---------------------------------------
@@ -366,9 +215,13 @@ def test_tls_refuses_plain_tcp_and_other_ca(tls_cluster, tmp_path):
     assert tls_cluster["backend"].workers == 2  # nothing else joined
 
 
-def test_tls_worker_loss(tls_cluster, sample_files, reference, tmp_path):
-    backend = tls_cluster["backend"]
+def test_tls_worker_loss(tls_cluster, sample_files, reference, tmp_path, monkeypatch):
+    backend, kit = tls_cluster["backend"], DaskKit()
     ex = ce.Driver(backend=backend, status=False)
-    info = check_worker_loss(ex, sample_files, reference, tmp_path, tls_cluster["seen"])
+    tls_cluster["seen"].update(worker_procs(backend))
+    info = check_worker_loss(ex, sample_files, reference, tmp_path, monkeypatch,
+                             lambda busy: kit.victims(backend, busy), kit.lost_prefix)
+    tls_cluster["seen"].update([*info["killed"], *worker_procs(backend)])
+    assert not any(alive(p) for p in info["killed"])
     print("TLS cluster worker loss:", info)
     backend._client.wait_for_workers(2, timeout=30)  # the nanny restarted it

@@ -1,6 +1,9 @@
-"""The workqueue backend on real work_queue_worker processes: local workers, and port= with a worker
-started here. Every worker (and the task processes under it) is stopped by PID and must be gone
-afterwards; worker loss is a SIGKILL to the work_queue_worker running a chunk.
+"""What only the workqueue backend does: its options, which Python module it loads (Debian's
+work_queue or ndcctools), the warm per-worker server, cold tasks, a task whose interpreter cannot
+start, and port= with an external worker that must give the password.
+
+What every backend does (two local workers) is in test_backend_contract.py. Every worker (and the
+task processes under it) is stopped by PID and must be gone afterwards.
 """
 
 from __future__ import annotations
@@ -10,29 +13,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
-import psutil
 import pytest
-from analysis import (
-    Busy,
-    Failing,
-    alive,
-    assert_adl_identical,
-    attempts,
-    record_lost_attempts,
-    require_engine,
-    run,
-    same,
-)
-from coffea.util import _exception_chain
+from analysis import require_engine, run, same
+from test_backend_contract import listening_on
 
 import casa_executors as ce
 from casa_executors.errors import ChunkError, ExecutorOptionError
+from casa_executors.procs import in_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
@@ -41,65 +32,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
     require_engine("workqueue")
-
-
-def sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:  # gone meanwhile
-        return None
-
-
-def in_sessions(sids: set[int]) -> list[int]:
-    """Live processes in the sessions of ``sids`` (a worker and its tasks and servers)."""
-    return [p.pid for p in psutil.process_iter() if p.pid != os.getpid() and sid(p.pid) in sids and alive(p.pid)]
-
-
-def listening_on(port: int) -> set[str]:
-    return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-
-
-def check_worker_loss(ex, files, reference, tmp_path, monkeypatch, pick: Callable[[list[int]], list[int]]) -> dict:
-    """SIGKILL ``pick(PIDs running a chunk now)`` once 2 chunks are done; the output must not change."""
-    lost = record_lost_attempts(monkeypatch)
-    log, busy = str(tmp_path / "attempts.log"), tmp_path / "busy"
-    open(log, "w").close()
-    busy.mkdir()
-    killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            p = ex.report.processing
-            ok = sum(r.status == "ok" for r in p.rows) if p is not None else 0
-            if p is not None and ok >= len(p.rows):
-                return
-            running = [int(m.name) for m in busy.iterdir() if alive(int(m.name))]
-            if ok >= 2 and (pids := pick(running)):
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                killed.extend(pids)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    t0 = time.time()
-    thread.start()
-    out = run(ex, files, Busy(log, str(busy)), chunksize=100)
-    thread.join()
-    assert killed, "the run ended before a worker could be killed"
-    assert same(out, reference)  # nothing lost, nothing counted twice
-    rows = ex.report.rows()
-    s = ex.report.summary()
-    assert all(r.status == "ok" for r in rows) and s["processed"] == s["chunks"] == 30
-    assert sum(r.events for r in rows) == 3000
-    assert s["attempts"] > s["chunks"]  # the driver attempted the lost chunks again
-    tries = attempts(log)
-    assert len(tries) == 30 and max(tries.values()) >= 2
-    assert lost and all(m.startswith("WorkerLost: workqueue: lost the worker running task") for m in lost), lost
-    return {"wall_s": round(time.time() - t0, 1), "attempts": s["attempts"], "errors": sorted(set(lost)),
-            "killed": killed,
-            "retried": [(r.index, r.attempts) for r in rows if r.attempts > 1]}
 
 
 # -- options and imports ---------------------------------------------------------------------
@@ -218,48 +150,7 @@ def test_warm_server_serves_only_its_own_user(tmp_path):
         server.wait(10)
 
 
-# -- two local workers for the module ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local():
-    ex = ce.workqueue(workers=2, status=False)
-    ex.backend.hold()
-    seen = set(ex.backend.worker_pids())
-    try:
-        yield ex.backend, seen
-    finally:
-        seen.update(ex.backend.worker_pids())
-        ex.backend.release()
-        time.sleep(0.3)
-        left = [p for p in seen if alive(p)] + in_sessions(seen)  # workers, tasks, warm servers
-        for p in left:
-            os.kill(p, signal.SIGKILL)
-        assert not left, f"processes left behind: {left}"
-
-
-def test_local_workers_match_iterative(local, sample_files, reference):
-    backend, _ = local
-    assert listening_on(backend.port) == {"127.0.0.1"}  # not 0.0.0.0, though Work Queue has no option
-    ex = ce.Driver(backend=backend, status=False)
-    assert same(run(ex, sample_files), reference)
-    rows = ex.report.rows()
-    assert len(rows) == 12 and all(r.status == "ok" and r.attempts == 1 for r in rows)
-    assert {r.worker.rsplit(":", 1)[1] for r in rows} <= {str(p) for p in backend.worker_pids()}
-    assert ex.report.preprocessing is not None and len(ex.report.preprocessing.rows) == 3
-
-
-def test_adl_queries_bit_identical(local, sample_files):
-    assert_adl_identical(local[0], sample_files, chunksize=300, chunks_per_task=6)
-
-
-def test_processor_exception_keeps_its_type(local, sample_files, tmp_path):
-    ex = ce.Driver(backend=local[0], status=False, retries=1)
-    with pytest.raises(ChunkError) as err:
-        run(ex, sample_files[:1], Failing(str(tmp_path / "log"), bad_starts={250}))
-    assert any(isinstance(c, ZeroDivisionError) for c in _exception_chain(err.value.__cause__))
-    failed = ex.report.failures()
-    assert failed and all(r.attempts == 2 and r.error_type != "WorkerLost" for r in failed)
+# -- local workers started for one call -------------------------------------------------------
 
 
 def test_cold_tasks_match_iterative(sample_files, reference, no_leftover_processes):
@@ -276,25 +167,6 @@ def test_broken_task_is_worker_lost(sample_files):
         run(ex, sample_files[:1])
     assert "/nonexistent/python" in str(err.value.__cause__)
     assert ex.report.failed_files() and ex.backend._staging is None
-
-
-def test_local_worker_loss(local, sample_files, reference, tmp_path, monkeypatch):
-    backend, seen = local
-    resent = backend.resent
-
-    def worker_running_a_chunk(busy: list[int]) -> list[int]:
-        workers = backend.worker_pids()
-        seen.update(workers)
-        return [s for s in map(sid, busy) if s in workers][:1]  # local workers lead a session
-
-    ex = ce.Driver(backend=backend, status=False, retries=2)
-    info = check_worker_loss(ex, sample_files, reference, tmp_path, monkeypatch, worker_running_a_chunk)
-    print("workqueue local worker loss:", info, "resent:", backend.resent - resent)
-    assert backend.resent > resent  # Work Queue wanted to re-send it; the driver did instead
-    assert len(backend.worker_pids()) == 2 and not set(info["killed"]) & set(backend.worker_pids())
-    seen.update(backend.worker_pids())
-    time.sleep(1)
-    assert not in_sessions(set(info["killed"]))  # its task and its warm server went with it
 
 
 # -- port=: the manager only, a worker started here --------------------------------------------
