@@ -73,12 +73,15 @@ class Placement:
 
     def __init__(self, backend: Backend, compression: int | None) -> None:
         self.backend, self.compression = backend, compression
-        self.merge_tasks = 0
-        self.bytes_to_driver = 0
+        self.merge_tasks = 0  # merges run on the engine
+        self.merged_here = 0  # merges run in the driver (its own placement, or a fallback)
+        self.bytes_to_driver = 0  # output bytes the driver received (all of them, or the root only)
+        self.output_bytes = 0  # encoded chunk outputs, wherever they went
 
     def info(self) -> dict[str, Any]:
         return {"outputs": self.name, "merges": "driver" if self.merges_here else "workers",
-                "merge_tasks": self.merge_tasks, "bytes_to_driver": self.bytes_to_driver}
+                "merge_tasks": self.merge_tasks, "merged_here": self.merged_here,
+                "output_bytes": self.output_bytes, "bytes_to_driver": self.bytes_to_driver}
 
     # chunks
     def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
@@ -86,12 +89,14 @@ class Placement:
         return self.backend.submit(run_batch, batch), None
 
     def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+        self.output_bytes += result.output_bytes
         if isinstance(result.output, bytes):
             self.bytes_to_driver += len(result.output)
         return decompress(result.output)
 
     # merges
     def merge_here(self, group: Group) -> Any:
+        self.merged_here += 1
         return fold(c.handle for c in group.children)
 
     def merge_call(self, group: Group) -> tuple[Any, Any]:
@@ -128,10 +133,9 @@ class StorePlacement(Placement):
         self.store, self.checkpoint = store, checkpoint
         self.merges_here = merges_here
         self._owned_dir = owned_dir  # a temporary folder we made: removed at the end
-        self.output_bytes = 0
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "store": self.store.url, "output_bytes": self.output_bytes}
+        return {**super().info(), "store": self.store.url}
 
     def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
         batch.store = self.store
@@ -154,6 +158,7 @@ class StorePlacement(Placement):
         return merge_stored, self._task(group)
 
     def merge_here(self, group: Group) -> Any:
+        self.merged_here += 1
         return self._outcome(group, merge_stored(self._task(group)))
 
     def merged(self, group: Group, future: Future) -> Any:
@@ -207,6 +212,7 @@ class EnginePlacement(Placement):
         return self.backend.submit(strip_outputs, data), data
 
     def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+        self.output_bytes += result.output_bytes
         return (data, position)
 
     def merge_call(self, group: Group) -> tuple[Any, Any]:

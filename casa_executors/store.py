@@ -157,8 +157,11 @@ class Store:
 
     def get(self, key: str) -> bytes:
         """The checked payload under ``key``."""
+        path = self.path(key)
+        # listings cached earlier may not show the file (and fsspec-xrootd's info() then fails)
+        self.fs.dircache.clear()
         try:
-            with self.fs.open(self.path(key), "rb") as f:  # a fresh handle: a cached one may see an older file
+            with self.fs.open(path, "rb") as f:  # a fresh handle: a cached one may see an older file
                 data = f.read()
         except FileNotFoundError:
             raise NodeMissing(f"{self.url}/{key} is missing") from None

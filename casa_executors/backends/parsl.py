@@ -311,6 +311,15 @@ class ParslBackend(Backend):
             return self._workers or 1
         return sum(_capacity(ex) for ex in self._template.executors) or 1
 
+    @property
+    def workers_local(self) -> bool:
+        """Our local HighThroughputExecutor, or a Config whose executors all use a LocalProvider."""
+        if self._template is None:
+            return True
+        from parsl.providers import LocalProvider
+
+        return all(isinstance(getattr(ex, "provider", None), LocalProvider) for ex in self._template.executors)
+
     def describe(self) -> str:
         where = type(self._provider).__name__ if self._provider is not None else "config"
         return f"parsl({self.workers} workers{', ' + where if self._template is not None else ''})"

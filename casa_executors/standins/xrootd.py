@@ -366,7 +366,11 @@ class XRootDServer:
 
 
 class XRootDOrigin(XRootDServer):
-    """A plain data server exporting ``export_dir/store`` as ``/store`` (read-only)."""
+    """A plain data server exporting ``export_dir/store`` as ``/store`` (read-only).
+
+    ``writable=("/scratch",)`` also exports ``export_dir/scratch`` read-write (made
+    here, owned by the server's user): an output store or checkpoint for tests.
+    """
 
     kind = "origin"
 
@@ -375,15 +379,22 @@ class XRootDOrigin(XRootDServer):
         export_dir: str | os.PathLike[str],
         token_issuer: LocalIssuer | None = None,
         exports: tuple[str, ...] = ("/store",),
+        writable: tuple[str, ...] = (),
         **kw: object,
     ) -> None:
         self.export_dir = Path(export_dir).resolve()
         _check_traversable(self.export_dir, "export_dir")
         self.exports = exports
+        self.writable = writable
+        for path in writable:
+            folder = self.export_dir / path.lstrip("/")
+            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _give_to_xrootd(folder)
         super().__init__(token_issuer=token_issuer, **kw)  # type: ignore[arg-type]
 
     def _config_lines(self) -> list[str]:
-        return [f"oss.localroot {self.export_dir}", *(f"all.export {e} r/o" for e in self.exports)]
+        return [f"oss.localroot {self.export_dir}", *(f"all.export {e} r/o" for e in self.exports),
+                *(f"all.export {w}" for w in self.writable)]
 
 
 class XCache(XRootDServer):

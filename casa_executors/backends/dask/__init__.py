@@ -18,7 +18,7 @@ from casa_executors.backends.base import Backend, default_workers
 from casa_executors.backends.dask.cluster import ManagedCluster, facility
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
-from casa_executors.errors import BackendUnavailable, ExecutorOptionError
+from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Security
@@ -32,6 +32,7 @@ def _allowed_failures(dask_scheduler: Any) -> int:
 
 class DaskBackend(Backend):
     name = "dask"
+    holds_results = True  # outputs stay in worker memory and merge there (outputs.EnginePlacement)
 
     def __init__(
         self,
@@ -187,6 +188,9 @@ class DaskBackend(Backend):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         if self._client is None:
             raise BackendUnavailable("dask: the backend is not started")
+        if self._client.status not in ("running", "newly-created"):
+            # reconnecting after losing the scheduler: a future submitted now would never finish
+            raise WorkerLost(f"dask: the client is {self._client.status} (it lost the scheduler)")
         # a distributed Future: add_done_callback/result/cancel; a lost task raises KilledWorker
         future = self._client.submit(fn, arg, pure=False, retries=0)
         if self._managed is not None:
@@ -218,6 +222,10 @@ class DaskBackend(Backend):
         if self._adapt is not None:  # enough queued work for adaptive scaling to ask for up to the maximum
             threads = max(threads, self._adapt[1])
         return 2 * threads
+
+    @property
+    def workers_local(self) -> bool:
+        return self._cluster is not None  # our LocalCluster
 
     def worker_pids(self) -> dict[str, int]:
         """Worker address -> process id (of the worker process, not of its nanny)."""

@@ -414,5 +414,10 @@ class WorkQueueBackend(Backend):
         local = self._local
         return local.pids() if local is not None else []
 
+    @property
+    def workers_local(self) -> bool:
+        """Only the local work_queue_workers we start (no port= for others, no batch jobs)."""
+        return self._batch is None and self._port_opt is None
+
     def describe(self) -> str:
         return f"workqueue({self.workers} workers, {self._host}:{self._port or self._port_opt or 0})"
