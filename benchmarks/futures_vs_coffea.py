@@ -14,31 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import warnings
 from pathlib import Path
 
 from coffea import processor
-from coffea.nanoevents import NanoAODSchema
 
 import casa_executors
-from benchmarks.adl.generate import generate
-from benchmarks.adl.queries import QUERIES
-
-
-def dataset(directory: Path, events: int, files: int) -> list[str]:
-    d = directory / f"adl-{events}-{files}"
-    paths = sorted(str(p) for p in d.glob("adl-*.root"))
-    if len(paths) != files:
-        paths = generate(d, events, files, seed=1).files
-    return paths
-
-
-def timed(executor, files: list[str], query: int, chunksize: int) -> tuple[float, dict]:
-    runner = processor.Runner(executor=executor, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
-    t0 = time.perf_counter()
-    out = runner({"adl": files}, QUERIES[query](), treename="Events")
-    return time.perf_counter() - t0, out
+from benchmarks.common import counts, dataset, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
                 names = names[rep % len(names):] + names[: rep % len(names)]
                 for name in names:
                     wall, out = timed(contenders[name](), files, q, args.chunksize)
-                    counts = {k: h.values().tolist() for k, h in out.items() if hasattr(h, "values")}
-                    reference = reference or counts
+                    hists = counts(out)
+                    reference = reference or hists
                     runs.append({"query": q, "contender": name, "rep": rep, "wall_s": wall,
-                                 "events_per_s": args.events / wall, "identical": counts == reference})
+                                 "events_per_s": args.events / wall, "identical": hists == reference})
     summary = {}
     for q in {r["query"] for r in runs}:
         med = {n: statistics.median(r["wall_s"] for r in runs if r["query"] == q and r["contender"] == n)

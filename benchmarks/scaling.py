@@ -22,7 +22,7 @@ from coffea.nanoevents import NanoAODSchema
 
 import casa_executors
 from benchmarks.adl.queries import QUERIES
-from benchmarks.futures_vs_coffea import dataset
+from benchmarks.common import counts, dataset, timed
 
 
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:
@@ -43,15 +43,12 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
         for q in queries:
             best = None
             for _ in range(repeat):
-                runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
-                t = time.perf_counter()
-                out = runner({"adl": files}, QUERIES[q](), treename="Events")
-                wall = time.perf_counter() - t
+                wall, out = timed(ex, files, q, chunksize)
                 best = wall if best is None else min(best, wall)
             s = ex.report.summary()
             row["queries"][q] = {"wall_s": best, "events": s["events"], "events_per_s": s["events"] / best,
                                  "attempts": s["attempts"],
-                                 "counts": {k: v.values().tolist() for k, v in out.items() if hasattr(v, "values")}}
+                                 "counts": counts(out)}
     finally:
         t = time.perf_counter()
         ex.backend.release()

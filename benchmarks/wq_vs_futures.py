@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import casa_executors
-from benchmarks.futures_vs_coffea import dataset, timed
+from benchmarks.common import counts, dataset, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
             for name in names:
                 ex = contenders[name]()
                 wall, out = timed(ex, files, args.query, args.chunksize)
-                counts = {k: h.values(flow=True).tolist() for k, h in out.items() if hasattr(h, "values")}
-                reference = reference or counts
+                hists = counts(out, flow=True)
+                reference = reference or hists
                 s = ex.report.summary()
                 runs.append({"contender": name, "rep": rep, "wall_s": wall, "events_per_s": args.events / wall,
                              "tasks_attempts": s["attempts"], "chunks": s["chunks"],
-                             "identical": counts == reference and out["events"] == args.events})
+                             "identical": hists == reference and out["events"] == args.events})
     med = {n: statistics.median(r["wall_s"] for r in runs if r["contender"] == n) for n in contenders}
     summary = {
         "median_wall_s": med,

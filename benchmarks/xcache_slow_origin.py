@@ -25,6 +25,7 @@ from coffea.nanoevents import NanoAODSchema
 import casa_executors
 from benchmarks.adl.generate import generate
 from benchmarks.adl.queries import QUERIES
+from benchmarks.common import counts as hist_counts
 from casa_executors.standins.slowlink import slow_origin
 from casa_executors.standins.xrootd import XCache
 
@@ -38,7 +39,7 @@ def adl_suite(urls: list[str], cache: str | None, workers: int, chunksize: int) 
         for q, proc in QUERIES.items():
             runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=chunksize, metadata_cache={})
             out = runner({"adl": urls}, proc(), treename="Events")
-            counts[q] = {k: v.values().tolist() for k, v in out.items() if hasattr(v, "values")}
+            counts[q] = hist_counts(out)
             s = ex.report.summary()
             nbytes += s["bytes_read"]
             for k, v in s["served_by"].items():
