@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 from typing import Any
 
 from casa_executors.backends.base import Backend
@@ -24,6 +25,9 @@ from casa_executors.errors import (
     WorkerLost,
 )
 from casa_executors.report import Report
+
+# engine events are logged (casa_executors.*), silent unless the application configures logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailable", "CheckpointMismatch", "ChunkError", "Driver", "ExecutorOptionError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import psutil
@@ -88,13 +89,17 @@ def test_missing_file_error_names_original_url(servers):
     assert "no such file" in msg.lower()
 
 
-def test_failover_from_a_dead_cache_to_the_origin(servers, direct):
+def test_failover_from_a_dead_cache_to_the_origin(servers, direct, caplog):
     origin, _ = servers
     dead = f"root://127.0.0.1:{free_port()}"  # nobody listens there
-    arrays, io = read_routed(CacheRouter(dead, token="aaa.bbb.ccc"), origin.url(FILE))
+    with caplog.at_level(logging.INFO, logger="casa_executors.source"):
+        arrays, io = read_routed(CacheRouter(dead, token="aaa.bbb.ccc"), origin.url(FILE))
     assert io.endpoints == [f"origin:{origin.endpoint}"]  # served by the origin ...
     assert io.failovers == [f"xcache:{dead}: OSError"]  # ... after exactly one failed endpoint
     assert_same(arrays, direct)
+    # the fail-over is logged, token-free
+    assert [r.getMessage().split(" failed")[0] for r in caplog.records] == [f"reading {origin.url(FILE)}: xcache:{dead}"]
+    assert f"trying origin:{origin.endpoint}" in caplog.text and "aaa.bbb.ccc" not in caplog.text
 
 
 def test_outages_and_restart(data, direct, no_leftover_processes):

@@ -8,7 +8,9 @@ hands back a future; the driver does everything else. Subclasses implement
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 from casa_executors.errors import ExecutorOptionError
 
 REPO = str(Path(__file__).resolve().parents[2])
+log = logging.getLogger(__name__)
 
 
 MAX_DEFAULT_WORKERS = 4
@@ -87,13 +90,17 @@ class Backend(ABC):
     # -- lifetime --------------------------------------------------------------
     def start(self) -> None:
         if not self._running:
+            t0 = time.perf_counter()
             self._start()
             self._running = True
+            log.info("%s started in %.1f s", self.describe(), time.perf_counter() - t0)
 
     def stop(self) -> None:
         if self._running:
             self._running = False
+            t0 = time.perf_counter()
             self._stop()
+            log.info("%s stopped in %.1f s", self.name, time.perf_counter() - t0)
 
     def hold(self) -> None:
         self.start()

@@ -8,6 +8,7 @@ fails with ``KilledWorker`` instead of being re-run silently by the scheduler.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from casa_executors.backends.dask.cluster import ManagedCluster, facility
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Security
@@ -214,6 +217,8 @@ class DaskBackend(Backend):
             return self._workers or 1
         n = len(self._nthreads())
         if n:
+            if n != self._seen_workers and self._seen_workers:
+                log.info("dask: %d workers connected (%d before)", n, self._seen_workers)
             self._seen_workers = n
         return n or self._seen_workers or 1
 
