@@ -12,29 +12,29 @@ import os
 import tempfile
 
 from analysis import require_engine, run
-from facility import SecretWatch, new_temp_entries, same_physics
+from facility import SecretWatch, new_temp_entries
 
 import casa_executors as ce
 
 
 def watched_run(ex, served):
+    """One file (four chunks) through the token-checking XCache, watched."""
     before = set(os.listdir(tempfile.gettempdir()))
     with SecretWatch(served.token.encode(), lambda: new_temp_entries(before)) as seen:
-        out = run(ex, served.urls)
-    assert ex.report.summary()["served_by"] == {f"xcache:{served.cache}": 12}  # the token did reach the workers
+        out = run(ex, served.urls[:1])
+    assert ex.report.summary()["served_by"] == {f"xcache:{served.cache}": 4}  # the token did reach the workers
+    assert out["events"].value == 1000
     return out, seen
 
 
-def test_spark_leaves_no_readable_token(served, reference):
+def test_spark_leaves_no_readable_token(served):
     require_engine("spark")
-    out, seen = watched_run(ce.spark(master="local[2]", status=False, **served.driver_options()), served)
-    assert same_physics(out, reference)
+    _, seen = watched_run(ce.spark(master="local[2]", status=False, **served.driver_options()), served)
     assert not seen.exposed(), seen.seen
 
 
-def test_workqueue_sandboxes_keep_the_token_private(served, reference):
+def test_workqueue_sandboxes_keep_the_token_private(served):
     require_engine("workqueue")
-    out, seen = watched_run(ce.workqueue(workers=1, status=False, **served.driver_options()), served)
-    assert same_physics(out, reference)
+    _, seen = watched_run(ce.workqueue(workers=1, status=False, **served.driver_options()), served)
     assert seen.seen, "the task inputs (with the token) were never seen: the watch looked in the wrong place"
     assert not seen.exposed(), seen.seen
