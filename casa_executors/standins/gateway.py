@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from casa_executors import procs
+from casa_executors.standins.ports import free_port
 
 if TYPE_CHECKING:
     from dask_gateway import BasicAuth
@@ -86,12 +86,6 @@ def gateway_unavailable() -> str | None:
         if not (BIN / exe).exists():
             return f"{BIN / exe} is missing (pip install dask-gateway-server distributed)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 _LIVE: set[LocalGateway] = set()
@@ -151,7 +145,7 @@ class LocalGateway:
         _LIVE.add(self)
         try:
             self.dir = Path(tempfile.mkdtemp(prefix="casa-gateway-"))  # 700: the config holds passwords
-            self.port = _free_port()
+            self.port = free_port()
             config = self.dir / "config.py"
             fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

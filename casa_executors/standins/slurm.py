@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from casa_executors import procs
+from casa_executors.standins.ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +56,6 @@ def slurm_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "a local Slurm needs root (slurmd starts jobs as their users)"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _daemon(name: str) -> str:
@@ -235,7 +222,7 @@ class LocalSlurm:
                           ("log", 0o700), ("run", 0o755)):
             (self.dir / sub).mkdir(mode=mode)
             (self.dir / sub).chmod(mode)
-        self.ports = _free_ports(2)
+        self.ports = free_ports(2)
         self.munge_socket = self.dir / "munge" / "munge.socket.2"  # its folder: 755, or munged refuses others
         self.conf = self.dir / "slurm.conf"
         self.conf.write_text(self._conf_text())
