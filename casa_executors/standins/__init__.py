@@ -9,6 +9,7 @@ thing, in the spirit of ``distributed.utils_test``.
 - ``issuer``: a local WLCG token issuer whose keys the servers trust offline
 - ``slowlink``: an origin behind a rate limit and a round-trip delay
 - ``netns``, ``relay``: the namespaces and the loopback relay the servers sit behind
+- ``ports``: free ports on 127.0.0.1 for all of them
 - ``slurm``: a one-node Slurm (munged, slurmctld, slurmd) whose jobs run on this machine
 - ``gateway``: a dask-gateway-server with password users, local or Slurm backend (``gateway_server``: its plugins)
 """
