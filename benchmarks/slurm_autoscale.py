@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -80,11 +81,18 @@ def files(n: int, workdir: Path) -> list[str]:
 
 
 def measure(minimum: int, maximum: int, chunks: int, work: float) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="casa-autoscale-"))
+    try:
+        return _measure(minimum, maximum, chunks, work, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(minimum: int, maximum: int, chunks: int, work: float, tmp: Path) -> dict:
     from dask_jobqueue import SLURMCluster
 
     from casa_executors.standins.slurm import LocalSlurm
 
-    tmp = Path(tempfile.mkdtemp(prefix="casa-autoscale-"))
     n_files = max(1, -(-chunks // 4))  # 1000 events per file, 250 per chunk
     data = files(n_files, tmp)
     with LocalSlurm() as slurm:
