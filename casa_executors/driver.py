@@ -185,10 +185,6 @@ class _Run:
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
             self.checkpoint.open(phase.items, work, driver.merge_fanin)
-        self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
-                                self.checkpoint)
-        if self.placement.name == "driver" and self.backend.in_process:
-            self.placement.compression = None  # nothing leaves this process
         self.tree = MergeTree(n, driver.merge_fanin)
         self.merges: deque[Group] = deque()  # ready groups waiting for a slot on the engine
         self.attempts = [0] * n
@@ -205,9 +201,18 @@ class _Run:
         self.corrupt: list[str] = []
         self.batch = driver.chunks_per_task or self.backend.batch_size(n)
         self.limit = max(self.backend.max_inflight(), 1)
-        self.bar = ProgressBar(
-            bool(driver.status), driver.desc, driver.unit, n, self.backend.describe()
-        )
+        # a store placement may make a temporary folder: drive() removes it (or this, on a failure here)
+        self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
+                                self.checkpoint)
+        if self.placement.name == "driver" and self.backend.in_process:
+            self.placement.compression = None  # nothing leaves this process
+        try:
+            self.bar = ProgressBar(
+                bool(driver.status), driver.desc, driver.unit, n, self.backend.describe()
+            )
+        except BaseException:
+            self.placement.close(False)
+            raise
 
     def drive(self) -> Any:
         try:

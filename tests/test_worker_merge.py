@@ -160,13 +160,15 @@ def test_store_and_checkpoint_on_the_xrootd_origin(name, origin, sample_files, r
 def test_where_outputs_go_per_engine_and_option():
     """The choice each backend gets (the backends are built, not started)."""
     def placement(ex, **kw):
-        d = ex
-        return choose(d.backend, kw.pop("phase", "processing"), 1, kw.pop("merge", "auto"), kw.pop("store", None),
-                      None)
+        chosen = choose(ex.backend, kw.pop("phase", "processing"), 1, kw.pop("merge", "auto"),
+                        kw.pop("store", None), None)
+        chosen.close(False)  # removes the temporary folder a local engine's store gets
+        return chosen
 
     assert type(placement(ce.iterative())) is DriverPlacement
     assert type(placement(ce.iterative(), phase="preprocessing")) is DriverPlacement
-    assert isinstance(placement(ce.futures(workers=2)), StorePlacement)
+    local = placement(ce.futures(workers=2))
+    assert isinstance(local, StorePlacement) and not os.path.exists(local.store.url)
     assert isinstance(placement(ce.dask(workers=1)), EnginePlacement)
     assert isinstance(placement(ce.spark(master="local[2]")), StorePlacement)
     assert isinstance(placement(ce.workqueue(workers=1)), StorePlacement)
