@@ -1,7 +1,10 @@
-"""Helpers the top-level benchmark scripts share: the ADL dataset, a timed Runner call, histogram counts."""
+"""Helpers the top-level benchmark scripts share: options, the ADL dataset, a timed Runner call,
+histogram counts, the order of contenders, the JSON file."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,8 @@ from coffea.nanoevents import NanoAODSchema
 
 from benchmarks.adl.generate import generate
 from benchmarks.adl.queries import QUERIES
+
+DATA_DIR = Path.home() / ".cache" / "casa_executors"
 
 
 def dataset(directory: Path, events: int, files: int) -> list[str]:
@@ -33,3 +38,25 @@ def timed(executor: Any, files: list[str], query: int, chunksize: int) -> tuple[
 def counts(out: dict, flow: bool = False) -> dict[str, list]:
     """The bin contents of every histogram in an output, to compare runs."""
     return {k: h.values(flow=flow).tolist() for k, h in out.items() if hasattr(h, "values")}
+
+
+def dataset_options(ap: argparse.ArgumentParser, events: int, files: int, chunksize: int, workers: int = 2) -> None:
+    """The options of a benchmark on the synthetic ADL dataset (and ``--json``)."""
+    ap.add_argument("--events", type=int, default=events)
+    ap.add_argument("--files", type=int, default=files)
+    ap.add_argument("--workers", type=int, default=workers)
+    ap.add_argument("--chunksize", type=int, default=chunksize)
+    ap.add_argument("--data-dir", default=str(DATA_DIR), help="where the generated files are kept between runs")
+    ap.add_argument("--json", default=None, help="write the results to this file")
+
+
+def rotated(names: list[str], rep: int) -> list[str]:
+    """The contenders in the order of repetition ``rep``: each goes first in turn (no warm-up favourite)."""
+    k = rep % len(names)
+    return names[k:] + names[:k]
+
+
+def save_json(result: dict, path: str | None) -> dict:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1))
+    return result

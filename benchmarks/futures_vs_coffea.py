@@ -12,7 +12,6 @@ order rotates between repetitions; medians and ratios go to the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import warnings
 from pathlib import Path
@@ -20,19 +19,14 @@ from pathlib import Path
 from coffea import processor
 
 import casa_executors
-from benchmarks.common import counts, dataset, timed
+from benchmarks.common import counts, dataset, dataset_options, rotated, save_json, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=400_000)
-    ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunksize", type=int, default=50_000)
+    dataset_options(ap, events=400_000, files=4, chunksize=50_000)
     ap.add_argument("--queries", default="1,6")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "casa_executors"))
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
@@ -48,9 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         for q in (int(x) for x in args.queries.split(",")):
             reference = None
             for rep in range(args.repeat):
-                names = list(contenders)
-                names = names[rep % len(names):] + names[: rep % len(names)]
-                for name in names:
+                for name in rotated(list(contenders), rep):
                     wall, out = timed(contenders[name](), files, q, args.chunksize)
                     hists = counts(out)
                     reference = reference or hists
@@ -71,9 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{q}: coffea {m['coffea-futures']:.2f} s, ours cold {m['casa-futures-cold']:.2f} s "
               f"({s['cold_over_coffea']:.2f}x), held {m['casa-futures-held']:.2f} s ({s['held_over_coffea']:.2f}x)")
     print("histograms identical across contenders:", result["all_identical"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Iterative runs in the same process and run, so the ratios share conditions.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from coffea.nanoevents import NanoAODSchema
 
 import casa_executors
 from benchmarks.adl.queries import QUERIES
-from benchmarks.common import counts, dataset, timed
+from benchmarks.common import counts, dataset, dataset_options, save_json, timed
 
 
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:
@@ -58,15 +57,10 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=400_000)
-    ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunksize", type=int, default=50_000)
+    dataset_options(ap, events=400_000, files=4, chunksize=50_000)
     ap.add_argument("--queries", default="6,8")
     ap.add_argument("--repeat", type=int, default=2, help="keep the fastest of N runs of each query")
     ap.add_argument("--backends", default=",".join(casa_executors.BACKENDS))
-    ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "casa_executors"))
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
@@ -99,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:10s} not available: {why}")
     result = {"events": args.events, "files": args.files, "chunksize": args.chunksize, "rows": rows,
               "skipped": skipped}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save_json(result, args.json)
 
 
 if __name__ == "__main__":

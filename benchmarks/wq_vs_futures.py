@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import warnings
 from pathlib import Path
 
 import casa_executors
-from benchmarks.common import counts, dataset, timed
+from benchmarks.common import counts, dataset, dataset_options, rotated, save_json, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=2_000_000)
-    ap.add_argument("--files", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunksize", type=int, default=100_000)
+    dataset_options(ap, events=2_000_000, files=8, chunksize=100_000)
     ap.add_argument("--query", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "casa_executors"))
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
@@ -52,9 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         for ex in held.values():
             stack.enter_context(ex)
         for rep in range(args.repeat):
-            names = list(contenders)
-            names = names[rep % len(names):] + names[: rep % len(names)]
-            for name in names:
+            for name in rotated(list(contenders), rep):
                 ex = contenders[name]()
                 wall, out = timed(ex, files, args.query, args.chunksize)
                 hists = counts(out, flow=True)
@@ -80,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"held {summary['wq_held_over_futures_held']:.2f}x, "
           f"fresh interpreters {summary['wq_fresh_over_futures_held']:.2f}x")
     print("histograms identical across contenders:", result["all_identical"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ two such clients at once. Root is needed for the namespaces.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import threading
@@ -26,6 +25,7 @@ import casa_executors
 from benchmarks.adl.generate import generate
 from benchmarks.adl.queries import QUERIES
 from benchmarks.common import counts as hist_counts
+from benchmarks.common import save_json
 from casa_executors.standins.slowlink import slow_origin
 from casa_executors.standins.xrootd import XCache
 
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  cold/direct = {result['cold_over_direct']:.2f} (target <= 1.10), "
           f"direct/warm = {result['direct_over_warm']:.1f}x (target >= 5), "
           f"warm/local-disk = {result['warm_over_local']:.2f}, identical: {result['identical']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save_json(result, args.json)
 
 
 if __name__ == "__main__":
