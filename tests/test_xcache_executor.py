@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 from analysis import Analysis, run, same
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
-from xrootd_fixtures import require_xrootd
+from xrootd_fixtures import export_dir, require_xrootd
 
 import casa_executors as ce
 from casa_executors.standins.issuer import LocalIssuer
@@ -29,14 +27,8 @@ EXECUTORS = {
 @pytest.fixture(scope="module")
 def export(sample_files):
     require_xrootd()
-    d = Path(tempfile.mkdtemp(prefix="casa-xc-data-"))
-    d.chmod(0o755)
-    (d / "store").mkdir(mode=0o755)
-    for src, name in zip(sample_files, NAMES):
-        shutil.copy(src, d / "store" / name)
-        (d / "store" / name).chmod(0o644)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with export_dir(dict(zip(NAMES, sample_files))) as d:
+        yield d
 
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,13 +57,18 @@ def write_events(path: Path, n: int = N_ENTRIES, seed: int = 1) -> None:
 
 
 @contextmanager
-def export_dir() -> Iterator[Path]:
-    """``DIR/store/f.root`` in a directory the xrootd user can read."""
+def export_dir(files: Mapping[str, Path] | None = None) -> Iterator[Path]:
+    """A directory the xrootd user can read, for ``XRootDOrigin(DIR)``: ``files`` (name -> a file to
+    copy) as ``DIR/store/<name>``, or by default a synthetic ``DIR/store/f.root`` (:data:`FILE`)."""
     d = Path(tempfile.mkdtemp(prefix="casa-test-data-"))
     try:
         d.chmod(0o755)
         (d / "store").mkdir(mode=0o755)
-        write_events(d / FILE.lstrip("/"))
+        if files is None:
+            write_events(d / FILE.lstrip("/"))
+        for name, src in (files or {}).items():
+            shutil.copy(src, d / "store" / name)
+            (d / "store" / name).chmod(0o644)
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
