@@ -53,8 +53,9 @@ def _wrapper(worker: str) -> str:
         f'{shlex.quote(worker)} --workdir "$d" "$@" &',
         "child=$!",
         "# cancelled: the task files go at once (Slurm's SIGKILL may come before the worker has stopped),",
-        "# and what the stopping worker wrote meanwhile goes after it",
-        "trap 'rm -rf \"$d\"; kill -TERM $child 2>/dev/null; wait $child; rm -rf \"$d\"; exit 143' TERM INT",
+        "# and what the stopping worker (or its warm server, which leaves the job's process group and follows",
+        "# the worker within half a second) wrote meanwhile goes after it",
+        "trap 'rm -rf \"$d\"; kill -TERM $child 2>/dev/null; wait $child; sleep 1; rm -rf \"$d\"; exit 143' TERM INT",
         'wait "$child"',
         "",
     ])
