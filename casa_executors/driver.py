@@ -30,13 +30,13 @@ from typing import Any
 
 import cloudpickle
 from coffea.processor import accumulate
-from coffea.processor.executor import ExecutorBase
+from coffea.processor.executor import ExecutorBase, Runner
 from coffea.util import _exception_chain
 
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
-from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost
+from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost, chunk_error
 from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
 from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
@@ -45,6 +45,9 @@ from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch
 
 NOT_RUN = "NotRun"
 log = logging.getLogger(__name__)
+# coffea's Runner raises an exception an executor returns (setting its partial_output) when
+# skipbadfiles does not cover it; then the driver returns the run-stopping failure instead of raising it
+_RUNNER_RAISES_RETURNED = "partial_output" in Runner._run.__code__.co_names
 
 
 def unwrap_runner_retries(function: Any) -> tuple[Any, Any, bool]:
@@ -147,16 +150,38 @@ class Driver(ExecutorBase):
             finally:
                 phase.wall_s = time.perf_counter() - t0
         out = merged if accumulator is None else accumulate([merged], accumulator)
+        return self._outcome(run, out, from_runner=work is not function, result_type=result_type)
+
+    def _outcome(self, run: _Run, out: Any, from_runner: bool, result_type: bool) -> tuple[Any, Any]:
+        """What Runner gets back (or what is raised), with coffea's semantics.
+
+        A failure that stops the run is raised as its own type (and ``ChunkError``). In
+        processing, Runner itself raises it with ``partial_output`` set to the processor's
+        (post-processed) output, as it does for coffea's recoverable executors. With
+        ``use_result_type`` the first failure ``skipbadfiles`` matched becomes Runner's ``Err``.
+        """
+        processing = run.phase.name == "processing"
+        runner_raises = from_runner and processing and out is not None and _RUNNER_RAISES_RETURNED
         if run.abort is not None:
-            raise run.error(out)
+            err = run.error(out, from_runner)
+            if runner_raises:
+                return out, err
+            raise err
+        if run.skipped and result_type and from_runner:
+            err = run.error(out, from_runner, *run.skipped[0])
+            if runner_raises:
+                return out, err  # Runner: Err(err, value=output)
+            raise err  # preprocessing (Runner ignores what it returns) or no output: Runner.run makes it Err(err)
         if run.skipped:
             warnings.warn(
-                f"{len(run.skipped)} of {len(items)} {phase.name} items failed and were left out "
+                f"{len(run.skipped)} of {len(run.phase.items)} {run.phase.name} items failed and were left out "
                 f"(first: {run.describe(run.skipped[0][0], run.skipped[0][1])}); "
                 "see executor.report.failures()",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return out, (run.skipped[0][1] if result_type and run.skipped else 0)
+        if from_runner and processing and isinstance(out, dict) and isinstance(out.get("metrics"), dict):
+            out["metrics"]["casa_executors"] = self.report.summary()  # savemetrics: coffea's metrics plus ours
+        return out, 0
 
 
 class _ChunkJob:
@@ -420,7 +445,9 @@ class _Run:
         if self.failures[i] <= self.driver.retries and self.abort is None:
             log.info("%s item %d: attempt %d failed on %s (%s); retrying", self.phase.name, i, r.attempt,
                      r.worker or self.backend.describe(), r.error.type_name)
-            self.todo.append(i)
+            # in this thread a chunk is retried at once, as coffea's IterativeExecutor does: a run that
+            # stops on it has run exactly the chunks before it; elsewhere the retry goes to the back
+            (self.todo.appendleft if self.backend.in_process else self.todo.append)(i)
             self.bar.retries += 1
             return
         Report.give_up(self.phase, i, "failed")
@@ -452,17 +479,33 @@ class _Run:
         return (f"{self.phase.name} of {where}{span} (after {self.attempts[index]} attempt(s)): "
                 f"{type(root).__name__}: {root}")
 
-    def error(self, partial_output: Any) -> ChunkError:
-        index, exc = self.abort
-        failed = sum(1 for r in self.phase.rows if r.status not in DONE)
-        err = ChunkError(
-            f"{self.describe(index, exc)}. {failed} of {len(self.phase.rows)} items did not complete; "
-            "executor.report.failures() lists them (use recoverable=True or Runner(skipbadfiles=...) "
-            "to keep the output of the good ones)",
-            partial_output=partial_output,
-        )
-        err.__cause__ = exc
-        return err
+    def error(self, out: Any, from_runner: bool, index: int | None = None,
+              exc: BaseException | None = None) -> ChunkError:
+        """The failure of item ``index`` (default: the one that stopped the run) as its own
+        exception type and ``ChunkError``, with the chunk, its attempts and where to look."""
+        if index is None:
+            index, exc = self.abort
+        item, row = self.phase.items[index], self.phase.rows[index]
+        failed = [r for r in self.phase.rows if r.status not in DONE]
+        where = getattr(item, "filename", str(item))
+        start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
+        span = f" entries {start}-{stop}" if start is not None else ""
+        dataset = f" (dataset {item.dataset})" if getattr(item, "dataset", None) else ""
+        worker = f"; last attempt on {row.worker}" + (f" ({row.host})" if row.host else "") if row.worker else ""
+        if self.phase.name == "processing":
+            partial = out.get("out") if from_runner and isinstance(out, dict) else out
+        else:
+            partial = None if from_runner else out  # Runner's file metadata is not the user's output
+        root = _exception_chain(exc)[-1]
+        notes = [
+            f"casa_executors: {self.phase.name} of {where}{span}{dataset} failed after "
+            f"{self.attempts[index]} attempt(s) on {self.backend.describe()}{worker}: {type(root).__name__}: {root}",
+            f"{len(failed)} of {len(self.phase.rows)} {self.phase.name} items did not complete: "
+            "executor.report.failures() lists them; .partial_output holds the output of the others "
+            "(recoverable=True or Runner(skipbadfiles=...) keep going past such failures)",
+        ]
+        return chunk_error(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
+                           worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
 
 
 def _failed(exc: BaseException) -> Future:

@@ -8,6 +8,7 @@ that the original exception type reaches the user.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -22,11 +23,13 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.errors import RemoteError
+from casa_executors.errors import RemoteError, rebuild, type_path
 from casa_executors.merge import node_key
 from casa_executors.source import ChunkIO, Router, metering
 from casa_executors.store import Store, decode, encode
 from casa_executors.xcache.tokens import redact
+
+TRACEBACK_NOTE_LINES = 40  # of a worker's traceback, added as a note to the exception the driver rebuilds
 
 
 @dataclass(frozen=True)
@@ -47,30 +50,65 @@ class TaskBatch:
 
 @dataclass
 class ErrorInfo:
+    """An exception as data: its text always, the objects of its chain when they pickle.
+
+    ``chain`` lists ``(type name, "module:qualname", message)`` from the raised exception
+    to its root cause; an element that cannot be sent (or unpickled on the driver) comes
+    back as an instance of its type when that type can be imported there
+    (:func:`casa_executors.errors.rebuild`), else as a ``RemoteError`` with its text.
+    """
+
     type_name: str
     message: str
     traceback: str
-    pickled: bytes | None = None
+    pickled: bytes | None = None  # pickle of a list: one pickle (or None) per element of ``chain``
+    chain: list[tuple[str, str, str]] = field(default_factory=list)
+    live: BaseException | None = field(default=None, repr=False, compare=False)  # in-process only
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "live"}  # never pickled: it holds frames
 
     def exception(self) -> BaseException:
-        """The original exception, with its chain of causes, when it survived pickling."""
+        """The original exception with its chain of causes (and its traceback when it never left
+        this process; otherwise the worker's traceback is added as a note)."""
+        if self.live is not None:
+            return self.live
+        blobs: list[bytes | None] = []
         if self.pickled is not None:
-            try:
-                chain = pickle.loads(self.pickled)
-                for outer, inner in itertools.pairwise(chain):
-                    outer.__cause__ = inner
-                return chain[0]
-            except Exception:
-                pass
-        return RemoteError(self.type_name, self.message, self.traceback)
+            with contextlib.suppress(Exception):
+                blobs = pickle.loads(self.pickled)
+        chain = self.chain or [(self.type_name, "", self.message)]
+        elements: list[BaseException] = []
+        for i, (name, path, message) in enumerate(chain):
+            exc = None
+            if i < len(blobs) and blobs[i] is not None:
+                with contextlib.suppress(Exception):  # e.g. its module is not importable here
+                    exc = pickle.loads(blobs[i])
+            if not isinstance(exc, BaseException):
+                exc = rebuild(RemoteError(name, message, self.traceback if i == 0 else "", path))
+            elements.append(exc)
+        for outer, inner in itertools.pairwise(elements):
+            outer.__cause__ = inner
+        top = elements[0]
+        if self.traceback:
+            lines = self.traceback.rstrip("\n").splitlines()
+            cut = "\n".join(lines[-TRACEBACK_NOTE_LINES:])
+            more = f" (last {TRACEBACK_NOTE_LINES} of {len(lines)} lines)" if len(lines) > TRACEBACK_NOTE_LINES else ""
+            with contextlib.suppress(Exception):
+                top.add_note(f"worker traceback{more}:\n{cut}")
+        return top
 
     @classmethod
-    def capture(cls, exc: BaseException, secrets: Sequence[str] = ()) -> ErrorInfo:
+    def capture(cls, exc: BaseException, secrets: Sequence[str] = (), live: bool = False) -> ErrorInfo:
+        """``live``: the ErrorInfo stays in this process, keep the exception object itself."""
         full = "".join(traceback.format_exception(exc))
+        elements = _chain(exc)
+        chain = [(type(e).__name__, type_path(type(e)), redact(str(e), secrets)) for e in elements]
         pickled = None
         if not any(s and s in full for s in secrets):  # else the objects themselves carry a secret
-            pickled = pickle.dumps([_portable(e) for e in _chain(exc)])
-        return cls(type(exc).__name__, redact(str(exc), secrets), redact(full, secrets), pickled)
+            pickled = pickle.dumps([_portable(e) for e in elements])
+        return cls(type(exc).__name__, redact(str(exc), secrets), redact(full, secrets), pickled, chain,
+                   exc if live and pickled is not None else None)
 
 
 @dataclass
@@ -103,15 +141,16 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """The exception itself if it pickles round-trip, else a RemoteError with its text."""
+def _portable(exc: BaseException) -> bytes | None:
+    """The exception pickled, if it pickles round-trip here (else the driver rebuilds it from its text)."""
     try:
-        copy = pickle.loads(pickle.dumps(exc))
+        blob = pickle.dumps(exc)
+        copy = pickle.loads(blob)
         if type(copy) is type(exc):
-            return exc
+            return blob
     except Exception:
         pass
-    return RemoteError(type(exc).__name__, str(exc))
+    return None
 
 
 def worker_name() -> str:
@@ -178,7 +217,7 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        result.error = ErrorInfo.capture(exc, io.secrets())
+        result.error = ErrorInfo.capture(exc, io.secrets(), live=True)
     result.wall_s = time.perf_counter() - wall0
     result.cpu_s = time.process_time() - cpu0
     result.bytes_read = io.bytes_read
