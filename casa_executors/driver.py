@@ -231,6 +231,7 @@ class _Run:
                                 self.checkpoint)
         if self.placement.name == "driver" and self.backend.in_process:
             self.placement.compression = None  # nothing leaves this process
+        self.window = self.placement.window(self.limit)  # chunk tasks kept submitted
         try:
             self.bar = ProgressBar(
                 bool(driver.status), driver.desc, driver.unit, n, self.backend.describe()
@@ -249,16 +250,22 @@ class _Run:
                 if not self.inflight:
                     raise RuntimeError("casa_executors: the merge tree is incomplete with nothing left to run")
                 try:
-                    key = self.done.get(timeout=0.25)
+                    keys = [self.done.get(timeout=0.25)]
                 except queue.Empty:
                     self.bar.refresh()
                     continue
-                job = self.inflight.pop(key)
-                if isinstance(job, _MergeJob):
-                    self._merged(job)
-                else:
-                    for position, result in enumerate(self._results(job.future, job.indices)):
+                with contextlib.suppress(queue.Empty):  # and whatever else has finished meanwhile
+                    while True:
+                        keys.append(self.done.get_nowait())
+                jobs = [self.inflight.pop(key) for key in keys]
+                chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
+                values = self.placement.collect([job.future for job in chunks])
+                for job, value in zip(chunks, values):
+                    for position, result in enumerate(self._results(value, job.indices)):
                         self._handle(result, job, position)
+                for job in jobs:
+                    if isinstance(job, _MergeJob):
+                        self._merged(job)
         finally:
             self.bar.close()
             for job in self.inflight.values():
@@ -397,18 +404,23 @@ class _Run:
                 Report.give_up(self.phase, i, "failed", NOT_RUN,
                                f"not run: the run stopped after {self.describe(*self.abort)}")
                 self._put(Node(0, i, None, False))
-        while self.merges and len(self.inflight) < self.limit:
+        while self.merges:  # at once: a merge frees what its children hold, and there are few of them
             group = self.merges.popleft()
             fn, arg = self.placement.merge_call(group)
             self._track(_MergeJob(self._submit(fn, arg), group))
-        while self.todo and len(self.inflight) < self.limit:
+        takes, batches = [], []
+        while self.todo and len(self.inflight) + len(takes) < self.window:
             take = [self.todo.popleft() for _ in range(min(self.batch, len(self.todo)))]
             tasks = [ChunkTask(i, self.phase.items[i], self.attempts[i] + 1) for i in take]
-            batch = TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router)
-            try:
-                future, data = self.placement.submit_chunks(batch)
-            except Exception as exc:  # the engine refused the task itself
-                future, data = _failed(exc), None
+            takes.append(take)
+            batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router))
+        if not batches:
+            return
+        try:
+            submitted = self.placement.submit_chunks(batches)
+        except Exception as exc:  # the engine refused the tasks themselves
+            submitted = [(_failed(exc), None) for _ in batches]
+        for take, (future, data) in zip(takes, submitted):
             self._track(_ChunkJob(future, take, data))
 
     def _submit(self, fn: Any, arg: Any) -> Future:
@@ -422,12 +434,14 @@ class _Run:
         self.inflight[key] = job
         job.future.add_done_callback(lambda f, key=key: self.done.put(key))
 
-    def _results(self, future: Future, indices: list[int]) -> list[ChunkResult]:
+    def _results(self, value: Any, indices: list[int]) -> list[ChunkResult]:
+        """A batch's results; ``value`` is what its task returned, or the exception it failed with."""
         try:
-            results = future.result()
-            if isinstance(results, list) and sorted(r.index for r in results) == sorted(indices):
-                return results
-            raise RuntimeError(f"the worker returned {type(results).__name__}, not the results of the batch")
+            if isinstance(value, BaseException):
+                raise value
+            if isinstance(value, list) and sorted(r.index for r in value) == sorted(indices):
+                return value
+            raise RuntimeError(f"the worker returned {type(value).__name__}, not the results of the batch")
         except BaseException as exc:
             info = ErrorInfo.capture(exc)  # engine-level: a lost worker, a cancelled task
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]

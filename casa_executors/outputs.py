@@ -83,10 +83,24 @@ class Placement:
                 "merge_tasks": self.merge_tasks, "merged_here": self.merged_here,
                 "output_bytes": self.output_bytes, "bytes_to_driver": self.bytes_to_driver}
 
+    def window(self, limit: int) -> int:
+        """How many chunk tasks to keep submitted, given the backend's ``limit`` (merges go at once)."""
+        return limit
+
     # chunks
-    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
-        """(the future the driver waits on — its result is the list of ChunkResult —, data to keep)"""
-        return self.backend.submit(run_batch, batch), None
+    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
+        """Per batch: (the future the driver waits on — its result is the list of ChunkResult —, data to keep)."""
+        return [(f, None) for f in self.backend.submit_many(run_batch, batches)]
+
+    def collect(self, futures: list[Future]) -> list[Any]:
+        """The results of finished futures (an exception in place of a failed one's)."""
+        out = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except BaseException as exc:
+                out.append(exc)
+        return out
 
     def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
         self.output_bytes += result.output_bytes
@@ -137,9 +151,10 @@ class StorePlacement(Placement):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "store": self.store.url}
 
-    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
-        batch.store = self.store
-        return self.backend.submit(run_batch, batch), None
+    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
+        for batch in batches:
+            batch.store = self.store
+        return super().submit_chunks(batches)
 
     def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
         self.output_bytes += result.output_bytes
@@ -207,9 +222,25 @@ class EnginePlacement(Placement):
     name = "engine"
     merges_here = False
 
-    def submit_chunks(self, batch: TaskBatch) -> tuple[Future, Any]:
-        data = self.backend.submit(run_batch, batch)
-        return self.backend.submit(strip_outputs, data), data
+    def window(self, limit: int) -> int:
+        # the engine queues tasks itself (Dask: on its scheduler), so a deeper window costs the workers
+        # nothing and hides the round trip through this process between one chunk and the next
+        return 4 * limit
+
+    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
+        data = self.backend.submit_many(run_batch, batches)
+        return list(zip(self.backend.submit_many(strip_outputs, data), data))
+
+    def collect(self, futures: list[Future]) -> list[Any]:
+        """The metadata of finished batches in one gather (not one round trip each)."""
+        finished = [f for f in futures if getattr(f, "status", "") == "finished"]
+        got: dict[int, Any] = {}
+        if len(finished) > 1:
+            try:
+                got = {id(f): r for f, r in zip(finished, finished[0].client.gather(finished))}
+            except Exception:  # lost meanwhile: one by one below says which
+                got = {}
+        return [got[id(f)] if id(f) in got else super(EnginePlacement, self).collect([f])[0] for f in futures]
 
     def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
         self.output_bytes += result.output_bytes

@@ -56,6 +56,19 @@ class Backend(ABC):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         """Run ``fn(arg)`` on a worker; the future's result is its return value."""
 
+    def submit_many(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+        """``submit`` for each of ``args`` (an engine may send them in one message: Dask's ``map``).
+        A task the engine refuses is a failed future."""
+        futures = []
+        for arg in args:
+            try:
+                futures.append(self.submit(fn, arg))
+            except Exception as exc:
+                failed: Future = Future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        return futures
+
     def _start(self) -> None:
         """Start or attach to the engine."""
 

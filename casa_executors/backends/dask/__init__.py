@@ -200,6 +200,17 @@ class DaskBackend(Backend):
             self._managed.wait_first_worker()  # adapt=(0, n): the work asks for the first worker
         return future
 
+    def submit_many(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+        """One ``client.map``: one message to the scheduler for all of them."""
+        if not args:
+            return []
+        if self._client is None or self._client.status not in ("running", "newly-created"):
+            return super().submit_many(fn, args)  # submit() says why, for each
+        futures = self._client.map(fn, args, pure=False, retries=0)
+        if self._managed is not None:
+            self._managed.wait_first_worker()
+        return futures
+
     def _nthreads(self) -> dict[str, int]:
         client = self._client or self._user_client
         if client is None or self._cluster is not None:
