@@ -287,11 +287,16 @@ def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
             if p is not None and ok >= len(p.rows):
                 return  # too late
             running = [int(m.name) for m in busy.iterdir() if alive(int(m.name))]
-            if ok >= 2 and running and (chosen := victims(running)):
-                for v in chosen:
-                    with contextlib.suppress(psutil.Error):
-                        killed[v] = v.children(recursive=True)
-                        v.kill()
+            try:
+                chosen = victims(running) if ok >= 2 and running else []
+            except psutil.Error:  # a process ended meanwhile: look again
+                chosen = []
+            for v in chosen:
+                with contextlib.suppress(psutil.Error):  # gone meanwhile: look again
+                    below = v.children(recursive=True)
+                    v.kill()
+                    killed[v] = below
+            if killed:
                 return
             time.sleep(0.05)
 
