@@ -13,8 +13,8 @@ workers, user configs) is in ``test_backend_<engine>.py``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,7 +56,11 @@ class Kit:
     adl_chunksize: ClassVar[int] = 500
     adl_options: ClassVar[dict[str, Any]] = {}
     lost_prefix: ClassVar[str] = ""  # how the driver is told about an attempt on a killed worker
-    lost_task: ClassVar[Any] = ()  # what a task that kills its own worker raises
+    lost_task: ClassVar[str] = ""  # "module:Name" of what a task that kills its own worker raises
+
+    def lost_task_type(self) -> type[BaseException]:
+        module, name = self.lost_task.split(":")
+        return getattr(importlib.import_module(module), name)
 
     def build(self, **opts: Any) -> ce.Driver:
         return ce.create(self.name, status=False, **self.options, **opts)
@@ -103,7 +107,7 @@ class IterativeKit(Kit):
 class FuturesKit(Kit):
     name = "futures"
     lost_prefix = "BrokenProcessPool: "
-    lost_task = BrokenProcessPool
+    lost_task = "concurrent.futures.process:BrokenProcessPool"
 
     def stopped(self, backend):
         return backend._pool is None and backend._server is None
@@ -115,12 +119,7 @@ class FuturesKit(Kit):
 class DaskKit(Kit):
     name = "dask"
     lost_prefix = "KilledWorker: "
-
-    @property
-    def lost_task(self):
-        from distributed import KilledWorker
-
-        return KilledWorker
+    lost_task = "distributed:KilledWorker"
 
     def stopped(self, backend):
         return backend._cluster is None and backend._client is None
@@ -147,12 +146,7 @@ class ParslKit(Kit):
 
     name = "parsl"
     lost_prefix = "ManagerLost: "
-
-    @property
-    def lost_task(self):
-        from parsl.executors.high_throughput.errors import WorkerLost
-
-        return WorkerLost
+    lost_task = "parsl.executors.high_throughput.errors:WorkerLost"
 
     def processes(self, backend):
         dfk = backend.dfk
@@ -204,7 +198,7 @@ class SparkKit(Kit):
     exclusive = True  # one SparkContext per process
     adl_chunksize = 300
     lost_prefix = "WorkerLost: spark lost the task"
-    lost_task = ce.WorkerLost
+    lost_task = "casa_executors.errors:WorkerLost"
 
     def stopped(self, backend):
         return backend._sc is None and jvm_pid() is None  # the JVM too
@@ -219,7 +213,7 @@ class WorkQueueKit(Kit):
     adl_chunksize = 300
     adl_options: ClassVar[dict[str, Any]] = {"chunks_per_task": 6}
     lost_prefix = "WorkerLost: workqueue: lost the worker running task"
-    lost_task = ce.WorkerLost
+    lost_task = "casa_executors.errors:WorkerLost"
 
     def __init__(self) -> None:
         self.resent = 0
@@ -538,7 +532,7 @@ def test_task_that_kills_its_worker_fails_and_the_engine_goes_on(kit, held):
     """A task whose worker process dies fails (the driver counts and retries it); the engine does
     not re-run it behind the driver's back, and it runs the next task."""
     backend = held.backend
-    with pytest.raises(kit.lost_task):
+    with pytest.raises(kit.lost_task_type()):
         backend.submit(os._exit, 3).result(timeout=60)
     kit.recover(backend)
     assert backend.submit(abs, -2).result(timeout=60) == 2
