@@ -104,6 +104,8 @@ class Driver(ExecutorBase):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ExecutorOptionError(f"{name} must be a folder or an fsspec URL (root://..., file://...), "
                                           f"got {value!r}")
+        if self.store is not None and self.checkpoint is not None:
+            raise ExecutorOptionError("give store= or checkpoint=, not both: a checkpoint is where the outputs go")
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)

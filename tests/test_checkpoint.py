@@ -314,10 +314,11 @@ def test_with_coffea_checkpointer(name, distinct_files, tmp_path, no_leftover_pr
         ex, out = runner_call()  # coffea's checkpointer alone: it saves every chunk
         assert same(out, reference) and len(list((tmp_path / "coffea").rglob("*.coffea"))) == 12
         assert sum(attempts(log).values()) == 12
-        ck = str(tmp_path / "ck")
+        ck = f"file://{tmp_path / 'ck'}"  # a URL this time (a shared disk as users name it)
         ex, out = runner_call(checkpoint=ck)  # ours is empty: chunks run, coffea's checkpointer answers them
         assert same(out, reference) and ex.report.summary()["computed"] == 12
         assert sum(attempts(log).values()) == 12  # the processor did not run again
         ex, out = runner_call(checkpoint=ck)  # ours holds the run: nothing is even submitted
         assert same(out, reference) and ex.report.summary()["restored"] == 12
         assert ex.report.summary()["attempts"] == 0
+        assert stored(tmp_path / "ck") == ["manifest.json", "nodes/2/0"]

@@ -189,3 +189,5 @@ def test_where_outputs_go_per_engine_and_option():
         ce.iterative(merge="sideways")
     with pytest.raises(ce.ExecutorOptionError, match="store must be a folder or an fsspec URL"):
         ce.iterative(store=3)
+    with pytest.raises(ce.ExecutorOptionError, match="store= or checkpoint=, not both"):
+        ce.futures(store="/tmp/a", checkpoint="/tmp/b")
