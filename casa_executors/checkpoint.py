@@ -206,7 +206,10 @@ class Fingerprint:
         cls = type(obj)
         self.add(cls, d)
         if not _library(cls.__module__):
-            state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
+            try:
+                state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
+            except Exception:  # a __getstate__ that fails here: the attributes themselves
+                state = getattr(obj, "__dict__", None)
             self.add(state, d)
             return
         try:  # a library object (a histogram, an awkward array...): its pickle, stable for one version
