@@ -349,6 +349,7 @@ class Checkpoint:
             self.store.wipe()
             self.restarted, old = True, None
         if old is None:
+            self.store.create()
             self.write_manifest(complete=False)
 
     def write_manifest(self, complete: bool) -> None:

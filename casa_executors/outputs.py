@@ -303,8 +303,8 @@ def choose(backend: Backend, phase_name: str, compression: int | None, merge: st
         return StorePlacement(backend, compression, checkpoint.store, checkpoint, merges_here=here)
     if store_url is not None:
         _warn_if_unreachable(backend, store_url, "store")
-        return StorePlacement(backend, compression, Store(store_url).child(f"run-{uuid.uuid4().hex[:12]}"),
-                              merges_here=here)
+        run_folder = Store(store_url).child(f"run-{uuid.uuid4().hex[:12]}").create()
+        return StorePlacement(backend, compression, run_folder, merges_here=here)
     if here:
         return DriverPlacement(backend, compression)
     if backend.holds_results:

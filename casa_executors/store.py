@@ -130,8 +130,17 @@ class Store:
         _ = self.fs
         return f"{self._root}/{key}"
 
+    def create(self) -> Store:
+        """Make the folder itself (the driver does, at the start of a run)."""
+        self.fs.makedirs(self.path("").rstrip("/"), exist_ok=True)
+        return self
+
     def _makedirs(self, directory: str) -> None:
         if directory not in self._made:
+            # only below a folder the driver made: a task still running when its run ended (and
+            # the folder was removed) fails here instead of leaving files behind
+            if not self.fs.exists(self._root):
+                raise NodeMissing(f"{self.url} is gone (the run it belonged to has ended)")
             self.fs.makedirs(directory, exist_ok=True)
             self._made.add(directory)
 
