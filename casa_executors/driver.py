@@ -322,14 +322,18 @@ class _Run:
             if not self.placement.merges_here:
                 self.merges.append(group)
                 continue
-            try:
-                handle = self.placement.merge_here(group)
-            except Lost as exc:
-                self._lose(exc, group)
-                continue
-            self._put(Node(group.level, group.index, handle, group.complete))
+            self._merge_here(group)
         if self.tree.root is not None and not self.finished:
             self._finish()
+
+    def _merge_here(self, group: Group) -> None:
+        """Merge ``group`` in this process and put the result in the tree."""
+        try:
+            handle = self.placement.merge_here(group)
+        except Lost as exc:
+            self._lose(exc, group)
+            return
+        self._put(Node(group.level, group.index, handle, group.complete))
 
     def _merged(self, job: _MergeJob) -> None:
         group = job.group
@@ -355,12 +359,7 @@ class _Run:
         if group.attempts <= self.driver.retries:
             self.merges.appendleft(group)
         elif self.placement.name == "store":  # the store still has the children: merge them here
-            try:
-                handle = self.placement.merge_here(group)
-            except Lost as lost_exc:
-                self._lose(lost_exc, group)
-                return
-            self._put(Node(group.level, group.index, handle, group.complete))
+            self._merge_here(group)
         else:
             self._lose(Lost([c for c in group.children if c.handle is not None], why), group)
 
