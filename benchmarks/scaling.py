@@ -1,20 +1,32 @@
-"""Scaling of each backend: 2 workers against twice the iterative throughput, and start-up cost.
+"""Scaling of each backend: N workers against N x the iterative throughput, start-up cost, and
+coffea's own executor for the same engine, side by side.
 
-    python -m benchmarks.scaling --events 400000 --files 4 --workers 2 --queries 6,8 --json out.json
+    python -m benchmarks.scaling --events 4000000 --files 8 --workers 2 --chunksize 100000 \\
+        --queries 1,6,8 --repeat 2 --json out.json
 
-For every backend available here: the fixed start-up cost (starting its
-engine, then every query once on a few small chunks: worker start, imports,
-JIT), then each query with the engine held (fastest of ``--repeat`` runs),
-as events/s and as efficiency = events/s / (workers x iterative events/s).
-Iterative runs in the same process and run, so the ratios share conditions.
+For every backend available here: starting its engine, the first task (one chunk
+of one file, from the engine up: worker start, imports), warming (every query
+once on a few small chunks: JIT), then each query with the engine held (fastest
+of ``--repeat`` runs), as events/s and efficiency = events/s / (workers x
+iterative events/s). Iterative runs in the same process and run, so the ratios
+share conditions. With ``--coffea`` (default on), coffea's executor for the
+same engine runs each query on that same engine, alternating with ours: futures
+against ``FuturesExecutor`` on a held process pool of the same size, dask
+against ``DaskExecutor`` on the same ``Client``, parsl against ``ParslExecutor``
+on the same DataFlowKernel; ``over_coffea`` is our wall time / coffea's
+(fastest of each).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
@@ -23,31 +35,74 @@ import casa_executors
 from benchmarks.adl.queries import QUERIES
 from benchmarks.common import counts, dataset, dataset_options, save_json, timed
 
+COFFEA_PEER = ("futures", "dask", "parsl")  # engines coffea has an executor for
 
-def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:
+
+@contextlib.contextmanager
+def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] | None]:
+    """A factory of coffea's executor on the engine ``ex`` holds (None: coffea has none)."""
+    if name == "futures":
+        pool = ProcessPoolExecutor(max_workers=workers)
+        list(pool.map(abs, range(4 * workers)))  # its processes up, as ours are when held
+        try:
+            yield lambda: processor.FuturesExecutor(pool=pool, workers=workers, status=False)
+        finally:
+            pool.shutdown(wait=True)
+    elif name == "dask":
+        yield lambda: processor.DaskExecutor(client=ex.backend._client, status=False)
+    elif name == "parsl":
+        from parsl.dataflow.dflow import DataFlowKernelLoader
+
+        previous, DataFlowKernelLoader._dfk = DataFlowKernelLoader._dfk, ex.backend._dfk
+        try:
+            yield lambda: processor.ParslExecutor(status=False)
+        finally:
+            DataFlowKernelLoader._dfk = previous
+    else:
+        yield None
+
+
+def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int,
+            with_coffea: bool) -> dict:
     opts = {} if name == "iterative" else {"workers": workers}
     ex = casa_executors.create(name, status=False, **opts)
     t0 = time.perf_counter()
     ex.backend.hold()  # the engine
     engine = time.perf_counter() - t0
-    # fixed costs: workers up, imports, JIT — every query on a few small chunks
+    first = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=2000, maxchunks=1, metadata_cache={})
+    first({"adl": files[:1]}, QUERIES[queries[0]](), treename="Events")
+    first_task = time.perf_counter() - t0 - engine
+    # the rest of the fixed costs: every worker up, imports, JIT — every query on a few small chunks
     for q in queries:
         warm = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=2000, maxchunks=2 * workers,
                                 metadata_cache={})
         warm({"adl": files[:1]}, QUERIES[q](), treename="Events")
     startup = time.perf_counter() - t0
-    row: dict = {"backend": name, "workers": ex.backend.workers, "engine_start_s": engine, "startup_s": startup,
-                 "queries": {}}
+    row: dict = {"backend": name, "workers": ex.backend.workers, "engine_start_s": engine,
+                 "first_task_s": first_task, "startup_s": startup, "queries": {}}
     try:
-        for q in queries:
-            best = None
-            for _ in range(repeat):
-                wall, out = timed(ex, files, q, chunksize)
-                best = wall if best is None else min(best, wall)
-            s = ex.report.summary()
-            row["queries"][q] = {"wall_s": best, "events": s["events"], "events_per_s": s["events"] / best,
-                                 "attempts": s["attempts"],
-                                 "counts": counts(out)}
+        with coffea_peer(name if with_coffea else "", ex, workers) as peer:
+            if peer is not None:
+                timed(peer(), files[:1], queries[0], chunksize)  # its own first call (imports)
+            for q in queries:
+                best = peer_best = None
+                for rep in range(repeat):
+                    for who in (("ours", "coffea") if rep % 2 == 0 else ("coffea", "ours")):
+                        if who == "coffea" and peer is None:
+                            continue
+                        wall, out = timed(ex if who == "ours" else peer(), files, q, chunksize)
+                        if who == "ours":
+                            best = wall if best is None else min(best, wall)
+                            summary, mine = ex.report.summary(), counts(out)
+                        else:
+                            peer_best = wall if peer_best is None else min(peer_best, wall)
+                            theirs = counts(out)
+                cell = {"wall_s": best, "events": summary["events"], "events_per_s": summary["events"] / best,
+                        "attempts": summary["attempts"], "counts": mine}
+                if peer is not None:
+                    cell.update(coffea_wall_s=peer_best, over_coffea=best / peer_best,
+                                identical_to_coffea=theirs == mine)
+                row["queries"][q] = cell
     finally:
         t = time.perf_counter()
         ex.backend.release()
@@ -61,31 +116,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--queries", default="6,8")
     ap.add_argument("--repeat", type=int, default=2, help="keep the fastest of N runs of each query")
     ap.add_argument("--backends", default=",".join(casa_executors.BACKENDS))
+    ap.add_argument("--no-coffea", dest="coffea", action="store_false",
+                    help="do not run coffea's executors beside ours")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
     queries = [int(q) for q in args.queries.split(",")]
     rows, skipped = [], {}
-    for name in args.backends.split(","):
+    names = args.backends.split(",")
+    for name in ["iterative", *[n for n in names if n != "iterative"]]:
         why = casa_executors.unavailable(name)
         if why:
             skipped[name] = why
             continue
-        rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat))
-    base = next(r for r in rows if r["backend"] == "iterative")
+        rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat, args.coffea))
+    base = rows[0]
     print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
-          "efficiency = ev/s / (workers x iterative ev/s)")
-    header = " ".join(f"{'Q' + str(q) + ' ev/s':>12s} {'eff':>5s}" for q in queries)
-    print(f"{'backend':10s} {'start-up s':>10s} {header}")
+          "eff = ev/s / (workers x iterative ev/s); /coffea = our wall time / coffea's executor's")
+    header = " ".join(f"{'Q' + str(q) + ' ev/s':>11s} {'eff':>5s} {'/coffea':>7s}" for q in queries)
+    print(f"{'backend':10s} {'engine s':>8s} {'1st task':>8s} {'start-up':>8s} {header}")
     for r in rows:
         cells = []
         for q in queries:
             mine, ref = r["queries"][q], base["queries"][q]
-            r["queries"][q]["efficiency"] = mine["events_per_s"] / (r["workers"] * ref["events_per_s"])
-            r["queries"][q]["identical_to_iterative"] = mine["counts"] == ref["counts"]
-            flag = "" if r["queries"][q]["identical_to_iterative"] else " DIFF"
-            cells.append(f"{mine['events_per_s']:12.0f} {r['queries'][q]['efficiency']:5.2f}{flag}")
-        print(f"{r['backend']:10s} {r['startup_s']:10.2f} " + " ".join(cells))
+            mine["efficiency"] = mine["events_per_s"] / (r["workers"] * ref["events_per_s"])
+            mine["identical_to_iterative"] = mine["counts"] == ref["counts"]
+            ratio = f"{mine['over_coffea']:7.2f}" if "over_coffea" in mine else f"{'':7s}"
+            flag = "" if mine["identical_to_iterative"] and mine.get("identical_to_coffea", True) else " DIFF"
+            cells.append(f"{mine['events_per_s']:11.0f} {mine['efficiency']:5.2f} {ratio}{flag}")
+        print(f"{r['backend']:10s} {r['engine_start_s']:8.2f} {r['first_task_s']:8.2f} {r['startup_s']:8.2f} "
+              + " ".join(cells))
     for r in rows:
         for q in queries:
             r["queries"][q].pop("counts")

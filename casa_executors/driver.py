@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import time
+import uuid
 import warnings
 from collections import deque
 from concurrent.futures import Future
@@ -41,6 +42,7 @@ from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
 from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
 from casa_executors.report import DONE, Phase, Report
+from casa_executors.source import open_files
 from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch
 
 NOT_RUN = "NotRun"
@@ -208,6 +210,7 @@ class _Run:
         self.backend = driver.backend
         n = len(phase.items)
         self.spec = work if self.backend.in_process else cloudpickle.dumps(work)
+        self.run_id = uuid.uuid4().hex  # workers keep files open between this run's chunks only
         self.checkpoint: Checkpoint | None = None
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
@@ -274,6 +277,8 @@ class _Run:
                 with contextlib.suppress(Exception):  # e.g. parsl's AppFuture.cancel raises
                     job.future.cancel()
             self.inflight.clear()
+            if self.backend.in_process:  # the caller's own thread: it keeps no file open after the run
+                open_files().close()
             self._close()
         return self.result
 
@@ -414,7 +419,8 @@ class _Run:
             take = [self.todo.popleft() for _ in range(min(self.batch, len(self.todo)))]
             tasks = [ChunkTask(i, self.phase.items[i], self.attempts[i] + 1) for i in take]
             takes.append(take)
-            batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router))
+            batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router,
+                                     run=self.run_id))
         if not batches:
             return
         try:

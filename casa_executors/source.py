@@ -6,15 +6,23 @@ the chunk's router for the endpoints to try (cache first, then origin), fails
 over on error, and counts what it read. Without a router it reads the URL as
 given. coffea keeps seeing the user's URL: only the inner source knows the
 routed one.
+
+A worker thread keeps its last few files open between chunks (:class:`OpenFiles`):
+the source (its connection) and uproot's objects read from it, above all the
+TTree's metadata. coffea opens the file and deserialises the TTree (86 branches
+in the ADL files) for every chunk, ~40 ms that dominates light queries; with
+the TTree kept, the next chunk of the same file starts reading baskets at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Protocol
 
 import uproot
@@ -99,12 +107,126 @@ def metering(io: ChunkIO) -> Iterator[ChunkIO]:
                 uproot.reading.open.defaults["handler"] = _previous_handler
 
 
+OPEN_FILES_PER_THREAD = 8  # files a worker thread keeps open between chunks
+OBJECTS_PER_THREAD = 64  # uproot objects (TTrees) it keeps, of those files
+
+
+class OpenFiles:
+    """The files one worker thread keeps open between chunks, least recently used first out.
+
+    uproot.open closes its source when coffea's ``with`` ends; a pooled source stays open
+    (``close`` returns it here), so a TTree in :data:`objects` (uproot's object cache, keyed
+    by the file's UUID and the object's seek position) stays readable in the next chunk.
+    A source closed on eviction makes uproot drop the objects read from it.
+    """
+
+    def __init__(self, size: int = OPEN_FILES_PER_THREAD) -> None:
+        self.size = size
+        self.run = ""  # files are kept within one run only: between runs they may be rewritten
+        self.sources: OrderedDict[tuple[str, str], FSSpecSource] = OrderedDict()
+        self.objects = uproot.cache.LRUCache(OBJECTS_PER_THREAD)
+
+    def open(self, url: str, options: dict[str, Any]) -> FSSpecSource:
+        key = (url, repr(sorted(options.items(), key=lambda kv: kv[0])))
+        source = self.sources.get(key)
+        if source is not None and not source.closed:
+            self.sources.move_to_end(key)
+            return source
+        source = FSSpecSource(url, **options)
+        self.sources[key] = source
+        while len(self.sources) > self.size:
+            _, old = self.sources.popitem(last=False)
+            _forget(old)
+        return source
+
+    def drop(self, source: uproot.source.chunk.Source) -> None:
+        """A source that failed: closed, and never handed out again."""
+        for key, s in list(self.sources.items()):
+            if s is source:
+                del self.sources[key]
+        _forget(source)
+
+    def close(self) -> None:
+        while self.sources:
+            _forget(self.sources.popitem()[1])
+        self.objects.clear()
+
+
+def open_files(run: str | None = None) -> OpenFiles:
+    """This thread's open files; given the ``run`` a chunk belongs to, those of another run are closed."""
+    files = getattr(_local, "open_files", None)
+    if files is None:
+        files = _local.open_files = OpenFiles()
+    if run is not None and run != files.run:
+        files.close()
+        files.run = run
+    return files
+
+
+class ThreadObjectCache(MutableMapping):
+    """uproot's ``object_cache`` option: this thread's :class:`OpenFiles` objects (a worker's
+    function is shared by its threads; uproot objects are not, so each thread has its own).
+
+    uproot keys objects by the file's UUID and the object's position, which copies of a file
+    share; here the key also holds the file's URL, so that a copy is never read through
+    another's source (a lookup is made for the file this thread opened last: at worst a miss).
+    """
+
+    def _cache(self) -> MutableMapping:
+        return open_files().objects
+
+    @staticmethod
+    def _key(key: str, value: Any = None) -> tuple[str, str]:
+        path = getattr(getattr(value, "file", None), "file_path", None)
+        return (path or getattr(_local, "opening", ""), key)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._cache()[self._key(key)]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._cache()[self._key(key, value)] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._cache()[self._key(key)]
+
+    def __iter__(self):
+        return iter([k for _, k in list(self._cache())])
+
+    def __len__(self) -> int:
+        return len(self._cache())
+
+    def __reduce__(self):  # a worker's own cache, never this process's contents
+        return (ThreadObjectCache, ())
+
+
+def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """coffea Runner's chunk function, with uproot objects kept between chunks of a thread.
+
+    Runner opens every chunk's file with its ``uproot_options``; adding ``object_cache``
+    there (unless the user gave one) is the only way in without changing coffea.
+    """
+    if not (isinstance(function, functools.partial)
+            and getattr(function.func, "__qualname__", "") == "Runner._work_function"):
+        return function
+    options = function.keywords.get("uproot_options")
+    if not isinstance(options, dict) or "object_cache" in options:
+        return function
+    keywords = {**function.keywords, "uproot_options": {**options, "object_cache": ThreadObjectCache()}}
+    return functools.partial(function.func, *function.args, **keywords)
+
+
 class MeteredSource(uproot.source.chunk.Source):
-    """Reads through the first working endpoint of the chunk's router."""
+    """Reads through the first working endpoint of the chunk's router.
+
+    Its endpoint's source is pooled by the thread (:class:`OpenFiles`): closing returns it,
+    and reads after that (a TTree kept for the next chunk) are metered to the chunk that
+    reads, not to the one that opened the file.
+    """
 
     def __init__(self, file_path: str, **options: Any) -> None:
         super().__init__()
-        self._io: ChunkIO = getattr(_local, "io", None) or ChunkIO()
+        self._opened_by: ChunkIO = getattr(_local, "io", None) or ChunkIO()
+        _local.opening = file_path  # the file this thread's object lookups are for (ThreadObjectCache)
         self._file_path = file_path
         self._options = options
         self._candidates = self._io.candidates(file_path)
@@ -113,15 +235,20 @@ class MeteredSource(uproot.source.chunk.Source):
         self._inner: uproot.source.chunk.Source | None = None
         self._open_next()
 
+    @property
+    def _io(self) -> ChunkIO:
+        """The chunk reading now (this thread's), else the one that opened the file."""
+        return getattr(_local, "io", None) or self._opened_by
+
     def _open_next(self) -> None:
         while True:
             if self._inner is not None:
-                _forget(self._inner)
+                open_files().drop(self._inner)
                 self._inner = None
             self._position += 1
             label, url = self._candidates[self._position]
             try:
-                self._inner = FSSpecSource(url, **self._options)
+                self._inner = open_files().open(url, self._options)
                 self._label = label
                 return
             except Exception as exc:
@@ -207,8 +334,7 @@ class MeteredSource(uproot.source.chunk.Source):
         return self
 
     def __exit__(self, exception_type, exception_value, traceback) -> None:
-        if self._inner is not None:
-            self._inner.__exit__(exception_type, exception_value, traceback)
+        pass  # the source stays in the thread's OpenFiles, which closes it when it is evicted
 
     def __repr__(self) -> str:
         return f"<MeteredSource {self._file_path!r} via {self._label}>"

@@ -25,7 +25,7 @@ import cloudpickle
 
 from casa_executors.errors import RemoteError, rebuild, type_path
 from casa_executors.merge import node_key
-from casa_executors.source import ChunkIO, Router, metering
+from casa_executors.source import ChunkIO, Router, keep_files_open, metering, open_files
 from casa_executors.store import Store, decode, encode
 from casa_executors.xcache.tokens import redact
 
@@ -46,6 +46,7 @@ class TaskBatch:
     compression: int | None = None
     router: Router | None = None
     store: Store | None = None  # write each output there (key ``nodes/0/<index>``) and return only its size
+    run: str = ""  # the driver's run: a worker keeps files open between the chunks of one run
 
 
 @dataclass
@@ -181,9 +182,9 @@ _loaded: tuple[bytes, Callable[[Any], Any]] | None = None
 def _function(spec: bytes | Callable[[Any], Any]) -> Callable[[Any], Any]:
     global _loaded
     if callable(spec):
-        return spec
+        return keep_files_open(spec)
     if _loaded is None or _loaded[0] != spec:
-        _loaded = (spec, cloudpickle.loads(spec))
+        _loaded = (spec, keep_files_open(cloudpickle.loads(spec)))
     return _loaded[1]
 
 
@@ -232,6 +233,7 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
         from casa_executors.xcache.client_env import apply_client_env
 
         apply_client_env()
+    open_files(batch.run)
     try:
         function = _function(batch.function)
     except Exception as exc:

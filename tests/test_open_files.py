@@ -1,0 +1,85 @@
+"""A worker keeps a run's files open between chunks (casa_executors.source.OpenFiles).
+
+coffea opens a chunk's file and reads its TTree's metadata for every chunk; the worker
+keeps the source and the TTree, so the next chunk of the same file reads baskets at once.
+These tests check that it does, that each chunk is still metered, that copies of a file
+(same UUID) are never read through one another, and that a file rewritten between runs is
+read anew.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from analysis import Analysis, require_engine, run, same
+from coffea import processor
+
+import casa_executors
+from casa_executors.source import open_files
+
+
+class TreeIds(processor.ProcessorABC):
+    """Which TTree objects the worker thread holds for which file, chunk after chunk."""
+
+    def process(self, events):
+        held = {(path, id(tree)) for (path, _), tree in open_files().objects.items()
+                if type(tree).__name__.startswith("Model_TTree")}
+        mine = {i for path, i in held if path == events.metadata["filename"]}
+        return {"trees": processor.dict_accumulator({events.metadata["filename"]: processor.set_accumulator(mine)}),
+                "n": processor.value_accumulator(int, len(events))}
+
+    def postprocess(self, accumulator):
+        return accumulator
+
+
+@pytest.mark.parametrize("backend", ["iterative", "futures"])
+def test_one_tree_per_file_and_every_chunk_metered(backend, sample_files, no_leftover_processes):
+    require_engine(backend)
+    ex = casa_executors.create(backend, status=False, **({} if backend == "iterative" else {"workers": 1}))
+    out = run(ex, sample_files, TreeIds(), chunksize=100)  # 10 chunks per file
+    assert out["n"].value == 3000
+    # the copies share a UUID, yet each file has its own TTree, read once for its 10 chunks
+    assert {f: len(ids) for f, ids in out["trees"].items()} == {str(f): 1 for f in sample_files}
+    assert len(set().union(*out["trees"].values())) == 3
+    rows = ex.report.rows()
+    assert len(rows) == 30 and all(r.status == "ok" and r.bytes_read > 0 for r in rows), rows
+    assert not open_files().sources, "the caller's thread keeps no file open after a run"
+
+
+def test_file_rewritten_between_runs_is_read_anew(tmp_path, sample_files):
+    """Files are kept within a run only: the same path, another content, in the next run."""
+    import awkward as ak
+    from conftest import SAMPLE_PARQUET
+
+    from benchmarks.adl.sample import write_root
+
+    path = tmp_path / "x.root"
+    shutil.copy(sample_files[0], path)
+    ex = casa_executors.futures(status=False, workers=1)
+    with ex:  # the same worker process for all runs
+        first = run(ex, [path, sample_files[1]], Counting(), chunksize=100)
+        assert first["n"].value == 2000 and first["held"] == {str(path), str(sample_files[1])}
+        part = tmp_path / "part.parquet"
+        ak.to_parquet(ak.from_parquet(SAMPLE_PARQUET)[:400], part)
+        write_root(str(part), str(path))  # another file (another UUID) at the same path
+        second = run(ex, [path], Counting(), chunksize=100)
+        # the first run's files were closed when the worker got the second run's first chunk
+        assert second["n"].value == 400 and second["held"] == {str(path)}
+
+
+class Counting(processor.ProcessorABC):
+    """Events, and the files the worker thread holds open while it processes them."""
+
+    def process(self, events):
+        held = {url for url, _ in open_files().sources}
+        return {"n": processor.value_accumulator(int, len(events)), "held": processor.set_accumulator(held)}
+
+    def postprocess(self, accumulator):
+        return accumulator
+
+
+def test_outputs_unchanged(sample_files, reference):
+    """The same bits as before, chunk sizes that cross the file's baskets."""
+    out = run(casa_executors.iterative(status=False), sample_files, Analysis(), chunksize=137)
+    assert same(out, reference)
