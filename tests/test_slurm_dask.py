@@ -163,7 +163,9 @@ def test_adapt_asks_for_jobs_with_work_and_gives_them_back(slurm, jobdir, secret
         sampler.start()
         with ex:  # held: the pool lives on after the run, and shrinks because it idles
             log = str(tmp_path / "a.log")
-            out = run(ex, sample_files, Failing(log, bad_starts=set(), sleep=1.0), chunksize=250)
+            # dask's adaptive target is the queued occupancy / 5 s: the driver keeps 2 x max = 4 tasks
+            # submitted, so tasks of 2 s (8 s of work in view) ask for the second job, 1 s ones may not
+            out = run(ex, sample_files, Failing(log, bad_starts=set(), sleep=2.0), chunksize=250)
             assert out["events"].value == 3000
             assert wait_until(lambda: not slurm.jobs(), 30), f"idle jobs not given back: {slurm.jobs()}"
         stop.set()
