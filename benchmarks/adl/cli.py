@@ -220,14 +220,15 @@ def _full_file_comparison(rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[Any]) -> None:
-    headers = ["query", "backend", "events", "wall s", "events/s", "CPU eff", "MB read", "vs iterative", "check"]
+    headers = ["query", "backend", "events", "wall s", "events/s", "CPU eff", "MB read", "vs iterative", "check",
+               "warm-up s"]
     table = []
     notes: dict[str, list[str]] = {}
     for r in sorted(rows, key=lambda r: r.query):
         if r.note:
             notes.setdefault(r.note, []).append(f"Q{r.query} {r.backend}")
         if r.error:
-            table.append([f"Q{r.query}", r.backend, "-", "-", "-", "-", "-", "-", f"ERROR {r.error}"])
+            table.append([f"Q{r.query}", r.backend, "-", "-", "-", "-", "-", "-", f"ERROR {r.error}", "-"])
             continue
         eff = r.cpu_efficiency
         table.append([
@@ -236,6 +237,7 @@ def print_table(rows: list[Any]) -> None:
             "-" if r.bytes_read is None else f"{r.bytes_read / 1e6:.1f}",
             "-" if r.speedup_vs_iterative is None else f"{r.speedup_vs_iterative:.2f}x",
             "ok" if r.identical_to_iterative else ("DIFF" if r.identical_to_iterative is False else "-"),
+            "-" if r.warmup_s is None else f"{r.warmup_s:.1f}",
         ])
     try:
         from rich.console import Console
