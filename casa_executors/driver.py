@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import queue
 import time
@@ -34,6 +35,7 @@ from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase, Runner
 from coffea.util import _exception_chain
 
+from casa_executors.adaptive import Grains, Planner, Todo, adaptable
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
@@ -82,6 +84,7 @@ class Driver(ExecutorBase):
     checkpoint_restart: bool = False  # a checkpoint of another run there is deleted, not refused
     store: str | None = None  # where workers put outputs to merge them (a folder or URL they all reach)
     merge: str = "auto"  # "workers": merge on the engine (or fail), "driver": in this process
+    target_task_s: float | None = None  # adaptive chunking: tasks of about this many seconds (adaptive.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
@@ -111,6 +114,10 @@ class Driver(ExecutorBase):
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)
+        target = self.target_task_s
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not math.isfinite(target) or target <= 0):
+            raise ExecutorOptionError(f"target_task_s must be a positive number of seconds (or None), got {target!r}")
 
     def _make_router(self):
         if self.cache is None:
@@ -144,15 +151,22 @@ class Driver(ExecutorBase):
         if not items:
             self.report.begin(name, self.backend.name, self.backend.workers, items)
             return accumulator, 0
+        grains = None
+        if name == "processing" and self.target_task_s is not None and adaptable(items):
+            grains = Grains.split(items, self.merge_fanin)  # the leaves of the tree: tasks are its nodes
         t0 = time.perf_counter()
         with self.backend.session():
             # begun once the engine is up: an external cluster's size is known only when connected
-            phase = self.report.begin(name, self.backend.name, self.backend.workers, items)
-            run = _Run(self, phase, work, skipbadfiles)
+            phase = self.report.begin(name, self.backend.name, self.backend.workers,
+                                      grains.leaves if grains else items, grains)
+            run = _Run(self, phase, work, skipbadfiles, grains)
             try:
                 merged = run.drive()
             finally:
                 phase.wall_s = time.perf_counter() - t0
+        if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
+            # coffea's list of processed items names the user's items, not the ranges tasks read
+            merged["processed"] = grains.processed([r.status in DONE for r in phase.rows])
         out = merged if accumulator is None else accumulate([merged], accumulator)
         return self._outcome(run, out, from_runner=work is not function, result_type=result_type)
 
@@ -177,8 +191,10 @@ class Driver(ExecutorBase):
                 return out, err  # Runner: Err(err, value=output)
             raise err  # preprocessing (Runner ignores what it returns) or no output: Runner.run makes it Err(err)
         if run.skipped:
+            rows = run.phase.ranges()
             warnings.warn(
-                f"{len(run.skipped)} of {len(run.phase.items)} {run.phase.name} items failed and were left out "
+                f"{sum(r.status == 'failed' for r in rows)} of {len(rows)} {run.phase.name} items failed and were "
+                "left out "
                 f"(first: {run.describe(run.skipped[0][0], run.skipped[0][1])}); "
                 "see executor.report.failures()",
                 stacklevel=3,
@@ -189,10 +205,11 @@ class Driver(ExecutorBase):
 
 
 class _ChunkJob:
-    __slots__ = ("future", "indices", "data")
+    __slots__ = ("data", "future", "nodes")
 
-    def __init__(self, future: Future, indices: list[int], data: Any) -> None:
-        self.future, self.indices, self.data = future, indices, data
+    def __init__(self, future: Future, nodes: list[tuple[int, int]], data: Any) -> None:
+        # the tree nodes its tasks compute, (level, index): chunks are leaves, (0, i)
+        self.future, self.nodes, self.data = future, nodes, data
 
 
 class _MergeJob:
@@ -205,7 +222,8 @@ class _MergeJob:
 class _Run:
     """The state of one executor call."""
 
-    def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any) -> None:
+    def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any,
+                 grains: Grains | None = None) -> None:
         self.driver, self.phase, self.skipbadfiles = driver, phase, skipbadfiles
         self.backend = driver.backend
         n = len(phase.items)
@@ -220,7 +238,9 @@ class _Run:
         self.attempts = [0] * n
         self.failures = [0] * n  # failed attempts: a chunk fails for good after retries + 1
         self.losses = [0] * n  # outputs lost after the chunk was done (recomputed up to retries + 1 times)
-        self.todo: deque[int] = deque(range(n))
+        # adaptive chunking: a task is the node the planner picks (else one leaf, a chunk, per task)
+        self.planner = Planner(grains, self.tree, driver.target_task_s, driver.retries) if grains else None
+        self.todo = self._todo(range(n))
         self.inflight: dict[int, _ChunkJob | _MergeJob] = {}
         self.keys = itertools.count()
         self.done: queue.SimpleQueue = queue.SimpleQueue()
@@ -229,7 +249,8 @@ class _Run:
         self.result: Any = None
         self.finished = False
         self.corrupt: list[str] = []
-        self.batch = driver.chunks_per_task or self.backend.batch_size(n)
+        # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise
+        self.batch = driver.chunks_per_task or (1 if self.planner else self.backend.batch_size(n))
         self.limit = max(self.backend.max_inflight(), 1)
         # a store placement may make a temporary folder: drive() removes it (or this, on a failure here)
         self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
@@ -266,7 +287,7 @@ class _Run:
                 chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
                 values = self.placement.collect([job.future for job in chunks])
                 for job, value in zip(chunks, values):
-                    for position, result in enumerate(self._results(value, job.indices)):
+                    for position, result in enumerate(self._results(value, [i for _, i in job.nodes])):
                         self._handle(result, job, position)
                 for job in jobs:
                     if isinstance(job, _MergeJob):
@@ -289,7 +310,7 @@ class _Run:
             return
         restored, todo, leftovers = self.checkpoint.resolve(self.tree)
         self.checkpoint.store.remove(leftovers)  # below restored nodes, temporary, partial: a kill's debris
-        self.todo = deque(sorted(todo))
+        self.todo = self._todo(sorted(todo))
         for level, index in restored:
             span = self.tree.span(level, index)
             self.bar.events += Report.restore(self.phase, span)
@@ -317,7 +338,7 @@ class _Run:
             if self.checkpoint is not None:
                 self.phase.checkpoint = {
                     "url": self.checkpoint.url, "run_key": self.checkpoint.identity.get("run_key", ""),
-                    "restored": sum(1 for r in self.phase.rows if r.status == "restored"),
+                    "restored": sum(1 for r in self.phase.ranges() if r.status == "restored"),
                     "corrupt": list(self.corrupt), "restarted": self.checkpoint.restarted,
                 }
 
@@ -404,20 +425,23 @@ class _Run:
 
     # -- chunks ------------------------------------------------------------------------
     def _submit_more(self) -> None:
-        if self.abort is not None:
+        if self.abort is not None and self.todo:
+            why = f"not run: the run stopped after {self.describe(*self.abort)}"
             while self.todo:
                 i = self.todo.popleft()
-                Report.give_up(self.phase, i, "failed", NOT_RUN,
-                               f"not run: the run stopped after {self.describe(*self.abort)}")
+                Report.give_up(self.phase, i, "failed", NOT_RUN, why)
                 self._put(Node(0, i, None, False))
         while self.merges:  # at once: a merge frees what its children hold, and there are few of them
             group = self.merges.popleft()
             fn, arg = self.placement.merge_call(group)
             self._track(_MergeJob(self._submit(fn, arg), group))
         takes, batches = [], []
+        workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
         while self.todo and len(self.inflight) + len(takes) < self.window:
-            take = [self.todo.popleft() for _ in range(min(self.batch, len(self.todo)))]
-            tasks = [ChunkTask(i, self.phase.items[i], self.attempts[i] + 1) for i in take]
+            take = []
+            while self.todo and len(take) < self.batch:
+                take.append(self.planner.next(self.todo, workers) if self.planner else (0, self.todo.popleft()))
+            tasks = [self._task(level, index) for level, index in take]
             takes.append(take)
             batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router,
                                      run=self.run_id))
@@ -429,6 +453,16 @@ class _Run:
             submitted = [(_failed(exc), None) for _ in batches]
         for take, (future, data) in zip(takes, submitted):
             self._track(_ChunkJob(future, take, data))
+
+    def _todo(self, leaves: Any) -> Todo:
+        return self.planner.todo(leaves) if self.planner else Todo(leaves)
+
+    def _task(self, level: int, index: int) -> ChunkTask:
+        """The task computing node (level, index): a chunk, or (adaptive chunking) the one range of a
+        file its leaves make."""
+        span = self.tree.span(level, index)
+        item = self.phase.range_item(span)
+        return ChunkTask(index, item, max(self.attempts[i] for i in span) + 1, level)
 
     def _submit(self, fn: Any, arg: Any) -> Future:
         try:
@@ -454,25 +488,38 @@ class _Run:
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]
 
     def _handle(self, r: ChunkResult, job: _ChunkJob, position: int) -> None:
-        i = r.index
-        self.attempts[i] += 1
-        Report.attempt(self.phase, r)
+        level, index = job.nodes[position]
+        span = self.tree.span(level, index)  # the leaves this task covered: chunk ``index`` when level is 0
+        for i in span:
+            self.attempts[i] += 1
+        if level:
+            Report.attempt(self.phase, r, span)
+        else:
+            Report.attempt(self.phase, r)
         if r.ok:
-            self.bar.advance(r.events)
-            self._put(Node(0, i, self.placement.leaf(r, job.data, position), True))
+            if self.planner:
+                self.planner.finished(r.events, r.wall_s, r.worker)
+            self.bar.advance(r.events, len(span))
+            self._put(Node(level, index, self.placement.leaf(r, job.data, position, level), True))
             return
-        self.failures[i] += 1
         exc = r.error.exception()
-        if self.failures[i] <= self.driver.retries and self.abort is None:
-            log.info("%s item %d: attempt %d failed on %s (%s); retrying", self.phase.name, i, r.attempt,
+        retry, stop = [], []  # a leaf fails for good after retries + 1 failed attempts, alone or in a range
+        for i in span:
+            self.failures[i] += 1
+            (retry if self.failures[i] <= self.driver.retries and self.abort is None else stop).append(i)
+        if self.planner:
+            self.planner.failed(level, span, self.failures)
+        if retry:
+            log.info("%s item %d: attempt %d failed on %s (%s); retrying", self.phase.name, retry[0], r.attempt,
                      r.worker or self.backend.describe(), r.error.type_name)
             # in this thread a chunk is retried at once, as coffea's IterativeExecutor does: a run that
             # stops on it has run exactly the chunks before it; elsewhere the retry goes to the back
-            (self.todo.appendleft if self.backend.in_process else self.todo.append)(i)
+            for i in (reversed(retry) if self.backend.in_process else retry):
+                (self.todo.appendleft if self.backend.in_process else self.todo.append)(i)
             self.bar.retries += 1
-            return
-        Report.give_up(self.phase, i, "failed")
-        self._give_up(i, exc)
+        for i in stop:
+            Report.give_up(self.phase, i, "failed")
+            self._give_up(i, exc)
 
     def _give_up(self, i: int, exc: BaseException) -> None:
         self.bar.failures += 1
@@ -492,7 +539,7 @@ class _Run:
         return self.driver.recoverable or matches
 
     def describe(self, index: int, exc: BaseException) -> str:
-        item = self.phase.items[index]
+        item = self.phase.range_item(self.phase.range_of(index)[0])
         where = getattr(item, "filename", str(item))
         start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
         span = f" entries {start}-{stop}" if start is not None else ""
@@ -506,8 +553,10 @@ class _Run:
         exception type and ``ChunkError``, with the chunk, its attempts and where to look."""
         if index is None:
             index, exc = self.abort
-        item, row = self.phase.items[index], self.phase.rows[index]
-        failed = [r for r in self.phase.rows if r.status not in DONE]
+        leaves, row = self.phase.range_of(index)  # adaptive chunking: the range that ran as one task
+        item = self.phase.range_item(leaves)
+        rows = self.phase.ranges()
+        failed = [r for r in rows if r.status not in DONE]
         where = getattr(item, "filename", str(item))
         start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
         span = f" entries {start}-{stop}" if start is not None else ""
@@ -521,7 +570,7 @@ class _Run:
         notes = [
             f"casa_executors: {self.phase.name} of {where}{span}{dataset} failed after "
             f"{self.attempts[index]} attempt(s) on {self.backend.describe()}{worker}: {type(root).__name__}: {root}",
-            f"{len(failed)} of {len(self.phase.rows)} {self.phase.name} items did not complete: "
+            f"{len(failed)} of {len(rows)} {self.phase.name} items did not complete: "
             "executor.report.failures() lists them; .partial_output holds the output of the others "
             "(recoverable=True or Runner(skipbadfiles=...) keep going past such failures)",
         ]

@@ -102,7 +102,9 @@ class Placement:
                 out.append(exc)
         return out
 
-    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
+        """The handle of a chunk task's output: node ``(level, result.index)`` of the tree (level > 0: a
+        task that covered a whole node, adaptive chunking)."""
         self.output_bytes += result.output_bytes
         if isinstance(result.output, bytes):
             self.bytes_to_driver += len(result.output)
@@ -156,9 +158,9 @@ class StorePlacement(Placement):
             batch.store = self.store
         return super().submit_chunks(batches)
 
-    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
         self.output_bytes += result.output_bytes
-        return node_key(0, result.index)
+        return node_key(level, result.index)  # where the worker wrote it (task.run_chunk)
 
     def _task(self, group: Group) -> StoredMerge:
         complete = group.complete
@@ -242,7 +244,7 @@ class EnginePlacement(Placement):
                 got = {}
         return [got[id(f)] if id(f) in got else super(EnginePlacement, self).collect([f])[0] for f in futures]
 
-    def leaf(self, result: ChunkResult, data: Any, position: int) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
         self.output_bytes += result.output_bytes
         return (data, position)
 

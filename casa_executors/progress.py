@@ -58,9 +58,9 @@ class ProgressBar:
         else:
             self._progress.start()
 
-    def advance(self, events: int = 0) -> None:
+    def advance(self, events: int = 0, chunks: int = 1) -> None:
         self.events += events
-        self.refresh(advance=1)
+        self.refresh(advance=chunks)
 
     def refresh(self, advance: int = 0) -> None:
         if self._progress is None:

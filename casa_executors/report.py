@@ -3,17 +3,26 @@
 A row ends ``ok`` (computed in this call), ``restored`` (its output came from
 the checkpoint) or ``failed``. Rows are slotted and share empty
 tuples, so 20,000 of them stay a few MB.
+
+With adaptive chunking (:mod:`casa_executors.adaptive`) the driver keeps a row
+per leaf of the merge tree (a grain), and what users see is one row per range
+that ran as one task (or was restored as one node, or did not run, per item):
+:meth:`Phase.ranges`, built from the leaves' rows when asked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from casa_executors.task import ChunkResult
+
+if TYPE_CHECKING:
+    from casa_executors.adaptive import Grains
 
 
 @dataclass(slots=True)
@@ -50,9 +59,14 @@ class Phase:
     wall_s: float = 0.0
     merge: dict[str, Any] = field(default_factory=dict)  # where outputs lived and merged (outputs.py)
     checkpoint: dict[str, Any] | None = None  # location, run key, corrupt files found
+    # adaptive chunking: leaf -> the run (task, restored node, or item not run) it belongs to, and
+    # leaf -> its stretch of one file; None: every leaf is its own row
+    runs: list[int] | None = None
+    segment: list[int] | None = None
+    _next_run: int = 0
 
     @classmethod
-    def of(cls, name: str, backend: str, workers: int, items: list[Any]) -> Phase:
+    def of(cls, name: str, backend: str, workers: int, items: list[Any], grains: Grains | None = None) -> Phase:
         rows = [
             ChunkRow(
                 i,
@@ -63,7 +77,67 @@ class Phase:
             )
             for i, it in enumerate(items)
         ]
-        return cls(name, backend, workers, list(items), rows)
+        phase = cls(name, backend, workers, list(items), rows)
+        if grains is not None:  # until they run, the grains of an item are one row
+            phase.runs, phase.segment, phase._next_run = list(grains.owner), grains.segment, len(grains.items)
+        return phase
+
+    def mark(self, leaves: range | list[int]) -> None:
+        """``leaves`` just ran (or were restored) as one range: they are one row from now on."""
+        if self.runs is None:
+            return
+        for i in leaves:
+            self.runs[i] = self._next_run
+        self._next_run += 1
+
+    def groups(self) -> list[range]:
+        """The leaves of each row, in order."""
+        n = len(self.rows)
+        if self.runs is None:
+            return [range(i, i + 1) for i in range(n)]
+        runs, rows, segment = self.runs, self.rows, self.segment
+        out, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or (runs[i], rows[i].status, segment[i]) != (runs[start], rows[start].status, segment[start]):
+                out.append(range(start, i))
+                start = i
+        return out
+
+    def ranges(self) -> list[ChunkRow]:
+        """One row per range that ran as one task (leaf rows as they are without adaptive chunking)."""
+        if self.runs is None:
+            return list(self.rows)
+        return [self._joined(k, leaves) for k, leaves in enumerate(self.groups())]
+
+    def range_of(self, leaf: int) -> tuple[range, ChunkRow]:
+        """The row ``leaf`` is in, and its leaves."""
+        if self.runs is None:
+            return range(leaf, leaf + 1), self.rows[leaf]
+        for k, leaves in enumerate(self.groups()):
+            if leaf in leaves:
+                return leaves, self._joined(k, leaves)
+        raise IndexError(leaf)
+
+    def range_item(self, leaves: range) -> Any:
+        """The work item of a row: what to run again to compute it."""
+        first = self.items[leaves.start]
+        if len(leaves) == 1:
+            return first
+        return dataclasses.replace(first, entrystop=self.items[leaves.stop - 1].entrystop)
+
+    def _joined(self, k: int, leaves: range) -> ChunkRow:
+        rows = [self.rows[i] for i in leaves]
+        first = rows[0]
+        if len(rows) == 1:
+            return dataclasses.replace(first, index=k)
+        return ChunkRow(
+            k, first.dataset, first.filename, first.entrystart, rows[-1].entrystop, first.status,
+            attempts=max(r.attempts for r in rows), worker=first.worker, host=first.host,
+            wall_s=sum(r.wall_s for r in rows), cpu_s=sum(r.cpu_s for r in rows),
+            events=sum(r.events for r in rows), bytes_read=sum(r.bytes_read for r in rows),
+            endpoints=next((r.endpoints for r in rows if r.endpoints), ()),
+            failovers=tuple(f for r in rows for f in r.failovers), error_type=first.error_type, error=first.error,
+        )
 
 
 DONE = ("ok", "restored")  # the chunk's output is in the result
@@ -79,8 +153,8 @@ class Report:
         self._lock = threading.Lock()
 
     # -- driver side -------------------------------------------------------
-    def begin(self, name: str, backend: str, workers: int, items: list[Any]) -> Phase:
-        phase = Phase.of(name, backend, workers, items)
+    def begin(self, name: str, backend: str, workers: int, items: list[Any], grains: Grains | None = None) -> Phase:
+        phase = Phase.of(name, backend, workers, items, grains)
         with self._lock:
             if name == "preprocessing":
                 self.preprocessing, self.processing = phase, None
@@ -92,22 +166,30 @@ class Report:
         return phase
 
     @staticmethod
-    def attempt(phase: Phase, result: ChunkResult) -> None:
-        row = phase.rows[result.index]
-        row.attempts += 1
-        row.worker, row.host = result.worker, result.host
-        row.wall_s += result.wall_s
-        row.cpu_s += result.cpu_s
-        row.bytes_read += result.bytes_read
-        if result.endpoints:
-            row.endpoints = tuple(result.endpoints)
-        if result.failovers:
-            row.failovers = (*row.failovers, *result.failovers)
-        if result.ok:
-            row.status, row.events = "ok", result.events
-            row.error_type = row.error = ""
-        else:
-            row.error_type, row.error = result.error.type_name, result.error.message
+    def attempt(phase: Phase, result: ChunkResult, leaves: range | None = None) -> None:
+        """An attempt of chunk ``result.index``, or of the consecutive ``leaves`` as one task (adaptive
+        chunking): each counts it; its times and bytes go to the first, so that a row's sum is exact."""
+        if leaves is None:
+            leaves = range(result.index, result.index + 1)
+        phase.mark(leaves)
+        for n, i in enumerate(leaves):
+            row = phase.rows[i]
+            row.attempts += 1
+            row.worker, row.host = result.worker, result.host
+            if n == 0:
+                row.wall_s += result.wall_s
+                row.cpu_s += result.cpu_s
+                row.bytes_read += result.bytes_read
+                if result.endpoints:
+                    row.endpoints = tuple(result.endpoints)
+                if result.failovers:
+                    row.failovers = (*row.failovers, *result.failovers)
+            if result.ok:
+                row.status = "ok"
+                row.events = result.events if len(leaves) == 1 else row.entrystop - row.entrystart
+                row.error_type = row.error = ""
+            else:
+                row.error_type, row.error = result.error.type_name, result.error.message
 
     @staticmethod
     def give_up(phase: Phase, index: int, status: str, error_type: str = "", error: str = "") -> None:
@@ -118,7 +200,8 @@ class Report:
 
     @staticmethod
     def restore(phase: Phase, indices: range | list[int]) -> int:
-        """Rows whose output came from the checkpoint; returns their events."""
+        """Rows whose output came from the checkpoint (one node: ``indices`` is its span); returns their events."""
+        phase.mark(indices)
         events = 0
         for i in indices:
             row = phase.rows[i]
@@ -135,16 +218,20 @@ class Report:
 
     # -- user side ---------------------------------------------------------
     def rows(self) -> list[ChunkRow]:
-        return list(self.processing.rows) if self.processing else []
+        """One row per chunk; with adaptive chunking, per range that ran as one task."""
+        return self.processing.ranges() if self.processing else []
 
     def failures(self) -> list[ChunkRow]:
-        phases = [p for p in (self.preprocessing, self.processing) if p is not None]
-        return [r for p in phases for r in p.rows if r.status == "failed"]
+        pre = self.preprocessing.rows if self.preprocessing else []
+        return [r for r in [*pre, *self.rows()] if r.status == "failed"]
 
     def failed_items(self) -> list[Any]:
-        """The WorkItems that failed for good: pass them to ``Runner`` as the fileset."""
+        """The WorkItems that failed for good (with adaptive chunking: the ranges that did): pass
+        them to ``Runner`` as the fileset."""
         p = self.processing
-        return [] if p is None else [p.items[r.index] for r in p.rows if r.status not in DONE]
+        if p is None:
+            return []
+        return [p.range_item(leaves) for leaves in p.groups() if p.rows[leaves.start].status not in DONE]
 
     def failed_files(self) -> dict[str, list[str]]:
         """Files that could not even be opened in preprocessing, as a fileset."""
@@ -157,7 +244,7 @@ class Report:
 
     def summary(self) -> dict[str, Any]:
         p = self.processing
-        rows = p.rows if p else []
+        rows = self.rows()
         ok = [r for r in rows if r.status in DONE]
         events = sum(r.events for r in ok)
         wall = p.wall_s if p else 0.0

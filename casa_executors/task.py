@@ -37,6 +37,7 @@ class ChunkTask:
     index: int
     item: Any  # a coffea WorkItem or FileMeta
     attempt: int
+    level: int = 0  # the task computes node (level, index) of the merge tree (> 0: adaptive chunking)
 
 
 @dataclass
@@ -210,7 +211,7 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch)
         with metering(io):
             output = function(task.item)
         if batch.store is not None:
-            result.output_bytes = batch.store.put_output(node_key(0, task.index), output, batch.compression)
+            result.output_bytes = batch.store.put_output(node_key(task.level, task.index), output, batch.compression)
         else:
             result.output = _compress(output, batch.compression)
             result.output_bytes = len(result.output) if isinstance(result.output, bytes) else 0
