@@ -5,10 +5,10 @@ builds its form), which dominates light queries on small chunks; a long chunk
 leaves cores idle at the end of a run. With ``target_task_s`` the driver sizes
 the tasks itself, on every backend:
 
-* each processing item is cut into up to ``merge_fanin`` equal *grains* (none
-  under :data:`MIN_GRAIN` entries) and the fixed merge tree is built over the
-  grains, so an item cut into ``fanin`` grains at an aligned place is one node of
-  level 1 (:class:`Grains`);
+* each processing item of at least ``merge_fanin`` x :data:`MIN_GRAIN` entries
+  is cut into ``merge_fanin`` equal *grains* (shorter ones are one grain) and the
+  fixed merge tree is built over the grains, so an item cut at an aligned place
+  is one node of level 1 (:class:`Grains`);
 * a task covers exactly one node of that tree whose grains are consecutive
   entry ranges of one file: it reads the whole range at once and its output
   enters the tree as that node. Merge order (the bits of the output), store and
@@ -18,7 +18,8 @@ the tasks itself, on every backend:
   estimated duration is closest to the target (in log), from a fit of
   ``wall = fixed + per_event * events`` over finished tasks, but no bigger than
   ``1 / (TAIL_TASKS_PER_WORKER * workers)`` of the work still waiting (every
-  core stays busy at the end). Before any task has finished, tasks are the
+  core stays busy at the end) unless cutting it would cost more fixed costs than
+  it saves at the tail. Before any task has finished, tasks are the
   size of the user's items. After a failure the leaves of the failed task run
   one level lower, and alone on their last attempt (a bad range is narrowed
   down; attempts are still counted per leaf: ``retries + 1`` at most).
@@ -39,6 +40,9 @@ from coffea.processor.executor import WorkItem
 
 from casa_executors.merge import MergeTree
 
+# the default merge fan-in with target_task_s: a binary tree has nodes of 1, 2, 4, 8... items, so a
+# task can cover far more of a file than with 1, 8, 64... (a node never spans two files); see the docs
+ADAPTIVE_FANIN = 2
 MIN_GRAIN = 1000  # entries: smaller grains would cost more in per-task overhead than they balance
 TAIL_TASKS_PER_WORKER = 2  # a task is at most 1/(this x workers) of the work still waiting
 DECAY = 0.9  # weight of a finished task in the fit, per newer one: the estimate follows warm-up and load
@@ -77,7 +81,9 @@ class Grains:
         owner: list[int] = []
         for j, item in enumerate(items):
             n = item.entrystop - item.entrystart
-            grains = max(1, min(fanin, n // min_entries))
+            # fanin grains or none: an item cut in fewer would shift every later item off the tree's
+            # node boundaries (and only a very slow analysis needs a task shorter than fanin x 1,000 entries)
+            grains = fanin if n >= fanin * min_entries else 1
             cuts = [item.entrystart + n * c // grains for c in range(grains + 1)]
             for start, stop in itertools.pairwise(cuts):
                 leaves.append(item if grains == 1 else dataclasses.replace(item, entrystart=start, entrystop=stop))
@@ -158,6 +164,8 @@ class _Fit:
         self.n = 0
         self.sw = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.fixed = self.per_event = 0.0
+        self.alike = True  # all tasks of about one size: the split between fixed and per event is unknown
+        self.mean_s = 0.0
 
     def add(self, events: float, wall_s: float) -> None:
         self.sw, self.sx, self.sy, self.sxx, self.sxy = (
@@ -166,7 +174,8 @@ class _Fit:
         self.n += 1
         mx, my = self.sx / self.sw, self.sy / self.sw
         var = self.sxx / self.sw - mx * mx
-        if var <= (0.05 * mx) ** 2:
+        self.mean_s, self.alike = my, var <= (0.05 * mx) ** 2
+        if self.alike:
             # tasks of one size cannot tell a fixed cost from a per-event one: take it all per event,
             # which overestimates bigger tasks (they are tried, and the fit corrects itself)
             self.fixed, self.per_event = (0.0, my / mx) if mx > 0 else (my, 0.0)
@@ -200,6 +209,12 @@ class Estimate:
     def seconds(self, events: int) -> float:
         fit = self._warm if self._warm.n else self._first
         return fit.fixed + fit.per_event * events
+
+    @property
+    def fixed_s(self) -> float:
+        """The fixed cost of a task, or at most that: while all tasks had one size, their mean time."""
+        fit = self._warm if self._warm.n else self._first
+        return fit.mean_s if fit.alike else fit.fixed
 
     def describe(self) -> dict[str, float]:
         fit = self._warm if self._warm.n else self._first
@@ -240,7 +255,8 @@ class Planner:
         for level in range(1, self.tree.top + 1):
             span = self.tree.span(level, leaf // self.tree.fanin**level)
             events = self.events(span)
-            if events > limit or (not ready and events > self._item_events[leaf]):
+            if (events > limit and not self._too_short_to_split(events, workers)) or (
+                    not ready and events > self._item_events[leaf]):
                 break  # too big for the tail; or, before any measurement, bigger than the user's item
             if not self._free(span, level, leaf, todo):
                 break  # a bigger node holds this one's leaves too
@@ -254,6 +270,14 @@ class Planner:
             return abs(math.log(max(self.estimate.seconds(option[1]), 1e-6) / self.target_s)), -option[0]
 
         return min(options, key=distance)[0]
+
+    def _too_short_to_split(self, events: int, workers: int) -> bool:
+        """Would cutting a task of ``events`` in ``fanin`` cost more in per-task overhead (``fanin - 1``
+        fixed costs shared by the workers) than it can save at the tail (about half the task)?"""
+        if not self.estimate.ready:
+            return False
+        fixed = self.estimate.fixed_s
+        return self.estimate.seconds(events) / 2 <= (self.tree.fanin - 1) * fixed / workers
 
     def _free(self, span: range, level: int, leaf: int, todo: Todo) -> bool:
         """All leaves waiting, of one stretch of one file, and none held below ``level`` by a failure."""

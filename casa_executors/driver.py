@@ -35,7 +35,7 @@ from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase, Runner
 from coffea.util import _exception_chain
 
-from casa_executors.adaptive import Grains, Planner, Todo, adaptable
+from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, Planner, Todo, adaptable
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
@@ -72,7 +72,7 @@ class Driver(ExecutorBase):
     backend: Backend = field(default_factory=IterativeBackend)
     retries: int = 3
     recoverable: bool = False
-    merge_fanin: int = 8
+    merge_fanin: int | None = None  # 8; 2 with target_task_s (more task sizes fit inside a file)
     chunks_per_task: int | None = None
     cache: str | list[str] | None = None
     cache_mode: str = "plain"
@@ -89,6 +89,8 @@ class Driver(ExecutorBase):
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
             raise ExecutorOptionError(f"backend must be a casa_executors Backend, got {self.backend!r}")
+        if self.merge_fanin is None:
+            self.merge_fanin = ADAPTIVE_FANIN if self.target_task_s is not None else 8
         for name, low in (("retries", 0), ("merge_fanin", 2), ("cache_spares", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -101,14 +101,14 @@ def test_grains_align_items_with_the_tree_and_processed_names_the_users_items():
     wi = lambda f, a, b: WorkItem("d", f, "Events", a, b, b"u" + f.encode())  # noqa: E731
     items = [wi("x", 0, 8_000), wi("x", 8_000, 10_500), wi("x", 10_500, 11_000), wi("y", 0, 16_000)]
     g = Grains.split(items, 8)
-    # 8 grains, 2 (none under 1,000 entries), 1, 8: an item cut in 8 at an aligned place is one level-1 node
-    assert [g.owner.count(j) for j in range(4)] == [8, 2, 1, 8]
-    assert [(leaf.entrystart, leaf.entrystop) for leaf in g.leaves[:9]] == [
-        (i * 1000, (i + 1) * 1000) for i in range(8)] + [(8_000, 9_250)]
-    assert g.segment == [0] * 11 + [1] * 8  # x's entries run on; y starts another stretch
-    done = [True] * 19
+    # 8 grains of 1,000 entries or more, else none: an item cut at an aligned place is one level-1 node
+    assert [g.owner.count(j) for j in range(4)] == [8, 1, 1, 8]
+    assert [(leaf.entrystart, leaf.entrystop) for leaf in g.leaves[:10]] == [
+        (i * 1000, (i + 1) * 1000) for i in range(8)] + [(8_000, 10_500), (10_500, 11_000)]
+    assert g.segment == [0] * 10 + [1] * 8  # x's entries run on; y starts another stretch
+    done = [True] * 18
     assert g.processed(done) == set(items)
-    done[12] = False  # one grain of y failed: its other ranges are what the output holds
+    done[11] = False  # one grain of y failed: its other ranges are what the output holds
     assert g.processed(done) == {*items[:3], wi("y", 0, 2_000), wi("y", 4_000, 16_000)}
 
 
@@ -127,21 +127,24 @@ def fixed_adl(sample_files) -> tuple[dict, dict]:
     return outs, cache
 
 
-@pytest.mark.parametrize("name, queries", [("iterative", "all"), ("futures", (1, 6, 8)), ("dask", (1, 8))])
-def test_adl_queries_identical_to_fixed_chunks_with_fewer_tasks(name, queries, sample_files, fixed_adl,
+@pytest.mark.parametrize("name, queries, fanin", [
+    ("iterative", "all", None), ("futures", (1, 6, 8), None), ("dask", (1, 8), None), ("iterative", (1, 8), 8)])
+def test_adl_queries_identical_to_fixed_chunks_with_fewer_tasks(name, queries, fanin, sample_files, fixed_adl,
                                                                  no_leftover_processes):
+    """Fixed chunks of 50 against target_task_s (merge tree: binary by default, and fan-in 8)."""
     from benchmarks.adl.queries import QUERIES
 
     require_engine(name)
     want, cache = fixed_adl
-    options = {} if name == "iterative" else {"workers": 2}
+    options = ({} if name == "iterative" else {"workers": 2}) | ({"merge_fanin": fanin} if fanin else {})
     with ce.create(name, status=False, target_task_s=BIG_TARGET, **options) as ex:
+        assert ex.merge_fanin == (fanin or 2)
         for q in QUERIES if queries == "all" else queries:
             got = run(ex, sample_files, QUERIES[q](), chunksize=SMALL, metadata_cache=dict(cache))
             assert same_hists(got, want[q]), f"query {q} differs"
             rows = check_rows(ex, sample_files, 1000)
             assert len(rows) < 60, f"query {q}: no range was coalesced"  # 60 items of 50 entries
-            assert any(r.entrystop - r.entrystart >= 8 * SMALL for r in rows)  # a whole level-1 node
+            assert any(r.entrystop - r.entrystart >= 8 * SMALL for r in rows)  # eight items or more in one task
             assert all(r.status == "ok" and r.attempts == 1 for r in rows)
             assert ex.report.summary()["events"] == 3000
 
@@ -163,8 +166,9 @@ def test_long_items_are_split_into_grains_with_the_same_output_and_processed_set
     items = want["processed"]
     assert len(items) == 4 and got["processed"] == items  # the user's items, not the grains
     rows = check_rows(ex, long_files, 16_000)
-    # before anything was measured a task is an item; then every item runs grain by grain
-    assert [r.entrystop - r.entrystart for r in rows] == [LONG] + [1000] * 24
+    # before anything was measured a task is an item; then every item runs grain by grain (2 a item: the
+    # default tree is binary with target_task_s)
+    assert [r.entrystop - r.entrystart for r in rows] == [LONG] + [LONG // 2] * 6
 
 
 # -- failures -----------------------------------------------------------------------------------------
@@ -201,8 +205,8 @@ def test_a_failing_range_is_narrowed_down_attempted_exactly_and_listed(name, sam
         held = sum(n for (f, a, b), n in runs.items()
                    if f == os.path.basename(r.filename) and a <= r.entrystart and r.entrystop <= b)
         assert r.attempts == held, r
-    if name == "iterative":  # one worker, no tail: the range around 420 ran as one level-1 node first
-        assert runs[("b.root", 200, 600)] == 1 and runs[("b.root", 400, 450)] == 2
+    if name == "iterative":  # one worker, no tail: bisected from the coalesced range down to the chunk
+        assert [runs[("b.root", a, b)] for a, b in ((200, 600), (400, 600), (400, 450))] == [1, 1, 1]
 
 
 def test_no_retries_fail_the_whole_range_that_ran(sample_files, fixed_adl, tmp_path):
@@ -221,12 +225,12 @@ def test_no_retries_fail_the_whole_range_that_ran(sample_files, fixed_adl, tmp_p
 
 
 def test_checkpoint_resume_restores_coalesced_nodes_and_counts_nothing_twice(sample_files, fixed_adl, tmp_path):
-    """A first call leaves a coalesced range failed (once); the same call resumes: the stored nodes,
-    coalesced ones included, are restored, only the failed range runs again, the output is the fixed
-    run's."""
+    """A first call leaves a coalesced range of c failed (once); the same call resumes: the stored nodes,
+    ones written by coalesced tasks included, are restored, only the failed range runs again, the output
+    is the fixed run's."""
     _, cache = fixed_adl
     ck, log = tmp_path / "ck", str(tmp_path / "log")
-    proc = FailsOn(log, "b.root", 420, times=1)
+    proc = FailsOn(log, "c.root", 100, times=1)
     reference = run(ce.iterative(status=False), sample_files, Analysis(), chunksize=SMALL,
                     metadata_cache=dict(cache))
 
@@ -236,19 +240,22 @@ def test_checkpoint_resume_restores_coalesced_nodes_and_counts_nothing_twice(sam
 
     with pytest.warns(UserWarning, match=r"1 of \d+ processing items failed"):
         ex, partial_out = call()
-    assert partial_out["events"].value == 2600
-    stored = {p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file()}
-    assert "nodes/1/1" in stored  # a:400-800, written by its task as the level-1 node it is
+    [bad] = ex.report.failed_items()
+    lost = bad.entrystop - bad.entrystart
+    assert Path(bad.filename).name == "c.root" and bad.entrystart <= 100 < bad.entrystop and lost > SMALL
+    assert partial_out["events"].value == 3000 - lost
     first = ranges(log)
 
     ex, out = call()
     assert same(out, reference)
-    again = ranges(log) - first
-    assert again == Counter({("b.root", 200 + 50 * i, 250 + 50 * i): 1 for i in range(8)})  # only b:200-600
+    again = sorted(ranges(log) - first)  # each run once, tiling the failed range: nothing else again
+    assert [(f, a) for f, a, _ in again] == [("c.root", bad.entrystart)] + [("c.root", b) for _, _, b in again[:-1]]
+    assert again[-1][2] == bad.entrystop and all(n == 1 for n in (ranges(log) - first).values())
     rows = check_rows(ex, sample_files, 1000)
-    restored = [(Path(r.filename).name, r.entrystart, r.entrystop) for r in rows if r.status == "restored"]
-    assert ("a.root", 400, 800) in restored  # one row: the coalesced node
+    restored = {(Path(r.filename).name, r.entrystart, r.entrystop) for r in rows if r.status == "restored"}
+    coalesced = {k for k in first if k[2] - k[1] > SMALL}  # tasks of the first call that covered several chunks
+    assert restored & coalesced, (restored, coalesced)  # their nodes, as the tasks wrote them, are restored
     s = ex.report.summary()
-    assert s["events"] == 3000 and s["computed"] == 8 and s["restored"] == len(restored) and s["failed"] == 0
-    assert s["checkpoint"]["restored"] == len(restored)
-    assert sum(r.events for r in rows if r.status == "restored") == 2600
+    assert s["events"] == 3000 and s["computed"] == len(again) and s["failed"] == 0
+    assert s["restored"] == s["checkpoint"]["restored"] == len(restored)
+    assert sum(r.events for r in rows if r.status == "restored") == 3000 - lost
