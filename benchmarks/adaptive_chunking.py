@@ -3,10 +3,10 @@
     python -m benchmarks.adaptive_chunking --events 4000000 --files 8 --workers 2 --json out.json
 
 For each backend (``iterative`` and ``futures`` with ``--workers``), query and chunk size, the same
-engine (held) runs the query with fixed chunks, with ``target_task_s=--target`` and with
-``target_task_s`` and ``merge_fanin=2`` (a finer tree: more node sizes fit inside a file), one after
-the other, each contender first in turn over ``--repeat`` repetitions (the fastest run of each is
-kept). Every query runs once beforehand on a few small chunks (workers up, imports, JIT), and
+engine (held) runs the query with fixed chunks, with ``target_task_s=--target`` (its default binary
+merge tree) and with ``target_task_s`` and ``merge_fanin=8`` (the fixed runs' tree: fewer node sizes
+fit inside a file), one after the other, each contender first in turn over ``--repeat`` repetitions
+(the fastest run of each is kept). Every query runs once beforehand on a few small chunks (workers up, imports, JIT), and
 preprocessing is cached, so that only processing is timed. Reported: events/s, the tasks that ran
 (report rows), the gain over fixed chunks, and whether the histograms are bit-identical.
 """
@@ -28,7 +28,7 @@ from benchmarks.common import DATA_DIR, counts, dataset, rotated, save_json
 CONTENDERS = {  # name -> driver options on top of the backend's
     "fixed": {},
     "adaptive": {"target_task_s": None},  # None: --target
-    "adaptive fanin 2": {"target_task_s": None, "merge_fanin": 2},
+    "adaptive fanin 8": {"target_task_s": None, "merge_fanin": 8},
 }
 
 
