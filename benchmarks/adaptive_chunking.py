@@ -6,8 +6,8 @@ For each backend (``iterative`` and ``futures`` with ``--workers``), query and c
 engine (held) runs the query with fixed chunks, with ``target_task_s=--target`` (its default binary
 merge tree) and with ``target_task_s`` and ``merge_fanin=8`` (the fixed runs' tree: fewer node sizes
 fit inside a file), one after the other, each contender first in turn over ``--repeat`` repetitions
-(the fastest run of each is kept). Every query runs once beforehand on a few small chunks (workers up, imports, JIT), and
-preprocessing is cached, so that only processing is timed. Reported: events/s, the tasks that ran
+(the fastest run of each is kept). Every query runs once beforehand on a few small chunks (workers
+up, imports, JIT), and preprocessing is cached, so that only processing is timed. Reported: events/s, the tasks that ran
 (report rows), the gain over fixed chunks, and whether the histograms are bit-identical.
 """
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,7 @@ from coffea.processor.executor import WorkItem
 
 from casa_executors.merge import MergeTree
 
+log = logging.getLogger(__name__)
 # the default merge fan-in with target_task_s: a binary tree has nodes of 1, 2, 4, 8... items, so a
 # task can cover far more of a file than with 1, 8, 64... (a node never spans two files); see the docs
 ADAPTIVE_FANIN = 2
@@ -244,7 +246,11 @@ class Planner:
         leaf = todo.popleft()
         level = self._level(leaf, todo, workers)
         index = leaf // self.tree.fanin**level
-        todo.take(i for i in self.tree.span(level, index) if i != leaf)
+        span = self.tree.span(level, index)
+        todo.take(i for i in span if i != leaf)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task: node %d/%d, %d grains, %d entries; estimate %s", level, index, len(span),
+                      self.events(span), self.estimate.describe() if self.estimate.ready else "none yet")
         return level, index
 
     def _level(self, leaf: int, todo: Todo, workers: int) -> int:
