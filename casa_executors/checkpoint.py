@@ -97,7 +97,7 @@ class Fingerprint:
         self._h.update(f"{tag}:{len(data)}:".encode())
         self._h.update(data)
 
-    def add(self, obj: Any, depth: int = 0) -> None:  # noqa: C901 - one switch over kinds of object
+    def add(self, obj: Any, depth: int = 0) -> None:  # one switch over kinds of object
         if depth > 60:
             self._w("deep")
             return
@@ -126,7 +126,7 @@ class Fingerprint:
             out.append(sub.hexdigest())
         return sorted(out)
 
-    def _add_container(self, obj: Any, d: int) -> None:  # noqa: C901
+    def _add_container(self, obj: Any, d: int) -> None:
         import numpy as np
 
         if isinstance(obj, (list, tuple)):
@@ -357,7 +357,8 @@ class Checkpoint:
                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.store.put_json(MANIFEST, doc)
 
-    def resolve(self, tree: MergeTree, level: int | None = None, index: int = 0) -> tuple[list[tuple[int, int]], list[int], list[str]]:
+    def resolve(self, tree: MergeTree, level: int | None = None,
+                index: int = 0) -> tuple[list[tuple[int, int]], list[int], list[str]]:
         """What the store holds below a node (the root by default).
 
         Returns ``(restored nodes, chunks to run, leftover keys to delete)``; a node

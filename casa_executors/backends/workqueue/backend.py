@@ -35,7 +35,6 @@ import ipaddress
 import itertools
 import logging
 import math
-import os
 import pickle
 import queue
 import shlex
