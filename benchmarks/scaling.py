@@ -8,8 +8,8 @@ For every backend available here: starting its engine, the first task (one chunk
 of one file, from the engine up: worker start, imports), warming (every query
 once on a few small chunks: JIT), then each query with the engine held (fastest
 of ``--repeat`` runs), as events/s and efficiency = events/s / (workers x
-iterative events/s). Iterative runs in the same process and run, so the ratios
-share conditions. With ``--coffea`` (default on), coffea's executor for the
+iterative events/s), iterative run in turn with it in the same loop (this
+machine's speed drifts from minute to minute). With ``--coffea`` (default on), coffea's executor for the
 same engine runs each query on that same engine, alternating with ours: futures
 against ``FuturesExecutor`` on a held process pool of the same size, dask
 against ``DaskExecutor`` on the same ``Client``, parsl against ``ParslExecutor``
@@ -33,7 +33,7 @@ from coffea.nanoevents import NanoAODSchema
 
 import casa_executors
 from benchmarks.adl.queries import QUERIES
-from benchmarks.common import counts, dataset, dataset_options, save_json, timed
+from benchmarks.common import counts, dataset, dataset_options, rotated, save_json, timed
 
 COFFEA_PEER = ("futures", "dask", "parsl")  # engines coffea has an executor for
 
@@ -63,8 +63,10 @@ def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] 
 
 
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int,
-            with_coffea: bool) -> dict:
+            with_coffea: bool, target_task_s: float | None = None) -> dict:
     opts = {} if name == "iterative" else {"workers": workers}
+    if target_task_s is not None and name != "iterative":  # iterative stays the fixed-chunk baseline
+        opts["target_task_s"] = target_task_s
     ex = casa_executors.create(name, status=False, **opts)
     t0 = time.perf_counter()
     ex.backend.hold()  # the engine
@@ -84,23 +86,27 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
         with coffea_peer(name if with_coffea else "", ex, workers) as peer:
             if peer is not None:
                 timed(peer(), files[:1], queries[0], chunksize)  # its own first call (imports)
+            # this machine's speed drifts between minutes: iterative runs in the same loop, in turn with
+            # ours (and coffea's), so that each efficiency compares runs made at the same time
+            alone = casa_executors.iterative(status=False) if name != "iterative" else None
+            contenders = ["ours"] + (["coffea"] if peer is not None else []) + (["iterative"] if alone else [])
             for q in queries:
-                best = peer_best = None
+                best: dict[str, float] = {}
                 for rep in range(repeat):
-                    for who in (("ours", "coffea") if rep % 2 == 0 else ("coffea", "ours")):
-                        if who == "coffea" and peer is None:
-                            continue
-                        wall, out = timed(ex if who == "ours" else peer(), files, q, chunksize)
+                    for who in rotated(contenders, rep):
+                        runner = {"ours": ex, "iterative": alone}.get(who) or peer()
+                        wall, out = timed(runner, files, q, chunksize)
+                        best[who] = min(best.get(who, wall), wall)
                         if who == "ours":
-                            best = wall if best is None else min(best, wall)
                             summary, mine = ex.report.summary(), counts(out)
-                        else:
-                            peer_best = wall if peer_best is None else min(peer_best, wall)
+                        elif who == "coffea":
                             theirs = counts(out)
-                cell = {"wall_s": best, "events": summary["events"], "events_per_s": summary["events"] / best,
-                        "attempts": summary["attempts"], "counts": mine}
+                cell = {"wall_s": best["ours"], "events": summary["events"],
+                        "events_per_s": summary["events"] / best["ours"], "attempts": summary["attempts"],
+                        "counts": mine, "iterative_wall_s": best.get("iterative", best["ours"])}
+                peer_best = best.get("coffea")
                 if peer is not None:
-                    cell.update(coffea_wall_s=peer_best, over_coffea=best / peer_best,
+                    cell.update(coffea_wall_s=peer_best, over_coffea=best["ours"] / peer_best,
                                 identical_to_coffea=theirs == mine)
                 row["queries"][q] = cell
     finally:
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backends", default=",".join(casa_executors.BACKENDS))
     ap.add_argument("--no-coffea", dest="coffea", action="store_false",
                     help="do not run coffea's executors beside ours")
+    ap.add_argument("--target-task-s", type=float, default=None,
+                    help="adaptive chunking on our parallel backends (iterative keeps fixed chunks)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         if why:
             skipped[name] = why
             continue
-        rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat, args.coffea))
+        rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat, args.coffea,
+                            args.target_task_s))
     base = rows[0]
     print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
           "eff = ev/s / (workers x iterative ev/s); /coffea = our wall time / coffea's executor's")
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         cells = []
         for q in queries:
             mine, ref = r["queries"][q], base["queries"][q]
-            mine["efficiency"] = mine["events_per_s"] / (r["workers"] * ref["events_per_s"])
+            # against iterative measured in the same loop (the iterative row: against itself)
+            mine["efficiency"] = mine["iterative_wall_s"] / (r["workers"] * mine["wall_s"])
             mine["identical_to_iterative"] = mine["counts"] == ref["counts"]
             ratio = f"{mine['over_coffea']:7.2f}" if "over_coffea" in mine else f"{'':7s}"
             flag = "" if mine["identical_to_iterative"] and mine.get("identical_to_coffea", True) else " DIFF"
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["queries"][q].pop("counts")
     for name, why in skipped.items():
         print(f"{name:10s} not available: {why}")
-    result = {"events": args.events, "files": args.files, "chunksize": args.chunksize, "rows": rows,
+    result = {"events": args.events, "files": args.files, "chunksize": args.chunksize,
+              "target_task_s": args.target_task_s, "rows": rows,
               "skipped": skipped}
     return save_json(result, args.json)
 
