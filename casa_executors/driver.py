@@ -494,10 +494,7 @@ class _Run:
         span = self.tree.span(level, index)  # the leaves this task covered: chunk ``index`` when level is 0
         for i in span:
             self.attempts[i] += 1
-        if level:
-            Report.attempt(self.phase, r, span)
-        else:
-            Report.attempt(self.phase, r)
+        Report.attempt(self.phase, r, span)
         if r.ok:
             if self.planner:
                 self.planner.finished(r.events, r.wall_s, r.worker)
@@ -542,11 +539,8 @@ class _Run:
 
     def describe(self, index: int, exc: BaseException) -> str:
         item = self.phase.range_item(self.phase.range_of(index)[0])
-        where = getattr(item, "filename", str(item))
-        start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
-        span = f" entries {start}-{stop}" if start is not None else ""
         root = _exception_chain(exc)[-1]
-        return (f"{self.phase.name} of {where}{span} (after {self.attempts[index]} attempt(s)): "
+        return (f"{self.phase.name} of {_place(item)} (after {self.attempts[index]} attempt(s)): "
                 f"{type(root).__name__}: {root}")
 
     def error(self, out: Any, from_runner: bool, index: int | None = None,
@@ -559,9 +553,6 @@ class _Run:
         item = self.phase.range_item(leaves)
         rows = self.phase.ranges()
         failed = [r for r in rows if r.status not in DONE]
-        where = getattr(item, "filename", str(item))
-        start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
-        span = f" entries {start}-{stop}" if start is not None else ""
         dataset = f" (dataset {item.dataset})" if getattr(item, "dataset", None) else ""
         worker = f"; last attempt on {row.worker}" + (f" ({row.host})" if row.host else "") if row.worker else ""
         if self.phase.name == "processing":
@@ -570,7 +561,7 @@ class _Run:
             partial = None if from_runner else out  # Runner's file metadata is not the user's output
         root = _exception_chain(exc)[-1]
         notes = [
-            f"casa_executors: {self.phase.name} of {where}{span}{dataset} failed after "
+            f"casa_executors: {self.phase.name} of {_place(item)}{dataset} failed after "
             f"{self.attempts[index]} attempt(s) on {self.backend.describe()}{worker}: {type(root).__name__}: {root}",
             f"{len(failed)} of {len(rows)} {self.phase.name} items did not complete: "
             "executor.report.failures() lists them; .partial_output holds the output of the others "
@@ -578,6 +569,13 @@ class _Run:
         ]
         return chunk_error(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
                            worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
+
+
+def _place(item: Any) -> str:
+    """Where a work item reads: its file, and its entry range if it has one."""
+    where = getattr(item, "filename", str(item))
+    start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
+    return f"{where} entries {start}-{stop}" if start is not None else where
 
 
 def _failed(exc: BaseException) -> Future:

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from casa_executors.adaptive import cover
 from casa_executors.task import ChunkResult
 
 if TYPE_CHECKING:
@@ -120,10 +121,7 @@ class Phase:
 
     def range_item(self, leaves: range) -> Any:
         """The work item of a row: what to run again to compute it."""
-        first = self.items[leaves.start]
-        if len(leaves) == 1:
-            return first
-        return dataclasses.replace(first, entrystop=self.items[leaves.stop - 1].entrystop)
+        return cover(self.items, leaves)
 
     def _joined(self, k: int, leaves: range) -> ChunkRow:
         rows = [self.rows[i] for i in leaves]

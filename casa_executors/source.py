@@ -116,7 +116,8 @@ class OpenFiles:
 
     uproot.open closes its source when coffea's ``with`` ends; a pooled source stays open
     (``close`` returns it here), so a TTree in :data:`objects` (uproot's object cache, keyed
-    by the file's UUID and the object's seek position) stays readable in the next chunk.
+    by the file's URL, UUID and the object's seek position: :class:`ThreadObjectCache`) stays
+    readable in the next chunk.
     A source closed on eviction makes uproot drop the objects read from it.
     """
 

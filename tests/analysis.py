@@ -183,10 +183,10 @@ def record_losses(monkeypatch) -> Losses:
     losses = Losses()
     attempt, requeue = Report.attempt, Report.requeue
 
-    def on_attempt(phase, result):
+    def on_attempt(phase, result, leaves=None):
         if not result.ok:
             losses.attempts.append(f"{result.error.type_name}: {result.error.message}")
-        attempt(phase, result)
+        attempt(phase, result, leaves)
 
     def on_requeue(phase, index):
         losses.outputs.append(index)
