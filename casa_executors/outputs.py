@@ -16,8 +16,8 @@ how the final output is fetched. Three exist:
     folder on this machine when the engine's workers run here.
 ``EnginePlacement``
     the engine keeps outputs in worker memory and runs merge tasks on them
-    (Dask: futures as arguments); the driver waits for small metadata futures
-    and fetches only the root. A worker lost with outputs in memory: Dask
+    (Dask: futures as arguments); the driver waits for the results' metadata
+    (Dask: pushed as events by the chunk tasks) and fetches only the root. A worker lost with outputs in memory: Dask
     recomputes them from lineage; if that fails too, the driver runs the chunks
     below again.
 
@@ -230,8 +230,7 @@ class EnginePlacement(Placement):
         return 4 * limit
 
     def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
-        data = self.backend.submit_many(run_batch, batches)
-        return list(zip(self.backend.submit_many(strip_outputs, data), data))
+        return self.backend.submit_held(run_batch, strip_outputs, batches)
 
     def collect(self, futures: list[Future]) -> list[Any]:
         """The metadata of finished batches in one gather (not one round trip each)."""

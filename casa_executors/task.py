@@ -48,6 +48,8 @@ class TaskBatch:
     router: Router | None = None
     store: Store | None = None  # write each output there (key ``nodes/0/<index>``) and return only its size
     run: str = ""  # the driver's run: a worker keeps files open between the chunks of one run
+    # called on the worker with the results before they are returned (Dask: pushes their metadata)
+    notify: Callable[[list[ChunkResult]], None] | None = None
 
 
 @dataclass
@@ -240,7 +242,10 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
     except Exception as exc:
         info = ErrorInfo.capture(exc)
         return [ChunkResult(t.index, t.attempt, error=info, worker=worker_name()) for t in batch.tasks]
-    return [run_chunk(function, task, batch) for task in batch.tasks]
+    results = [run_chunk(function, task, batch) for task in batch.tasks]
+    if batch.notify is not None:
+        batch.notify(results)
+    return results
 
 
 def strip_outputs(results: list[ChunkResult]) -> list[ChunkResult]:

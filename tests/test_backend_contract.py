@@ -133,7 +133,8 @@ class DaskKit(Kit):
         return [psutil.Process(p) for p in busy if p in workers][:1]  # tasks run in the worker process
 
     def after_loss(self, backend, info):
-        assert len(backend.worker_pids()) == 2  # the nanny started a new worker
+        backend._client.wait_for_workers(2, timeout=60)  # the nanny starts a new worker, in its own time
+        assert len(backend.worker_pids()) == 2
         assert not any(alive(p) for p in info["killed"])
 
     def recover(self, backend):

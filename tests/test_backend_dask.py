@@ -225,3 +225,59 @@ def test_tls_worker_loss(tls_cluster, sample_files, reference, tmp_path, monkeyp
     assert not any(alive(p) for p in info["killed"])
     print("TLS cluster worker loss:", info)
     backend._client.wait_for_workers(2, timeout=30)  # the nanny restarted it
+
+
+# -- chunk metadata pushed as events (pushed.py) ------------------------------------------
+
+
+def _task_prefixes(stream: list[dict]) -> list[str]:
+    return [(d["key"] if isinstance(d["key"], str) else d["key"][0]).split("-", 1)[0] for d in stream]
+
+
+def test_chunk_metadata_arrives_as_events_for_two_executors_on_one_client(tls_cluster, sample_files, reference):
+    """One task per chunk (no strip_outputs task), and two executors sharing a client share its event handler."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed import get_task_stream
+
+    client = tls_cluster["backend"]._client
+    executors = [ce.dask(client=client, status=False) for _ in range(2)]
+    for ex in executors:
+        ex.backend.hold()
+    try:
+        pushed = executors[0].backend._pushed
+        assert pushed is executors[1].backend._pushed is tls_cluster["backend"]._pushed
+        before = pushed.fallbacks
+        with get_task_stream(client=client) as ts, ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda ex: run(ex, sample_files), executors))
+        assert all(same(out, reference) for out in outs)
+        prefixes = _task_prefixes(ts.data)
+        assert "strip_outputs" not in prefixes
+        assert prefixes.count("run_batch") == 2 * 12 + 2 * 3  # two runs: 12 chunks and 3 files' metadata each
+        assert pushed.fallbacks == before
+        assert all(ex.report.summary()["attempts"] == 12 for ex in executors)
+    finally:
+        for ex in executors:
+            ex.backend.release()
+    assert tls_cluster["backend"]._pushed is pushed and pushed._users == 1  # the fixture's own stays subscribed
+
+
+def test_a_missing_event_falls_back_to_a_metadata_task(tls_cluster, sample_files):
+    import cloudpickle
+    from coffea.processor.executor import WorkItem
+
+    from casa_executors.task import ChunkTask, TaskBatch, run_batch
+
+    def run_without_event(batch):  # nested: pickled by value, the workers cannot import this module
+        batch.notify = None  # as if the scheduler dropped the event
+        return run_batch(batch)
+
+    pushed = tls_cluster["backend"]._pushed
+    before = pushed.fallbacks
+    item = WorkItem("ds", str(sample_files[0]), "Events", 0, 10, "uuid", None)
+    batch = TaskBatch(cloudpickle.dumps(lambda item: item.entrystop - item.entrystart), [ChunkTask(0, item, 1)])
+    [(meta, data)] = pushed.submit(run_without_event, [batch])
+    [result] = meta.result(timeout=60)
+    assert result.ok and result.output is None and result.events == 10
+    assert data.result()[0].output == 10  # the output stayed with the task
+    assert pushed.fallbacks == before + 1

@@ -69,6 +69,14 @@ class Backend(ABC):
                 futures.append(failed)
         return futures
 
+    def submit_held(self, fn: Callable[[Any], Any], strip: Callable[[Any], Any],
+                    args: list[Any]) -> list[tuple[Future, Any]]:
+        """For engines that hold results (``holds_results``): per arg, (a future of ``strip`` of its result —
+        what the driver waits on —, the future holding the full result, left on the engine). Here a second
+        task per arg; an engine may bring the stripped result another way (Dask: an event)."""
+        held = self.submit_many(fn, args)
+        return list(zip(self.submit_many(strip, held), held))
+
     def _start(self) -> None:
         """Start or attach to the engine."""
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from casa_executors.backends.base import Backend, default_workers
 from casa_executors.backends.dask.cluster import ManagedCluster, facility
+from casa_executors.backends.dask.pushed import PushedResults
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
@@ -95,6 +96,7 @@ class DaskBackend(Backend):
         self._cluster: LocalCluster | None = None
         self._seen_workers = 0
         self._checked_scheduler = False
+        self._pushed: PushedResults | None = None  # chunk metadata arriving as events, while started
 
     @staticmethod
     def _check_address(address: Any, security: Security | None) -> str:
@@ -157,6 +159,7 @@ class DaskBackend(Backend):
         if self._cluster is None and not self._checked_scheduler:
             self._checked_scheduler = True
             self._warn_if_scheduler_retries()
+        self._pushed = PushedResults.attach(self._client)
 
     def _warn_if_scheduler_retries(self) -> None:
         try:
@@ -173,6 +176,9 @@ class DaskBackend(Backend):
 
     def _stop(self) -> None:
         _ = self.workers  # remember the count for a report begun before the next start
+        pushed, self._pushed = self._pushed, None
+        if pushed is not None:
+            pushed.release()
         managed, self._managed = self._managed, None
         if managed is not None:  # it closes our client and gives back what the run asked for
             self._client = None
@@ -210,6 +216,17 @@ class DaskBackend(Backend):
         if self._managed is not None:
             self._managed.wait_first_worker()
         return futures
+
+    def submit_held(self, fn: Callable[[Any], Any], strip: Callable[[Any], Any],
+                    args: list[Any]) -> list[tuple[Future, Any]]:
+        """Chunk batches whose outputs stay on the workers: one task each, its metadata pushed as an event
+        (``pushed.py``) instead of fetched by a second task."""
+        if self._pushed is None or self._client.status not in ("running", "newly-created"):
+            return super().submit_held(fn, strip, args)  # submit() says why, for each
+        out = self._pushed.submit(fn, args)
+        if self._managed is not None:
+            self._managed.wait_first_worker()
+        return out
 
     def _nthreads(self) -> dict[str, int]:
         client = self._client or self._user_client
