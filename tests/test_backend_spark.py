@@ -7,6 +7,7 @@ Python worker is followed by PID and must be gone afterwards.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -88,6 +89,52 @@ def test_short_message_of_a_lost_task():
             "exited unexpectedly (crashed). Consider setting 'spark.python.worker.faulthandler.enabled'\n\tat x.y")
     assert short_message(Exception(text)) == (
         "Lost task 0.0 in stage 5.0 (TID 5) (localhost executor driver): Python worker exited unexpectedly (crashed).")
+
+
+# -- chunks per Spark task ---------------------------------------------------------------
+
+
+def test_batch_size_amortises_spark_tasks_and_leaves_no_core_idle():
+    from casa_executors.backends.spark import MAX_CHUNKS_PER_TASK, TASKS_PER_WORKER, SparkBackend
+
+    # the scaling benchmark's 40 chunks on local[2]: a few tasks per core, not 40 Spark jobs
+    assert SparkBackend(master="local[2]").batch_size(40) == math.ceil(40 / (TASKS_PER_WORKER * 2)) > 1
+    assert SparkBackend(master="local[1]").batch_size(100_000) == MAX_CHUNKS_PER_TASK
+    for cores in range(1, 9):
+        backend = SparkBackend(master=f"local[{cores}]")
+        for n in range(1, 400):
+            k = backend.batch_size(n)
+            assert 1 <= k <= MAX_CHUNKS_PER_TASK
+            assert math.ceil(n / k) >= min(n, cores), (cores, n, k)  # a task for every core
+
+
+def test_chunks_share_spark_jobs(sample_files, reference, no_leftover_processes):
+    """12 chunks on local[2] run as 4 Spark jobs of 3 chunks (one a chunk with chunks_per_task=1),
+    with the same output, one attempt per chunk and a report row per chunk."""
+    ex = ce.spark(master="local[2]", status=False)
+    backend = ex.backend
+    backend.hold()
+    try:
+        tracker = backend._sc.statusTracker()
+
+        def jobs(executor: ce.Driver) -> int:
+            before = len(tracker.getJobIdsForGroup(backend._group))
+            assert same(run(executor, sample_files), reference)
+            s = executor.report.summary()
+            assert s["processed"] == s["attempts"] == s["chunks"] == 12
+            return len(tracker.getJobIdsForGroup(backend._group)) - before
+
+        batched = jobs(ex)
+        one_each = jobs(ce.Driver(backend=backend, status=False, chunks_per_task=1))
+        assert one_each - batched == 12 - 4  # same preprocessing and merges, 8 jobs fewer for the chunks
+        rows = ex.report.processing.rows
+        by_worker: dict[str, list[int]] = {}
+        for r in rows:
+            by_worker.setdefault(r.worker, []).append(r.index)
+        assert max(len(v) for v in by_worker.values()) >= 3  # a task's chunks ran in one Python worker
+    finally:
+        backend.release()
+    assert jvm_pid() is None
 
 
 # -- a standalone master and worker, started here -----------------------------------------------

@@ -1,5 +1,12 @@
 """Spark: every task is its own one-partition Spark job, run from a small thread pool.
 
+A Spark task costs far more than a chunk of a light query: one one-partition job took
+~20 ms of the JVM's CPU once its JIT was warm (~60 ms before), and 30-60 ms of hand-offs
+between JVM threads and the Python worker on a busy 2-core machine, against ~25 ms for a
+100k-event chunk of ADL Q1 (docs/spark.md). So a task carries several chunks
+(``batch_size``): about ``TASKS_PER_WORKER`` tasks per core and phase, consecutive chunks
+(one file's, mostly), each task still its own job with its own future.
+
 The driver retries, so Spark must not: ``spark.task.maxFailures=1``. A task
 whose Python worker or executor dies fails its job with a ``Py4JJavaError``,
 which becomes :class:`WorkerLost` with a one-line message. The analysis's own
@@ -13,6 +20,7 @@ by PID) when the backend stops; a ``session=`` given to us is only used.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,6 +44,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 POOL_THREADS = 64  # an upper bound; threads start on demand, the driver limits what is in flight
+# Spark tasks per core and phase: fewer pay less of Spark's per-task cost, more leave a shorter tail
+# (equal tasks on cores that drift apart); 2 did best of 1, 2 and 4 on ADL Q1/Q6/Q8 (docs/spark.md)
+TASKS_PER_WORKER = 2
+# chunks one task carries at most: what a lost executor costs, and the progress bar's step; at
+# 32 a chunk pays ~1-2 ms of Spark's per-task cost
+MAX_CHUNKS_PER_TASK = 32
 LOG4J2 = """\
 rootLogger.level = error
 rootLogger.appenderRef.stderr.ref = console
@@ -252,6 +266,12 @@ class SparkBackend(Backend):
             raise WorkerLost(f"spark lost the task: {short_message(exc)}") from None
         except Py4JError as exc:  # the JVM itself is gone
             raise WorkerLost(f"spark: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def batch_size(self, n_chunks: int) -> int:
+        """Chunks per task: about ``TASKS_PER_WORKER`` tasks per core (at most ``MAX_CHUNKS_PER_TASK``
+        chunks each), so that Spark's per-task cost is paid a few times per core, not once per chunk."""
+        per_task = math.ceil(n_chunks / (TASKS_PER_WORKER * self.workers))
+        return min(max(per_task, 1), MAX_CHUNKS_PER_TASK)
 
     @property
     def workers(self) -> int:
