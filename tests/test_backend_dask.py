@@ -281,3 +281,24 @@ def test_a_missing_event_falls_back_to_a_metadata_task(tls_cluster, sample_files
     assert result.ok and result.output is None and result.events == 10
     assert data.result()[0].output == 10  # the output stayed with the task
     assert pushed.fallbacks == before + 1
+
+
+# -- the workers' allocator ---------------------------------------------------------------
+
+
+def test_our_workers_keep_glibc_dynamic_mmap_and_foreign_ones_are_named(tls_cluster, caplog):
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ (glibc then maps and unmaps every large array): our
+    LocalCluster's workers go without it; a cluster whose workers have it gets a warning naming it."""
+    from casa_executors.backends.dask import TRIM_VAR, trim_threshold
+
+    ex = ce.dask(workers=1, status=False)
+    ex.backend.hold()
+    try:
+        assert ex.backend._client.run(trim_threshold) == {w: None for w in ex.backend.worker_pids()}
+    finally:
+        ex.backend.release()
+    foreign = ce.dask(address=tls_cluster["address"], secrets_dir=str(tls_cluster["secrets"]), status=False)
+    with caplog.at_level("WARNING", logger="casa_executors.backends.dask"):
+        foreign.backend.start()
+        foreign.backend.stop()
+    assert f"2 of the workers run with {TRIM_VAR} set" in caplog.text

@@ -23,6 +23,7 @@ from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt,
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 log = logging.getLogger(__name__)
+TRIM_VAR = "MALLOC_TRIM_THRESHOLD_"
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Security
@@ -32,6 +33,11 @@ __all__ = ["DaskBackend", "make_secrets_dir"]
 
 def _allowed_failures(dask_scheduler: Any) -> int:
     return dask_scheduler.allowed_failures
+
+
+def trim_threshold() -> str | None:
+    """On a worker: its MALLOC_TRIM_THRESHOLD_ (a function of this module, so the worker reads its own)."""
+    return os.environ.get(TRIM_VAR)
 
 
 class DaskBackend(Backend):
@@ -140,16 +146,24 @@ class DaskBackend(Backend):
                     f"dask: cannot connect to the scheduler at {self._address}: {type(exc).__name__}: {exc}"
                 ) from exc
         else:
-            self._cluster = LocalCluster(
-                n_workers=self.workers,
-                threads_per_worker=1,
-                processes=self._processes,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",  # its HTTP server binds here, not on 0.0.0.0:8787
-                security=self._security,
-                # a task on a lost worker fails (KilledWorker): the driver retries it, and counts it
-                scheduler_kwargs={"allowed_failures": 0},
-            )
+            import dask
+
+            # dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's dynamic mmap
+            # threshold: every buffer of a chunk's arrays is then mmap'd and unmapped again, and Q8 spends
+            # 40 % of its CPU in the kernel (docs/performance.md). Our workers keep glibc's default.
+            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+            environ.pop(TRIM_VAR, None)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+                self._cluster = LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=self._processes,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",  # its HTTP server binds here, not on 0.0.0.0:8787
+                    security=self._security,
+                    # a task on a lost worker fails (KilledWorker): the driver retries it, and counts it
+                    scheduler_kwargs={"allowed_failures": 0},
+                )
             try:
                 self._client = Client(self._cluster, set_as_default=False)
             except BaseException:
@@ -159,6 +173,7 @@ class DaskBackend(Backend):
         if self._cluster is None and not self._checked_scheduler:
             self._checked_scheduler = True
             self._warn_if_scheduler_retries()
+            self._warn_if_workers_trim()
         self._pushed = PushedResults.attach(self._client)
 
     def _warn_if_scheduler_retries(self) -> None:
@@ -173,6 +188,18 @@ class DaskBackend(Backend):
                 "its report. Start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0.",
                 stacklevel=2,
             )
+
+    def _warn_if_workers_trim(self) -> None:
+        try:
+            trimming = [w for w, v in self._client.run(trim_threshold).items() if v]
+        except Exception:  # no worker yet (adaptive), or run refused: nothing to check
+            return
+        if trimming:
+            log.warning(
+                "dask: %d of the workers run with %s set (dask's default distributed.nanny.pre-spawn-environ), "
+                "which makes glibc map and unmap every large array: chunk tasks can take up to twice the time. "
+                "Start the workers with that variable removed from distributed.nanny.pre-spawn-environ.",
+                len(trimming), TRIM_VAR)
 
     def _stop(self) -> None:
         _ = self.workers  # remember the count for a report begun before the next start
