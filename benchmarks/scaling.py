@@ -9,7 +9,10 @@ of one file, from the engine up: worker start, imports), warming (every query
 once on a few small chunks: JIT), then each query with the engine held (fastest
 of ``--repeat`` runs), as events/s and efficiency = events/s / (workers x
 iterative events/s), iterative run in turn with it in the same loop (this
-machine's speed drifts from minute to minute). With ``--coffea`` (default on), coffea's executor for the
+machine's speed drifts from minute to minute). The ``ceiling`` row is what no
+engine can beat here: ``--workers`` independent processes, each running
+iterative over its share of the files; ``of_ceiling`` is a backend's efficiency
+over the ceiling's. With ``--coffea`` (default on), coffea's executor for the
 same engine runs each query on that same engine, alternating with ours: futures
 against ``FuturesExecutor`` on a held process pool of the same size, dask
 against ``DaskExecutor`` on the same ``Client``, parsl against ``ParslExecutor``
@@ -116,12 +119,50 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
     return row
 
 
+def _iterative_share(files: list[str], query: int, chunksize: int) -> Any:
+    return timed(casa_executors.iterative(status=False), files, query, chunksize)[1]
+
+
+def measure_ceiling(workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:
+    """This machine's parallel ceiling: ``workers`` independent processes, each running iterative over its
+    share of the files (no engine, no scheduling, no merging across them). What no engine can beat here;
+    2 shared vCPUs do not give 2 x one vCPU's speed."""
+    shares = [files[i::workers] for i in range(workers)]
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(max_workers=workers)
+    row: dict = {"backend": "ceiling", "workers": workers, "engine_start_s": 0.0, "first_task_s": 0.0,
+                 "queries": {}}
+    try:
+        for q in queries:  # each process: imports, JIT, the files' first read
+            list(pool.map(_iterative_share, [s[:1] for s in shares], [q] * workers, [chunksize] * workers))
+        row["startup_s"] = time.perf_counter() - t0
+        alone = casa_executors.iterative(status=False)
+        for q in queries:
+            best: dict[str, float] = {}
+            for rep in range(repeat):
+                for who in rotated(["ceiling", "iterative"], rep):
+                    t = time.perf_counter()
+                    if who == "ceiling":
+                        outs = list(pool.map(_iterative_share, shares, [q] * workers, [chunksize] * workers))
+                    else:
+                        timed(alone, files, q, chunksize)
+                    best[who] = min(best.get(who, 1e300), time.perf_counter() - t)
+            events = alone.report.summary()["events"]
+            row["queries"][q] = {"wall_s": best["ceiling"], "events": events,
+                                 "events_per_s": events / best["ceiling"], "attempts": 0,
+                                 "counts": counts(processor.accumulate(outs)), "iterative_wall_s": best["iterative"]}
+    finally:
+        pool.shutdown(wait=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     dataset_options(ap, events=400_000, files=4, chunksize=50_000)
     ap.add_argument("--queries", default="6,8")
     ap.add_argument("--repeat", type=int, default=2, help="keep the fastest of N runs of each query")
-    ap.add_argument("--backends", default=",".join(casa_executors.BACKENDS))
+    ap.add_argument("--backends", default=",".join(["ceiling", *casa_executors.BACKENDS]),
+                    help="'ceiling': independent iterative processes on shares of the files, the machine's limit")
     ap.add_argument("--no-coffea", dest="coffea", action="store_false",
                     help="do not run coffea's executors beside ours")
     ap.add_argument("--target-task-s", type=float, default=None,
@@ -133,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows, skipped = [], {}
     names = args.backends.split(",")
     for name in ["iterative", *[n for n in names if n != "iterative"]]:
+        if name == "ceiling":
+            rows.append(measure_ceiling(args.workers, files, queries, args.chunksize, args.repeat))
+            continue
         why = casa_executors.unavailable(name)
         if why:
             skipped[name] = why
@@ -140,9 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat, args.coffea,
                             args.target_task_s))
     base = rows[0]
+    ceiling = next((r for r in rows if r["backend"] == "ceiling"), None)
     print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
-          "eff = ev/s / (workers x iterative ev/s); /coffea = our wall time / coffea's executor's")
-    header = " ".join(f"{'Q' + str(q) + ' ev/s':>11s} {'eff':>5s} {'/coffea':>7s}" for q in queries)
+          "eff = ev/s / (workers x iterative ev/s); /ceil = eff / the ceiling's eff; "
+          "/coffea = our wall time / coffea's executor's")
+    header = " ".join(f"{'Q' + str(q) + ' ev/s':>11s} {'eff':>5s} {'/ceil':>5s} {'/coffea':>7s}" for q in queries)
     print(f"{'backend':10s} {'engine s':>8s} {'1st task':>8s} {'start-up':>8s} {header}")
     for r in rows:
         cells = []
@@ -151,9 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
             # against iterative measured in the same loop (the iterative row: against itself)
             mine["efficiency"] = mine["iterative_wall_s"] / (r["workers"] * mine["wall_s"])
             mine["identical_to_iterative"] = mine["counts"] == ref["counts"]
+            if ceiling is not None and "efficiency" in ceiling["queries"][q]:
+                mine["of_ceiling"] = mine["efficiency"] / ceiling["queries"][q]["efficiency"]
             ratio = f"{mine['over_coffea']:7.2f}" if "over_coffea" in mine else f"{'':7s}"
             flag = "" if mine["identical_to_iterative"] and mine.get("identical_to_coffea", True) else " DIFF"
-            cells.append(f"{mine['events_per_s']:11.0f} {mine['efficiency']:5.2f} {ratio}{flag}")
+            of_ceiling = f"{mine['of_ceiling']:5.2f}" if "of_ceiling" in mine else f"{'':5s}"
+            cells.append(f"{mine['events_per_s']:11.0f} {mine['efficiency']:5.2f} {of_ceiling} {ratio}{flag}")
         print(f"{r['backend']:10s} {r['engine_start_s']:8.2f} {r['first_task_s']:8.2f} {r['startup_s']:8.2f} "
               + " ".join(cells))
     for r in rows:
