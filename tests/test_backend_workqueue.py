@@ -112,42 +112,112 @@ def touch(path: str) -> list:
 
 
 def test_warm_server_serves_only_its_own_user(tmp_path):
-    """The server unpickles what a client names: a process of another user gets nothing run."""
+    """The server unpickles what a client names: a process of another user cannot even reach it
+    (its FIFOs are mode 600, in a directory of mode 700 the clients check is theirs)."""
     if os.getuid() != 0:  # CI runs as root
         pytest.skip("needs root, to be another user")
     from casa_executors.backends.workqueue import worker as wq_task
 
     tmp_path.chmod(0o777)
     (tmp_path / "in.pkl").write_bytes(cloudpickle.dumps((touch, str(tmp_path / "ran"))))
-    name = f"casa-test-{os.getpid()}"
-    server = subprocess.Popen([sys.executable, wq_task.__file__, "--serve", name, str(os.getpid())],
+    directory = tmp_path / "casa-servers"
+    assert wq_task._own_dir(str(directory))
+    server = subprocess.Popen([sys.executable, wq_task.__file__, "--serve", str(directory), "0", str(os.getpid())],
                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL)
-    client = textwrap.dedent(f"""
-        import socket, sys, time
-        for _ in range(600):
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect("\\0{name}")
-                break
-            except OSError:
-                time.sleep(0.1)
-        try:
-            s.sendall(b"{tmp_path}\\t{tmp_path}/in.pkl\\t{tmp_path}/out.pkl\\n")
-            reply = s.recv(100)
-        except ConnectionResetError:
-            reply = b""
-        print(reply.decode().strip() or "(closed)")
-    """)
     try:
-        as_nobody = subprocess.run(["/usr/bin/python3", "-c", client], capture_output=True, text=True,
+        deadline = time.time() + 90
+        while not wq_task._alive(str(directory / "0.alive")):
+            assert server.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        directory.chmod(0o755)  # even so, the FIFOs themselves keep others out
+        attempt = textwrap.dedent(f"""
+            import os
+            try:
+                os.open("{directory}/0.req", os.O_WRONLY | os.O_NONBLOCK)
+                print("opened")
+            except PermissionError:
+                print("denied")
+        """)
+        as_nobody = subprocess.run(["/usr/bin/python3", "-c", attempt], capture_output=True, text=True,
                                    timeout=90, user=65534, group=65534, env={})
-        assert as_nobody.stdout.strip() == "(closed)", as_nobody.stderr
+        assert as_nobody.stdout.strip() == "denied", as_nobody.stderr
         assert not (tmp_path / "ran").exists()
-        as_us = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=90)
-        assert as_us.stdout.strip() == "ok" and (tmp_path / "ran").exists(), as_us.stderr
+        old = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            assert wq_task.ask(str(directory), 0, "in.pkl", "out.pkl") == "ok"
+        finally:
+            os.chdir(old)
+        assert (tmp_path / "ran").exists()
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_tasks_reach_the_warm_server_without_starting_python(tmp_path, sample_files, reference,
+                                                             no_leftover_processes):
+    """Starting even a stdlib-only interpreter costs 30-130 ms a task on a busy node: once a worker's
+    server is up, its tasks reach it through the shell client and no Python starts (the first task of
+    each worker starts one, which starts the server)."""
+    starts = tmp_path / "starts"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {starts}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    ex = ce.workqueue(workers=2, python=str(python), status=False)
+    with ex:
+        assert same(run(ex, sample_files), reference)
+        assert same(run(ex, sample_files), reference)
+        tasks = ex.backend.sent
+    clients = [line for line in starts.read_text().splitlines() if "casa_wq_worker.py in.pkl" in line]
+    assert tasks >= 10 and 1 <= len(clients) <= 2, (tasks, clients)
+
+
+def test_a_task_submitted_to_an_idle_manager_starts_at_once(no_leftover_processes):
+    """After a wait that found nothing to do, Work Queue's next wait polls its workers for up to a second
+    before it dispatches anything: a task submitted to an idle manager waited that second with its worker
+    idle (once per phase, and whenever the driver sent the next task while the manager waited)."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    backend = WorkQueueBackend(workers=1)
+    backend.hold()
+    try:
+        assert backend.submit(abs, -1).result(timeout=120) == 1  # the worker and its server up
+        latencies = []
+        for i in range(4):
+            time.sleep(1.2)  # the manager's waits find nothing to do
+            t0 = time.perf_counter()
+            assert backend.submit(abs, -i).result(timeout=60) == i
+            latencies.append(time.perf_counter() - t0)
+    finally:
+        backend.release()
+    assert sorted(latencies)[1] < 0.5, latencies  # was about a second each
+
+
+def test_a_submission_ends_the_wait_at_once():
+    """Work Queue's wait lasts until a task finishes or the next whole second: a task submitted
+    meanwhile waited up to a second with a worker idle. With the wake-up pipe the wait ends at once."""
+    from casa_executors.backends.workqueue import import_work_queue
+    from casa_executors.backends.workqueue.native import LOOPBACK, bound_to, waiter
+
+    wq = import_work_queue()
+    with bound_to(wq, LOOPBACK):
+        q = wq.WorkQueue(port=0)
+    r, w = os.pipe()
+    wait = waiter(wq, q, r)
+    try:
+        assert wait.wakes
+        wait(1)  # Work Queue's first wait does not poll: from the second on, it sleeps up to a second
+        t0 = time.perf_counter()
+        assert wait(1) is None
+        assert time.perf_counter() - t0 > 0.5  # nothing to do: it waited
+        os.write(w, b"\0")
+        t0 = time.perf_counter()
+        assert wait(1) is None
+        assert time.perf_counter() - t0 < 0.3
+    finally:
+        wait.close()
+        os.close(w)
+        q._free_queue()
 
 
 # -- local workers started for one call -------------------------------------------------------

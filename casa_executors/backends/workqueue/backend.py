@@ -1,17 +1,24 @@
 """Work Queue: the manager runs in this process; tasks run on ``work_queue_worker`` processes.
 
-A task is a plain Work Queue ``Task`` running ``python casa_wq_worker.py in.pkl out.pkl``
-(``worker.py`` beside this file, shipped with the task and cached on the
-worker) with ``specify_cores(1)``. A fresh interpreter costs ~2 s of CPU before
-its first chunk is done (importing coffea, then warming up), so several chunks
-ride in one task (``batch_size``: about four tasks per worker), and with
-``warm=True`` (the default) the task hands its work to a per-worker server
-process that stays warm between tasks (see ``worker.py``); ``warm=False`` runs
-every task in a fresh interpreter. ``workers=N`` starts N local
+A task is a plain Work Queue ``Task`` with ``specify_cores(1)`` whose inputs are
+``in.pkl`` (the pickled call) and the two cached client scripts of
+``worker.py``, and whose output is ``out.pkl``. A fresh interpreter costs ~2 s
+of CPU before its first chunk is done (importing coffea, then warming up), so
+with ``warm=True`` (the default) tasks hand their work to a per-worker server
+process that stays warm between tasks: through a bash client (a few ms, no
+Python start) once the worker's server is up, through a ``python -S`` client
+that starts it before that (see ``worker.py``). ``warm=False`` runs every task
+in a fresh interpreter. Several chunks ride in one task (``batch_size``: about
+four tasks per worker). ``workers=N`` starts N local
 ``work_queue_worker`` processes (``local_workers.py``), stops them and
 everything left in their sessions by PID; ``port=`` alone waits for workers
 started elsewhere (``wait_for_workers``); ``submit="slurm"`` has
 ``work_queue_factory`` submit them as batch jobs (``slurm.py``).
+
+Every queue call happens in one manager thread. Work Queue's wait lasts until a
+task finishes or the next whole second, so a task the driver submits meanwhile
+would wait for it with a worker idle; a byte written to a pipe that the wait
+polls ends it at once (``native.Waiter``; not with ``name=``, see there).
 
 Retries belong to the driver. Work Queue silently re-sends a task whose worker
 was lost (``specify_max_retries`` does not change that in cctools 9.9), so a
@@ -35,6 +42,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import os
 import pickle
 import queue
 import shlex
@@ -56,14 +64,16 @@ from casa_executors.backends.base import Backend, default_workers, worker_python
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
-from casa_executors.backends.workqueue.native import LOOPBACK, bound_to, task_address, waiter
+from casa_executors.backends.workqueue.native import LOOPBACK, Waiter, bound_to, task_address, waiter
 from casa_executors.backends.workqueue.slurm import BatchWorkers, batch_workers, manager_address
+from casa_executors.backends.workqueue.worker import NO_SERVER, SHELL_CLIENT, server_key
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = str(Path(__file__).resolve().with_name("worker.py"))
 WORKER_SCRIPT_NAME = "casa_wq_worker.py"  # its name in the task's sandbox and the worker's cache
+CLIENT_SCRIPT_NAME = "casa_wq_client.sh"  # worker.SHELL_CLIENT, the fast path to a warm server
 TASKS_PER_WORKER = 4  # batches per worker and run: start-up amortised, tail still short
 
 
@@ -73,6 +83,22 @@ class _Task:
     future: Future
     directory: Path
     back: int = 0  # the last dispatch after which it was seen back in the queue
+
+
+def task_command(python: str, warm: bool) -> str:
+    """The shell command of a task (Work Queue runs it with ``/bin/sh -c`` in the task's sandbox).
+
+    Warm: the bash client hands the task to its slot's server without starting Python; only when it
+    finds no live server (or no bash) does a Python client (``-S``: no site, ~4x faster to start) run,
+    which starts one. Cold: a full interpreter runs the task itself.
+    """
+    py = shlex.quote(python)
+    # the worker's PID: a client whose worker died meanwhile (it was adopted) then starts nothing
+    worker = "export CASA_WQ_WORKER_PID=$PPID; exec 2>&1; "
+    if not warm:
+        return f"{worker}exec {py} {WORKER_SCRIPT_NAME} in.pkl out.pkl"
+    return (f'{worker}bash {CLIENT_SCRIPT_NAME} "$PPID" in.pkl out.pkl; s=$?; '
+            f'[ $s = {NO_SERVER} ] || [ $s = 127 ] || exit $s; exec {py} -S {WORKER_SCRIPT_NAME} in.pkl out.pkl')
 
 
 def _settle(future: Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -128,6 +154,11 @@ class WorkQueueBackend(Backend):
         self._q: Any = None
         self._port = 0
         self._staging: Path | None = None
+        self._wait: Waiter | None = None
+        self._wake_r = self._wake_w = -1  # the pipe that wakes the manager thread's wait
+        self._wake_lock = threading.Lock()
+        self._client = Path()  # the shell client's file, in the staging folder while started
+        self._key = ""  # which warm servers this backend's tasks use (worker.server_key)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -140,6 +171,7 @@ class WorkQueueBackend(Backend):
         self._failure: str | None = None
         self.resent = 0  # tasks Work Queue would have re-sent after losing their worker (we failed them)
         self.requeued = 0  # tasks a worker declined, re-sent by Work Queue (they had not run)
+        self.sent = 0  # tasks handed to Work Queue
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -173,9 +205,16 @@ class WorkQueueBackend(Backend):
                 pw = self._staging / "password"
                 pw.touch(0o600)
                 pw.write_text(self._password)
-            self._wait = waiter(wq, self._q)
-            self._command = f"exec {shlex.quote(self._python)} {WORKER_SCRIPT_NAME} in.pkl out.pkl 2>&1"
+            # a byte in this pipe ends the manager thread's wait: a submitted task reaches Work Queue at once
+            self._wake_r, self._wake_w = os.pipe()
+            for fd in (self._wake_r, self._wake_w):
+                os.set_blocking(fd, False)
+            self._wait = waiter(wq, self._q, None if self._project else self._wake_r)
             self._pythonpath = worker_pythonpath()
+            self._client = self._staging / CLIENT_SCRIPT_NAME
+            self._client.write_text(SHELL_CLIENT)
+            self._command = task_command(self._python, self._warm)
+            self._key = server_key(self._python, self._pythonpath)
             self._connected, self._lost_workers = 0, 0
             if self._local_count:
                 manager = LOOPBACK if self._host in (LOOPBACK, "0.0.0.0") else self._host
@@ -186,6 +225,7 @@ class WorkQueueBackend(Backend):
                 self._batch.start(manager_address(self._host), self._port, self._staging,
                                   self._staging / "password" if self._password else None)
         except BaseException:
+            self._close_wake()
             self._teardown()
             raise
         self._thread = threading.Thread(target=self._loop, name="casa-workqueue", daemon=True)
@@ -201,10 +241,31 @@ class WorkQueueBackend(Backend):
     def _stop(self) -> None:
         atexit.unregister(self.stop)
         self._closing.set()
+        self._wake()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=60)
+        if thread is None or not thread.is_alive():
+            self._close_wake()
         self._teardown()
+
+    def _wake(self) -> None:
+        """End the manager thread's current wait (if it waits on the pipe)."""
+        with self._wake_lock, contextlib.suppress(OSError):  # full: a wake is pending anyway
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
+
+    def _close_wake(self) -> None:
+        # under the lock: a submit racing with stop must not write to a closed (maybe reused) descriptor
+        with self._wake_lock:
+            wait, self._wait = self._wait, None
+            if wait is not None and wait.wakes:
+                wait.close()  # frees Work Queue's link, which closes the read end
+            elif self._wake_r >= 0:
+                os.close(self._wake_r)
+            if self._wake_w >= 0:
+                os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def _teardown(self) -> None:
         """Free the queue (if the loop did not), stop local workers and what they left, by PID."""
@@ -249,10 +310,18 @@ class WorkQueueBackend(Backend):
     def _loop(self) -> None:
         try:
             done = None
+            wakes = self._wait.wakes
             while not self._closing.is_set():
-                # idle: sleep on the inbox. After a result, with nothing queued in Work Queue for the
-                # worker that just freed up, give the driver a moment to send the next task.
-                self._take(0.2 if not self._tasks else 0.05 if done and not self._ready else 0.0)
+                if wakes:  # a submission ends the wait below: take what is there, never sleep here
+                    self._drain_wake()
+                    if self._take(0.0, 0.0):
+                        # after a wait that found nothing to do, Work Queue's next one first polls its links
+                        # for up to a second before it dispatches: a byte waiting in the pipe ends that poll
+                        self._wake()
+                else:
+                    # idle: sleep on the inbox. After a result, with nothing queued in Work Queue for the
+                    # worker that just freed up, give the driver a moment to send the next task.
+                    self._take(0.2 if not self._tasks else 0.05 if done and not self._ready else 0.0)
                 done = self._wait(1 if self._tasks else 0)  # 0: only let workers connect
                 stats = self._q.stats
                 lost = getattr(stats, "total_workers_lost", getattr(stats, "workers_lost", 0))
@@ -271,19 +340,27 @@ class WorkQueueBackend(Backend):
             if self._q is not None:
                 self._free_queue(self._failure or "workqueue: the backend was stopped")
 
-    def _take(self, timeout: float) -> None:
-        """Hand submissions to Work Queue: wait up to ``timeout`` for the first, then take the burst.
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):  # empty
+            while os.read(self._wake_r, 4096):
+                pass
 
-        Work Queue only sees a task at the next wait (which lasts up to a second), so
-        it pays to catch what the driver sends right after a result.
+    def _take(self, timeout: float, burst: float = 0.02) -> int:
+        """Hand submissions to Work Queue: wait up to ``timeout`` for the first, then ``burst`` for each next;
+        how many were taken.
+
+        Without a wake-up pipe Work Queue only sees a task at the next wait (which lasts
+        up to a second), so it pays to catch what the driver sends right after a result.
         """
+        taken = 0
         while True:
             try:
                 item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return taken
             self._enqueue(*item)
-            timeout = 0.02  # the rest of a burst
+            taken += 1
+            timeout = burst  # the rest of a burst
 
     def _enqueue(self, key: int, future: Future, directory: Path) -> None:
         if future.cancelled():
@@ -291,6 +368,9 @@ class WorkQueueBackend(Backend):
             return
         t = self._wq.Task(self._command)
         t.specify_input_file(WORKER_SCRIPT, WORKER_SCRIPT_NAME, cache=True)
+        if self._warm:
+            t.specify_input_file(str(self._client), CLIENT_SCRIPT_NAME, cache=True)
+            t.specify_environment_variable("CASA_WQ_KEY", self._key)
         t.specify_input_file(str(directory / "in.pkl"), "in.pkl", cache=False)
         t.specify_output_file(str(directory / "out.pkl"), "out.pkl", cache=False)
         t.specify_cores(1)
@@ -298,6 +378,7 @@ class WorkQueueBackend(Backend):
         t.specify_environment_variable("CASA_WQ_WARM", "1" if self._warm else "0")
         t.specify_tag(str(key))
         self._tasks[self._q.submit(t)] = _Task(t, future, directory)
+        self.sent += 1
 
     def _finish(self, address: int, worker_lost: bool) -> None:
         task_id = next((i for i, t in self._tasks.items() if task_address(t.task) == address), None)
@@ -379,6 +460,7 @@ class WorkQueueBackend(Backend):
         (directory / "in.pkl").write_bytes(cloudpickle.dumps((fn, arg), protocol=pickle.HIGHEST_PROTOCOL))
         future: Future = Future()
         self._inbox.put((key, future, directory))
+        self._wake()
         if self._batch is not None:
             self._batch.wait_first(lambda: self._connected)  # adapt=(0, n): the work asks for the first worker
         return future

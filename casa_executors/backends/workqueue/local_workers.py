@@ -51,8 +51,10 @@ class LocalWorkers:
         workdir = self._directory / "workers"
         workdir.mkdir(exist_ok=True)
         # a fixed --disk: a worker that re-measures its free disk may decline ("forsake") a task
-        # given all it had announced when someone else writes to the disk meanwhile
-        disk_mb = shutil.disk_usage(workdir).free // 2**20 // max(self.count, 1)
+        # given all it had announced when someone else writes to the disk meanwhile; and one that finds
+        # less free disk than it announced disconnects ("has less than the promised disk space"), which
+        # with --single-shot means it exits: announce half of what is free, so others' writes leave margin
+        disk_mb = shutil.disk_usage(workdir).free // 2**20 // 2 // max(self.count, 1)
         cmd = ["work_queue_worker", "--cores", "1", "--disk", str(disk_mb), "--single-shot", "--parent-death",
                "--connect-timeout", "60", "--idle-timeout", "900", "--workdir", str(workdir)]
         if self._password_file is not None:

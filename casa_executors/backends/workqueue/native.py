@@ -1,9 +1,11 @@
-"""Native shims around Work Queue's SWIG bindings: a wait that lets the GIL go, and bind() on one address.
+"""Native shims around Work Queue's SWIG bindings: a wait that lets the GIL go (and wakes on a
+submission), and bind() on one address.
 
 * ``WorkQueue.wait`` holds the GIL for its whole timeout (the driver would
-  freeze for a second at a time). :func:`waiter` calls the C
+  freeze for a second at a time). :class:`Waiter` calls the C
   ``work_queue_wait`` through ctypes instead, which lets the GIL go; the
-  backend makes every queue call from one thread, so this is safe.
+  backend makes every queue call from one thread, so this is safe. With a
+  wake-up pipe it returns as soon as a task is submitted (see there).
 * ``WorkQueue(port)`` listens on all interfaces and has no address option.
   Inside :func:`bound_to`, the extension's GOT entry for ``bind`` points to a
   shim that replaces the wildcard address with ``host``; ``host="0.0.0.0"``
@@ -155,17 +157,67 @@ def _unprotect(slots: list[int]) -> Callable[[], None]:
     return restore
 
 
-def waiter(wq: ModuleType, q: Any) -> Callable[[int], int | None]:
-    """``timeout -> address of a finished task or None``, without holding the GIL while it waits
-    (or, if the C function cannot be had, through the bindings, which hold it)."""
-    try:
-        wait = ctypes.CDLL(_extension_path(wq)).work_queue_wait
-        handle = int(q._work_queue)
-    except (OSError, AttributeError, TypeError) as exc:
-        warnings.warn(f"workqueue: waiting through the Python bindings, which hold the GIL ({exc})", stacklevel=3)
-        return lambda timeout: (t := q.wait(timeout)) and task_address(t)
-    wait.restype, wait.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]
-    return lambda timeout: wait(handle, timeout)
+class Waiter:
+    """``waiter(timeout)`` -> address of a finished task or None, without holding the GIL while it waits
+    (or, if the C function cannot be had, through the bindings, which hold it).
+
+    ``work_queue_wait`` keeps going until a task finishes or its timeout (whole seconds, up to the next
+    tick of ``time()``) runs out, so a task submitted meanwhile reaches Work Queue only then: up to a
+    second with a worker idle. Given ``wake_fd`` (the read end of a pipe), it waits through
+    ``work_queue_wait_internal`` instead, with that pipe as the "uplink" Work Queue polls for a foreman:
+    the wait returns as soon as a byte arrives there (or when an iteration of its loop finds nothing to
+    do), so whoever submits writes a byte and Work Queue sees the task at once. Without a project
+    name only: with one, Work Queue reports the uplink's peer address to the catalog.
+    """
+
+    def __init__(self, wq: ModuleType, q: Any, wake_fd: int | None = None) -> None:
+        self.wakes = False
+        self._link: int | None = None
+        self._close_link: Any = None
+        try:
+            lib = ctypes.CDLL(_extension_path(wq))
+            handle = int(q._work_queue)
+        except (OSError, AttributeError, TypeError) as exc:
+            warnings.warn(f"workqueue: waiting through the Python bindings, which hold the GIL ({exc})",
+                          stacklevel=3)
+            self._wait: Callable[[int], int | None] = lambda timeout: (t := q.wait(timeout)) and task_address(t)
+            return
+        if wake_fd is not None:
+            try:
+                internal, attach = lib.work_queue_wait_internal, lib.link_attach_to_fd
+                self._close_link = lib.link_close
+            except AttributeError:
+                internal = None
+            if internal is not None:
+                internal.restype = ctypes.c_void_p
+                internal.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                     ctypes.c_char_p]
+                attach.restype, attach.argtypes = ctypes.c_void_p, [ctypes.c_int]
+                self._close_link.argtypes = [ctypes.c_void_p]
+                self._link = attach(wake_fd)
+                active = ctypes.c_int(0)
+                # timeout 1: an idle wait ends within a second anyway (it returns after an iteration with
+                # nothing to do, once its poll of up to a second ends), so stopping stays prompt
+                self._wait = lambda timeout: internal(handle, 1, self._link, ctypes.byref(active), None)
+                self.wakes = bool(self._link)
+                if self.wakes:
+                    return
+        wait = lib.work_queue_wait
+        wait.restype, wait.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]
+        self._wait = lambda timeout: wait(handle, timeout)
+
+    def __call__(self, timeout: int) -> int | None:
+        return self._wait(timeout)
+
+    def close(self) -> None:
+        """Free the link (which closes ``wake_fd``)."""
+        link, self._link = self._link, None
+        if link:
+            self._close_link(link)
+
+
+def waiter(wq: ModuleType, q: Any, wake_fd: int | None = None) -> Waiter:
+    return Waiter(wq, q, wake_fd)
 
 
 def task_address(task: Any) -> int:

@@ -1,22 +1,39 @@
-"""The worker side of a Work Queue task: ``python casa_wq_worker.py IN OUT`` in the task's sandbox.
+"""The worker side of a Work Queue task: a warm per-worker server, and the clients that hand it tasks.
 
-IN holds ``cloudpickle.dumps((fn, arg))``; OUT gets ``fn(arg)``, written whole or
-not at all. ``fn`` is ``run_batch``, which never raises, so a non-zero exit means
-the task itself broke (an import error, a signal, a lost server), not the analysis.
+A task's IN file holds ``cloudpickle.dumps((fn, arg))``; its OUT file gets
+``fn(arg)``, written whole or not at all. ``fn`` is ``run_batch``, which never
+raises, so a non-zero exit means the task itself broke (an import error, a
+signal, a lost server), not the analysis.
 
 A fresh interpreter pays ~1 s to import coffea and ~1 s more to warm up on its
-first chunk. So by default (``CASA_WQ_WARM=1``, Linux) this script stays
-stdlib-only (~20 ms) and hands the work to a *server*: a Python process beside
-the worker, started by the first task that finds none, that keeps coffea
-imported and its caches warm and runs one task at a time for the client that
-holds its slot's lock (one slot per task running at once on the worker).
+first chunk, so by default (``CASA_WQ_WARM=1``, Linux) the work goes to a
+*server*: a Python process beside the worker, started by the first task that
+finds none, that keeps coffea imported and its caches warm and runs one task at
+a time for the client that holds its slot's lock (one slot per task running at
+once on the worker). Each task reaches it through one of two clients:
 
-* The server listens on an abstract Unix socket (no file, no path-length
-  limit) and serves only processes of its own user (``SO_PEERCRED``).
-* It stays in the worker's session (whoever stops the worker's session stops
-  it), leaves the task's process group (a task abort does not kill it), and
-  exits within a second of its worker, or after ``IDLE_S`` without work.
-* If no server can be had, or with ``CASA_WQ_WARM=0``, the task runs here.
+* :data:`SHELL_CLIENT` (``bash casa_wq_client.sh``): the fast path, a few
+  milliseconds. Starting even a stdlib-only Python costs 30-130 ms on a busy
+  node (``site``, ``.pth`` files), which was most of the cost of a short task.
+  It exits with :data:`NO_SERVER` when its slot has no live server (or bash's
+  ``flock`` is missing), and the task command then runs
+* this script (``python -S casa_wq_worker.py IN OUT``): finds or starts the
+  server of a free slot, hands it the task, or runs it here if no server can
+  be had (or with ``CASA_WQ_WARM=0``).
+
+Server and clients talk through two FIFOs per slot (``<slot>.req``,
+``<slot>.rep``) in ``casa-<uid>-<worker pid>-<key>/`` beside the task
+sandboxes, a directory of mode 700 that clients check is their own; the FIFOs
+are mode 600, so only processes of the server's own user can hand it work.
+A request is one line ``ID<TAB>CWD<TAB>IN<TAB>OUT``, a reply ``ID ok`` or
+``ID error ...``; a client skips replies of other IDs (those of a task aborted
+while its server ran it). The server holds ``<slot>.alive`` locked while it
+lives: a client that finds that lock free knows the server is gone (no PID to
+be reused, no FIFO open that could block).
+
+The server stays in the worker's session (whoever stops the worker's session
+stops it), leaves the task's process group (a task abort does not kill it), and
+exits within a second of its worker, or after ``IDLE_S`` without work.
 
 The manager ships this file with each task (cached on the worker) as
 ``casa_wq_worker.py``, so the client never imports the ``casa_executors``
@@ -28,29 +45,68 @@ It must stay stdlib-only, so it keeps its own few lines of process handling
 
 from __future__ import annotations
 
-# a client runs these imports for every task: only light ones here, the rest where needed
-import _socket
-import ctypes
+# a client runs these imports for every task it handles: only light ones here, the rest where needed
 import fcntl
 import os
+import select
+import stat
 import sys
 import time
 import zlib
 
 IDLE_S = 300  # a server with nothing to do for this long exits
-START_S = 120  # how long a client waits for a new server to listen
+START_S = 120  # how long a client waits for a new server to be up
 SLOTS = 64  # servers per worker at most
+POLL_S = 2.0  # a client waiting on its server checks it is alive this often
+NO_SERVER = 3  # exit status of the shell client: no live server, run the Python client
 PRELOAD = ("casa_executors.task", "coffea.processor", "coffea.nanoevents", "uproot")
 
+# The fast path: bash and util-linux's flock only, no Python start. Arguments: the worker's PID
+# (the task shell's $PPID), IN, OUT; CASA_WQ_KEY names the servers of this Python and PYTHONPATH.
+SHELL_CLIENT = r"""# casa_executors Work Queue client: hand this task to its slot's warm server (see worker.py)
+command -v flock >/dev/null 2>&1 || exit 3
+d="${PWD%/*}/casa-$UID-$1-${CASA_WQ_KEY:?}"
+[ -d "$d" ] && [ -O "$d" ] && [ ! -L "$d" ] || exit 3
+# is the slot's server up (it holds .alive locked)? anything else, a missing folder too, means no
+up() { flock -n -E 200 "$d/$s.alive" true 2>/dev/null; [ $? = 200 ]; }
+for ((s = 0; s < 64; s++)); do
+    exec 9>>"$d/$s.lock" || exit 3
+    if ! flock -n 9; then exec 9>&-; continue; fi
+    up || exit 3  # the slot is ours but has no server: the Python client starts one
+    exec 3<>"$d/$s.req" 4<>"$d/$s.rep" || exit 3
+    id="$$.$RANDOM$RANDOM"
+    printf '%s\t%s\t%s\t%s\n' "$id" "$PWD" "$2" "$3" >&3
+    while :; do
+        if read -r -t 2 -u 4 rid reply; then
+            [ "$rid" = "$id" ] || continue  # a reply to a task aborted meanwhile
+            [ "$reply" = ok ] && exit 0
+            echo "casa_wq_client: server $s answered: $reply" >&2
+            exit 1
+        elif ! up; then
+            echo "casa_wq_client: server $s died" >&2
+            exit 1
+        fi
+    done
+done
+exit 3
+"""
 
-def _die_with_parent() -> None:
+
+def server_key(python: str, pythonpath: str) -> str:
+    """Which servers a task may use: those of the same Python and PYTHONPATH."""
+    return format(zlib.crc32(python.encode() + b"\0" + pythonpath.encode()), "08x")
+
+
+def _die_with_parent(worker_pid: int) -> None:
     """Get SIGKILL when the work_queue_worker that started us dies, so no task outlives it."""
     try:
+        import ctypes
+
         ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # it died before that took effect
-        os._exit(1)
+    if os.getppid() != worker_pid:  # it died before that took effect (we were adopted: by a subreaper
+        os._exit(1)  # such as slurmstepd, not always by init), so start no server it would not stop
 
 
 def _worker_name(worker_pid: int) -> None:
@@ -59,6 +115,10 @@ def _worker_name(worker_pid: int) -> None:
 
 
 def run_here(src: str, dst: str) -> None:
+    if sys.flags.no_site:  # a client started with -S: the analysis needs the environment's packages
+        import site
+
+        site.main()
     import pickle
 
     import cloudpickle
@@ -71,70 +131,101 @@ def run_here(src: str, dst: str) -> None:
     os.replace(dst + ".part", dst)
 
 
-def _read_line(conn: _socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        more = conn.recv(4096)
-        if not more:
-            break
-        data += more
-    return data.decode(errors="replace").strip()
+def _own_dir(path: str) -> bool:
+    """Is ``path`` a real directory of ours that nobody else may enter (mode 700)? Creates it if missing."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
-# -- the client: find or start a server of this worker, hand it the task ---------------------------
-
-
-def _connect(address: str, server: object = None) -> _socket.socket | None:
-    """A connection to ``address``; waits for the ``server`` process we just started to listen."""
-    deadline = time.time() + (START_S if server else 0)
-    while True:
-        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+def _alive(alive: str) -> bool:
+    """Does a server hold ``alive`` locked?"""
+    with open(alive, "a") as f:
         try:
-            s.connect(address)
-            return s
-        except OSError:
-            s.close()
-            if server is None or server.poll() is not None or time.time() > deadline:  # type: ignore[attr-defined]
-                return None
-            time.sleep(0.05)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+# -- the Python client: find or start a server of this worker, hand it the task ------------------
+
+
+def _start_server(directory: str, slot: int, worker_pid: int, lock: int) -> bool:
+    """Start the server of ``slot`` and wait until it is up. It inherits the slot's lock (``lock``, the
+    same open file, so the same lock) until it is up: if this task is aborted meanwhile, no other
+    client takes the slot and starts a second server on it."""
+    import subprocess
+
+    alive = os.path.join(directory, f"{slot}.alive")
+    with open(os.path.join(directory, f"{slot}.log"), "ab") as log:
+        server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", directory, str(slot),
+                                   str(worker_pid), str(lock)], stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=directory, pass_fds=(lock,))
+    deadline = time.time() + START_S
+    while not _alive(alive):
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def ask(directory: str, slot: int, src: str, dst: str) -> str:
+    """Hand (cwd, src, dst) to the live server of ``slot``; its reply, or why there is none."""
+    base = os.path.join(directory, str(slot))
+    req = os.open(base + ".req", os.O_RDWR)
+    rep = os.open(base + ".rep", os.O_RDWR)  # never blocks; liveness comes from the .alive lock
+    try:
+        rid = f"{os.getpid()}.{time.monotonic_ns()}"
+        os.write(req, "\t".join((rid, os.getcwd(), src, dst)).encode() + b"\n")
+        data = b""
+        while True:
+            if not select.select([rep], [], [], POLL_S)[0]:
+                if not _alive(base + ".alive"):
+                    return "error the server died"
+                continue
+            data += os.read(rep, 65536)
+            *lines, data = data.split(b"\n")
+            for line in lines:
+                got, _, reply = line.decode(errors="replace").partition(" ")
+                if got == rid:  # else: a reply to a task aborted meanwhile
+                    return reply
+    finally:
+        os.close(req)
+        os.close(rep)
 
 
 def run_on_server(src: str, dst: str, worker_pid: int) -> bool | None:
     """True/False: a server ran it (well or not); None: no server to be had, run it here."""
-    key = zlib.crc32(f"{sys.executable}\0{os.environ.get('PYTHONPATH', '')}".encode())
-    name = f"casa-{os.getuid()}-{worker_pid}-{key:08x}"
+    key = os.environ.get("CASA_WQ_KEY") or server_key(sys.executable, os.environ.get("PYTHONPATH", ""))
     workspace = os.path.dirname(os.getcwd())  # <workdir>/worker-N-PID/t.ID: the worker's own directory
+    directory = os.path.join(workspace, f"casa-{os.getuid()}-{worker_pid}-{key}")
+    if not _own_dir(directory):
+        print(f"casa_wq_worker: {directory} is not a private directory of ours", file=sys.stderr)
+        return None
     for slot in range(SLOTS):
-        files = os.path.join(workspace, f"{name}-{slot}")
-        lock = open(files + ".lock", "a")  # held until this process ends
+        lock = open(os.path.join(directory, f"{slot}.lock"), "a")  # held until this process ends
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
             continue
-        address = f"\0{name}-{slot}"  # abstract namespace: no file to clean up
-        conn = _connect(address)
-        if conn is None:
-            import subprocess
-
-            with open(files + ".log", "ab") as log:
-                server = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), "--serve", address[1:], str(worker_pid)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workspace)
-            conn = _connect(address, server)
-            if conn is None:
-                server.kill()
-                return None
-        request = "\t".join((os.getcwd(), os.path.abspath(src), os.path.abspath(dst))) + "\n"
+        up = _alive(os.path.join(directory, f"{slot}.alive"))
+        if not up and not _start_server(directory, slot, worker_pid, lock.fileno()):
+            return None
         try:
-            conn.sendall(request.encode())
-            reply = _read_line(conn)
-        except OSError:
-            reply = ""
-        finally:
-            conn.close()
+            reply = ask(directory, slot, src, dst)
+        except OSError as exc:
+            reply = f"error {exc}"
         if reply != "ok":
-            print(f"casa_wq_worker: server {name}-{slot} answered {reply or 'nothing (it died)'}", file=sys.stderr)
+            print(f"casa_wq_worker: server {slot} answered {reply}", file=sys.stderr)
         return reply == "ok"
     return None
 
@@ -142,8 +233,8 @@ def run_on_server(src: str, dst: str, worker_pid: int) -> bool | None:
 # -- the server -------------------------------------------------------------------------------------
 
 
-def _watch(worker_pid: int, idle_since: list[float]) -> None:
-    """Exit with the worker, or when idle too long."""
+def _watch(worker_pid: int, idle_since: list[float], slot_lock: str) -> None:
+    """Exit with the worker, or when idle too long (and no client holds the slot: none is mid-request)."""
     while True:
         time.sleep(0.5)
         try:
@@ -153,60 +244,81 @@ def _watch(worker_pid: int, idle_since: list[float]) -> None:
         except PermissionError:
             pass
         if idle_since[0] and time.time() - idle_since[0] > IDLE_S:
-            os._exit(0)
+            lock = open(slot_lock, "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            os._exit(0)  # holding the slot: its next client finds .alive free and starts another server
 
 
-def serve(name: str, worker_pid: int) -> None:
+def _fifo(path: str) -> int:
+    """A fresh FIFO at ``path`` (mode 600), opened read-write: opening it never blocks a client while we live."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDWR)
+
+
+def _run_request(line: str) -> str:
+    rid, cwd, src, dst = line.split("\t")
+    try:
+        os.chdir(cwd)
+        run_here(src, dst)
+        reply = "ok"
+    except Exception as exc:  # run_batch never raises: this is unpickling or I/O
+        reply = f"error {type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+    finally:
+        os.chdir("/")
+    return f"{rid} {reply}\n"
+
+
+def serve(directory: str, slot: int, worker_pid: int, slot_lock: int = -1) -> None:
     import importlib
-    import socket
-    import struct
     import threading
 
     os.setpgid(0, 0)  # a task's abort kills its process group; we are not part of any task
     _worker_name(worker_pid)
+    base = os.path.join(directory, str(slot))
     idle_since = [0.0]  # 0 while starting or busy
-    threading.Thread(target=_watch, args=(worker_pid, idle_since), daemon=True).start()
+    threading.Thread(target=_watch, args=(worker_pid, idle_since, base + ".lock"), daemon=True).start()
     for module in PRELOAD:
         importlib.import_module(module)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind("\0" + name)
-    srv.listen(1)
-    creds = struct.Struct("3i")
+    req, rep = _fifo(base + ".req"), _fifo(base + ".rep")
+    alive = open(base + ".alive", "a")
+    fcntl.flock(alive, fcntl.LOCK_EX)  # from here on clients see us up (the kernel drops it when we die)
+    if slot_lock >= 0:
+        os.close(slot_lock)  # up: the client that started us holds the slot alone now
     idle_since[0] = time.time()
+    pending = b""
     while True:
-        conn, _ = srv.accept()
-        with conn:
-            _, uid, _ = creds.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
-            if uid != os.getuid():
-                continue  # only our own user's tasks
+        pending += os.read(req, 65536)
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
             idle_since[0] = 0.0
             try:
-                cwd, src, dst = _read_line(conn).split("\t")
-                os.chdir(cwd)
-                run_here(src, dst)
-                reply = "ok"
-            except Exception as exc:  # run_batch never raises: this is unpickling or I/O
-                reply = f"error {type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+                reply = _run_request(line.decode(errors="replace"))
+            except ValueError:  # not a request line
+                continue
             finally:
-                os.chdir("/")
                 idle_since[0] = time.time()
-            try:
-                conn.sendall(reply.encode() + b"\n")
-            except OSError:
-                pass  # the task was cancelled meanwhile
+            os.write(rep, reply.encode())
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] == "--serve":
-        serve(argv[1], int(argv[2]))
+    if len(argv) in (4, 5) and argv[0] == "--serve":
+        serve(argv[1], int(argv[2]), int(argv[3]), *(int(a) for a in argv[4:]))
         return 0
     if len(argv) != 2:
         print("usage: casa_wq_worker.py IN OUT", file=sys.stderr)
         return 2
     linux = sys.platform.startswith("linux")
+    worker = int(os.environ.get("CASA_WQ_WORKER_PID") or os.getppid())  # the task shell's $PPID
     if linux:
-        _die_with_parent()
-    worker = os.getppid()
+        _die_with_parent(worker)
     _worker_name(worker)
     src, dst = argv
     if linux and os.environ.get("CASA_WQ_WARM", "1") != "0":
