@@ -108,3 +108,17 @@ def test_user_config(sample_files, reference, tmp_path):
     assert len(list((tmp_path / "runinfo").iterdir())) == 2  # one run dir per start
     assert user.executors[0].interchange_proc is None  # the user's object was never started
     assert_gone(watch.seen)
+
+
+def test_worker_pools_hold_a_task_ahead(tmp_path):
+    """A pool fetches one task per worker ahead (prefetch_capacity), so a worker that finishes does not wait
+    for the round trip through the interchange; for our local HTEX and for blocks on a provider."""
+    from parsl.providers import LocalProvider
+
+    from casa_executors.backends.parsl_provider import PREFETCH_PER_WORKER, from_provider
+
+    assert PREFETCH_PER_WORKER >= 1
+    local = ce.parsl(workers=3, status=False).backend._local_config(str(tmp_path))
+    assert local.executors[0].prefetch_capacity == 3 * PREFETCH_PER_WORKER
+    blocks = from_provider(None, LocalProvider(), 2, None, "127.0.0.1")
+    assert blocks.executors[0].prefetch_capacity == PREFETCH_PER_WORKER

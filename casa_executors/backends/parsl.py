@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
 from casa_executors.backends.base import REPO, Backend, default_workers
-from casa_executors.backends.parsl_provider import FirstWorker, from_provider
+from casa_executors.backends.parsl_provider import PREFETCH_PER_WORKER, FirstWorker, from_provider
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
@@ -206,6 +206,7 @@ class ParslBackend(Backend):
             loopback_address="127.0.0.1",
             max_workers_per_node=n,
             cores_per_worker=min(1.0, (os.cpu_count() or 1) / n),  # n workers even on fewer cores
+            prefetch_capacity=PREFETCH_PER_WORKER * n,
             heartbeat_period=HEARTBEAT_PERIOD,
             heartbeat_threshold=HEARTBEAT_THRESHOLD,
             interchange_launch_cmd=[sys.executable, interchange] if interchange else None,
