@@ -29,6 +29,8 @@ def executor(name: str, **options: Any):
     opts = {"status": False, "merge_fanin": FANIN, "retries": 1, **options}
     if name != "iterative" and "client" not in opts:
         opts.setdefault("workers", 2)
+    if name == "spark":  # its default (8 chunks a task here) can finish all 30 before 3 merged nodes exist
+        opts.setdefault("chunks_per_task", 2)
     return ce.create(name, **opts)
 
 
