@@ -252,7 +252,7 @@ class _Run:
         self.finished = False
         self.corrupt: list[str] = []
         # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise
-        self.batch = driver.chunks_per_task or (1 if self.planner else self.backend.batch_size(n))
+        self.batch = driver.chunks_per_task or (1 if self.planner else self.backend.batch_size(n, phase.name))
         self.limit = max(self.backend.max_inflight(), 1)
         # a store placement may make a temporary folder: drive() removes it (or this, on a failure here)
         self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,

@@ -100,6 +100,7 @@ def test_batch_size_amortises_spark_tasks_and_leaves_no_core_idle():
     # the scaling benchmark's 40 chunks on local[2]: a few tasks per core, not 40 Spark jobs
     assert SparkBackend(master="local[2]").batch_size(40) == math.ceil(40 / (TASKS_PER_WORKER * 2)) > 1
     assert SparkBackend(master="local[1]").batch_size(100_000) == MAX_CHUNKS_PER_TASK
+    assert SparkBackend(master="local[2]").batch_size(8, "preprocessing") == 4  # files: one task per core
     for cores in range(1, 9):
         backend = SparkBackend(master=f"local[{cores}]")
         for n in range(1, 400):
@@ -109,7 +110,8 @@ def test_batch_size_amortises_spark_tasks_and_leaves_no_core_idle():
 
 
 def test_chunks_share_spark_jobs(sample_files, reference, no_leftover_processes):
-    """12 chunks on local[2] run as 4 Spark jobs of 3 chunks (one a chunk with chunks_per_task=1),
+    """12 chunks on local[2] run as 4 Spark jobs of 3 chunks, 3 files' metadata as 2 (one job per item
+    with chunks_per_task=1),
     with the same output, one attempt per chunk and a report row per chunk."""
     ex = ce.spark(master="local[2]", status=False)
     backend = ex.backend
@@ -126,7 +128,8 @@ def test_chunks_share_spark_jobs(sample_files, reference, no_leftover_processes)
 
         batched = jobs(ex)
         one_each = jobs(ce.Driver(backend=backend, status=False, chunks_per_task=1))
-        assert one_each - batched == 12 - 4  # same preprocessing and merges, 8 jobs fewer for the chunks
+        # same merges; 8 jobs fewer for the chunks, and the 3 files' metadata in 2 jobs (one per core), not 3
+        assert one_each - batched == (12 - 4) + (3 - 2)
         rows = ex.report.processing.rows
         by_worker: dict[str, list[int]] = {}
         for r in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -92,8 +93,9 @@ class Backend(ABC):
     def workers(self) -> int:
         return self._workers or 1
 
-    def batch_size(self, n_chunks: int) -> int:
-        """How many chunks one task carries."""
+    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
+        """How many of a phase's ``n_chunks`` items (chunks; files when ``phase`` is "preprocessing") one
+        task carries."""
         return 1
 
     def max_inflight(self) -> int:
@@ -142,6 +144,12 @@ class Backend(ABC):
         finally:
             if started_here and self._held == 0:
                 self.stop()
+
+
+def tasks_of(n_items: int, tasks: int, most: int | None = None) -> int:
+    """Items per task for about ``tasks`` tasks (at most ``most`` items each, at least one)."""
+    per_task = max(math.ceil(n_items / max(tasks, 1)), 1)
+    return min(per_task, most) if most else per_task
 
 
 def resolved(fn: Callable[[Any], Any], arg: Any) -> Future:

@@ -20,7 +20,6 @@ by PID) when the backend stops; a ``session=`` given to us is only used.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, tasks_of, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
@@ -267,11 +266,12 @@ class SparkBackend(Backend):
         except Py4JError as exc:  # the JVM itself is gone
             raise WorkerLost(f"spark: {type(exc).__name__}: {str(exc)[:200]}") from None
 
-    def batch_size(self, n_chunks: int) -> int:
+    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
         """Chunks per task: about ``TASKS_PER_WORKER`` tasks per core (at most ``MAX_CHUNKS_PER_TASK``
-        chunks each), so that Spark's per-task cost is paid a few times per core, not once per chunk."""
-        per_task = math.ceil(n_chunks / (TASKS_PER_WORKER * self.workers))
-        return min(max(per_task, 1), MAX_CHUNKS_PER_TASK)
+        chunks each), so that Spark's per-task cost is paid a few times per core, not once per chunk.
+        Preprocessing (a file's metadata: milliseconds) is one task per core."""
+        tasks = self.workers * (1 if phase == "preprocessing" else TASKS_PER_WORKER)
+        return tasks_of(n_chunks, tasks, MAX_CHUNKS_PER_TASK)
 
     @property
     def workers(self) -> int:

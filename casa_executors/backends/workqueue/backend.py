@@ -41,7 +41,6 @@ import contextlib
 import ipaddress
 import itertools
 import logging
-import math
 import os
 import pickle
 import queue
@@ -60,7 +59,7 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, tasks_of, worker_pythonpath
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
@@ -471,8 +470,10 @@ class WorkQueueBackend(Backend):
         planned = self._batch.bounds[1] if self._batch is not None else 0  # what batch workers may reach
         return max(self._local_count, self._connected, planned) or 1
 
-    def batch_size(self, n_chunks: int) -> int:
-        return max(math.ceil(n_chunks / (TASKS_PER_WORKER * self.workers)), 1)
+    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
+        """About ``TASKS_PER_WORKER`` tasks per worker; preprocessing (a file's metadata: milliseconds,
+        against 10-30 ms of Work Queue's own per task) one per worker."""
+        return tasks_of(n_chunks, self.workers * (1 if phase == "preprocessing" else TASKS_PER_WORKER))
 
     @property
     def port(self) -> int:
