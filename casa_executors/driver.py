@@ -253,6 +253,9 @@ class _Run:
         self.corrupt: list[str] = []
         # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise
         self.batch = driver.chunks_per_task or (1 if self.planner else self.backend.batch_size(n, phase.name))
+        # the backend's batch shrinks with the work left (guided self-scheduling; asked once: an external
+        # cluster's size is a call), a batch fixed by chunks_per_task or the planner does not
+        self.guided = not driver.chunks_per_task and not self.planner
         self.limit = max(self.backend.max_inflight(), 1)
         # a store placement may make a temporary folder: drive() removes it (or this, on a failure here)
         self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
@@ -439,9 +442,10 @@ class _Run:
             self._track(_MergeJob(self._submit(fn, arg), group))
         takes, batches = [], []
         workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
+        batch = math.ceil(self.batch * len(self.todo) / len(self.phase.items)) if self.guided else self.batch
         while self.todo and len(self.inflight) + len(takes) < self.window:
             take = []
-            while self.todo and len(take) < self.batch:
+            while self.todo and len(take) < batch:
                 take.append(self.planner.next(self.todo, workers) if self.planner else (0, self.todo.popleft()))
             tasks = [self._task(level, index) for level, index in take]
             takes.append(take)

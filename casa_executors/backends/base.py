@@ -44,6 +44,10 @@ class Backend(ABC):
     # results stay on the workers until fetched, and futures can be task arguments (Dask): outputs
     # then stay in worker memory and merge there (outputs.EnginePlacement)
     holds_results: ClassVar[bool] = False
+    # batch_size: tasks per worker of what is left to submit, and chunks a task carries at most (progress,
+    # retries and a lost worker's work stay fine-grained)
+    tasks_per_worker: ClassVar[int] = 4
+    max_chunks_per_task: ClassVar[int | None] = 32
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -94,9 +98,16 @@ class Backend(ABC):
         return self._workers or 1
 
     def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
-        """How many of a phase's ``n_chunks`` items (chunks; files when ``phase`` is "preprocessing") one
-        task carries."""
-        return 1
+        """How many items the next task carries, given the ``n_chunks`` of the phase still to submit
+        (chunks; files when ``phase`` is "preprocessing").
+
+        About ``tasks_per_worker`` tasks per worker of what is left (guided self-scheduling): a task's
+        fixed costs (the engine's round trip, opening the file and reading its tree, writing and merging
+        the output) are paid once per several short chunks, and tasks shrink to single chunks towards the
+        end, so no core waits on a long last task. Preprocessing (a file's metadata: milliseconds) is one
+        task per worker."""
+        tasks = self.workers * (1 if phase == "preprocessing" else self.tasks_per_worker)
+        return tasks_of(n_chunks, tasks, self.max_chunks_per_task)
 
     def max_inflight(self) -> int:
         """How many tasks the driver keeps submitted at once."""

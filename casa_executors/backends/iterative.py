@@ -24,3 +24,6 @@ class IterativeBackend(Backend):
 
     def max_inflight(self) -> int:
         return 1
+
+    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
+        return 1  # no per-task cost here: a chunk a task keeps progress and reports per chunk

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend, default_workers, tasks_of, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ def short_message(exc: BaseException) -> str:
 
 class SparkBackend(Backend):
     name = "spark"
+    tasks_per_worker = TASKS_PER_WORKER  # Spark's per-task cost is the largest: fewer, larger tasks
+    max_chunks_per_task = MAX_CHUNKS_PER_TASK
 
     def __init__(
         self,
@@ -265,13 +267,6 @@ class SparkBackend(Backend):
             raise WorkerLost(f"spark lost the task: {short_message(exc)}") from None
         except Py4JError as exc:  # the JVM itself is gone
             raise WorkerLost(f"spark: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
-        """Chunks per task: about ``TASKS_PER_WORKER`` tasks per core (at most ``MAX_CHUNKS_PER_TASK``
-        chunks each), so that Spark's per-task cost is paid a few times per core, not once per chunk.
-        Preprocessing (a file's metadata: milliseconds) is one task per core."""
-        tasks = self.workers * (1 if phase == "preprocessing" else TASKS_PER_WORKER)
-        return tasks_of(n_chunks, tasks, MAX_CHUNKS_PER_TASK)
 
     @property
     def workers(self) -> int:

@@ -59,7 +59,7 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.backends.base import Backend, default_workers, tasks_of, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
@@ -112,6 +112,7 @@ def _settle(future: Future, result: Any = None, exc: BaseException | None = None
 
 class WorkQueueBackend(Backend):
     name = "workqueue"
+    tasks_per_worker = TASKS_PER_WORKER
 
     def __init__(
         self,
@@ -469,11 +470,6 @@ class WorkQueueBackend(Backend):
         """Local workers, or the workers connected now (port= with workers started elsewhere)."""
         planned = self._batch.bounds[1] if self._batch is not None else 0  # what batch workers may reach
         return max(self._local_count, self._connected, planned) or 1
-
-    def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
-        """About ``TASKS_PER_WORKER`` tasks per worker; preprocessing (a file's metadata: milliseconds,
-        against 10-30 ms of Work Queue's own per task) one per worker."""
-        return tasks_of(n_chunks, self.workers * (1 if phase == "preprocessing" else TASKS_PER_WORKER))
 
     @property
     def port(self) -> int:
