@@ -105,8 +105,10 @@ class Backend(ABC):
         fixed costs (the engine's round trip, opening the file and reading its tree, writing and merging
         the output) are paid once per several short chunks, and tasks shrink to single chunks towards the
         end, so no core waits on a long last task. Preprocessing (a file's metadata: milliseconds) is one
-        task per worker."""
-        tasks = self.workers * (1 if phase == "preprocessing" else self.tasks_per_worker)
+        task per worker. Workers are counted as the driver keeps tasks in flight (``max_inflight``), so an
+        adaptive cluster still starting counts at its maximum."""
+        workers = max(self.max_inflight() // 2, 1)
+        tasks = workers * (1 if phase == "preprocessing" else self.tasks_per_worker)
         return tasks_of(n_chunks, tasks, self.max_chunks_per_task)
 
     def max_inflight(self) -> int:
