@@ -163,7 +163,7 @@ def measure(name: str, workers: int, files: list[str], cache: dict, chunksize: i
     try:
         window = driver_window(ex.backend)
         row["window"] = window
-        row["chunks_per_task"] = ex.backend.batch_size(chunks)
+        row["chunks_per_task"] = ex.backend.batch_size(chunks)  # the first tasks' (they shrink towards the end)
         warm = 8 * max(workers, 1)  # every worker up and through its first chunks (imports, files opened)
         timed(ex, files, cache, chunksize, proc, maxchunks=warm)
         with peer_of(name if with_coffea else "", ex, workers) as peer:

@@ -241,7 +241,7 @@ def test_chunk_metadata_arrives_as_events_for_two_executors_on_one_client(tls_cl
     from distributed import get_task_stream
 
     client = tls_cluster["backend"]._client
-    executors = [ce.dask(client=client, status=False) for _ in range(2)]
+    executors = [ce.dask(client=client, status=False, chunks_per_task=1) for _ in range(2)]  # a task a chunk
     for ex in executors:
         ex.backend.hold()
     try:

@@ -36,8 +36,9 @@ def test_task_overhead_runs_and_matches_coffea(tmp_path):
     assert "bare" not in rows["iterative"]["contenders"]  # no engine under iterative
     bare = rows["futures"]["contenders"]["bare"]
     assert bare["tasks"] == 100 and rows["futures"]["window"] >= rows["futures"]["workers"]
-    assert rows["futures"]["bare_over_ours"] == pytest.approx(bare["ms_per"] / rows["futures"]["contenders"]["ours"]
-                                                              ["ms_per"])
+    # futures puts several short chunks in a task (guided batching), so the engine's share of one chunk is not
+    # a ratio of the two rates
+    assert rows["futures"]["chunks_per_task"] > 1 and "bare_over_ours" not in rows["futures"]
     log.info("\n%s", task_overhead.table(result["rows"]))
 
 
