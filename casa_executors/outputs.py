@@ -17,9 +17,9 @@ how the final output is fetched. Three exist:
 ``EnginePlacement``
     the engine keeps outputs in worker memory and runs merge tasks on them
     (Dask: futures as arguments); the driver waits for the results' metadata
-    (Dask: pushed as events by the chunk tasks) and fetches only the root. A worker lost with outputs in memory: Dask
-    recomputes them from lineage; if that fails too, the driver runs the chunks
-    below again.
+    (Dask: pushed as events by the chunk tasks) and fetches only the root. A
+    worker lost with outputs in memory: Dask recomputes them from lineage; if
+    that fails too, the driver runs the chunks below again.
 
 Every placement merges the same fixed tree (:mod:`casa_executors.merge`), so
 the output is bit-identical whichever is used.

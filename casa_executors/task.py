@@ -241,8 +241,9 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
         function = _function(batch.function)
     except Exception as exc:
         info = ErrorInfo.capture(exc)
-        return [ChunkResult(t.index, t.attempt, error=info, worker=worker_name()) for t in batch.tasks]
-    results = [run_chunk(function, task, batch) for task in batch.tasks]
+        results = [ChunkResult(t.index, t.attempt, error=info, worker=worker_name()) for t in batch.tasks]
+    else:
+        results = [run_chunk(function, task, batch) for task in batch.tasks]
     if batch.notify is not None:
         batch.notify(results)
     return results

@@ -198,13 +198,13 @@ def test_a_submission_ends_the_wait_at_once():
     """Work Queue's wait lasts until a task finishes or the next whole second: a task submitted
     meanwhile waited up to a second with a worker idle. With the wake-up pipe the wait ends at once."""
     from casa_executors.backends.workqueue import import_work_queue
-    from casa_executors.backends.workqueue.native import LOOPBACK, bound_to, waiter
+    from casa_executors.backends.workqueue.native import LOOPBACK, Waiter, bound_to
 
     wq = import_work_queue()
     with bound_to(wq, LOOPBACK):
         q = wq.WorkQueue(port=0)
     r, w = os.pipe()
-    wait = waiter(wq, q, r)
+    wait = Waiter(wq, q, r)
     try:
         assert wait.wakes
         wait(1)  # Work Queue's first wait does not poll: from the second on, it sleeps up to a second

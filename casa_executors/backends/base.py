@@ -109,7 +109,8 @@ class Backend(ABC):
         adaptive cluster still starting counts at its maximum."""
         workers = max(self.max_inflight() // 2, 1)
         tasks = workers * (1 if phase == "preprocessing" else self.tasks_per_worker)
-        return tasks_of(n_chunks, tasks, self.max_chunks_per_task)
+        per_task = max(math.ceil(n_chunks / tasks), 1)
+        return min(per_task, self.max_chunks_per_task) if self.max_chunks_per_task else per_task
 
     def max_inflight(self) -> int:
         """How many tasks the driver keeps submitted at once."""
@@ -157,12 +158,6 @@ class Backend(ABC):
         finally:
             if started_here and self._held == 0:
                 self.stop()
-
-
-def tasks_of(n_items: int, tasks: int, most: int | None = None) -> int:
-    """Items per task for about ``tasks`` tasks (at most ``most`` items each, at least one)."""
-    per_task = max(math.ceil(n_items / max(tasks, 1)), 1)
-    return min(per_task, most) if most else per_task
 
 
 def resolved(fn: Callable[[Any], Any], arg: Any) -> Future:

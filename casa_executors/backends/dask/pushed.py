@@ -60,8 +60,7 @@ class _Batch(Future):
     def __init__(self, data: Any) -> None:
         super().__init__()
         self.data = data
-        self.results: list[ChunkResult] | None = None
-        self.lock = threading.Lock()
+        self.results: list[ChunkResult] | None = None  # set by the event (one assignment: no lock needed)
 
     def cancel(self) -> bool:
         self.data.cancel()
@@ -123,7 +122,7 @@ class PushedResults:
             batch = _Batch(future)
             with self._lock:
                 self._pending[tag] = batch
-            future.add_done_callback(lambda f, tag=tag: self._on_done(tag, f))
+            future.add_done_callback(lambda f, tag=tag: self._resolve(tag, f))
             out.append((batch, future))
         return out
 
@@ -137,13 +136,9 @@ class PushedResults:
         except Exception as exc:
             log.warning("an unreadable results event (%s); the batch's metadata will take a task", exc)
             return
-        with batch.lock:
-            batch.results = results
+        batch.results = results
         if batch.data.done():  # not the usual order: the completion came first
             self._resolve(msg["tag"], batch.data)
-
-    def _on_done(self, tag: str, future: Any) -> None:
-        self._resolve(tag, future)
 
     def _resolve(self, tag: str, future: Any) -> None:
         with self._lock:
@@ -156,10 +151,8 @@ class PushedResults:
         if future.status != "finished":  # lost, erred or cancelled: the driver sees why
             self._finish(tag, batch, exception=_exception(future))
             return
-        with batch.lock:
-            results = batch.results
-        if results is not None:
-            self._finish(tag, batch, results=results)
+        if batch.results is not None:
+            self._finish(tag, batch, results=batch.results)
             return
         self.fallbacks += 1
         log.info("dask: no results event for a finished batch; fetching its metadata with a task")

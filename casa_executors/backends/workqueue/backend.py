@@ -63,7 +63,7 @@ from casa_executors.backends.base import Backend, default_workers, worker_python
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.discovery import import_work_queue
 from casa_executors.backends.workqueue.local_workers import LocalWorkers
-from casa_executors.backends.workqueue.native import LOOPBACK, Waiter, bound_to, task_address, waiter
+from casa_executors.backends.workqueue.native import LOOPBACK, Waiter, bound_to, task_address
 from casa_executors.backends.workqueue.slurm import BatchWorkers, batch_workers, manager_address
 from casa_executors.backends.workqueue.worker import NO_SERVER, SHELL_CLIENT, server_key
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
@@ -209,7 +209,7 @@ class WorkQueueBackend(Backend):
             self._wake_r, self._wake_w = os.pipe()
             for fd in (self._wake_r, self._wake_w):
                 os.set_blocking(fd, False)
-            self._wait = waiter(wq, self._q, None if self._project else self._wake_r)
+            self._wait = Waiter(wq, self._q, None if self._project else self._wake_r)
             self._pythonpath = worker_pythonpath()
             self._client = self._staging / CLIENT_SCRIPT_NAME
             self._client.write_text(SHELL_CLIENT)

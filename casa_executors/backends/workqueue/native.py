@@ -158,7 +158,7 @@ def _unprotect(slots: list[int]) -> Callable[[], None]:
 
 
 class Waiter:
-    """``waiter(timeout)`` -> address of a finished task or None, without holding the GIL while it waits
+    """``Waiter(wq, q)(timeout)`` -> address of a finished task or None, without holding the GIL while it waits
     (or, if the C function cannot be had, through the bindings, which hold it).
 
     ``work_queue_wait`` keeps going until a task finishes or its timeout (whole seconds, up to the next
@@ -214,10 +214,6 @@ class Waiter:
         link, self._link = self._link, None
         if link:
             self._close_link(link)
-
-
-def waiter(wq: ModuleType, q: Any, wake_fd: int | None = None) -> Waiter:
-    return Waiter(wq, q, wake_fd)
 
 
 def task_address(task: Any) -> int:
