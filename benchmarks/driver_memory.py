@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
              "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" not in r:
-            lines.append(f"| {r['backend']} | {r['chunks']} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['growth_mb']:.1f} | {r['growth_kb_per_chunk']:.2f} | {r['driver_cpu_ms_per_chunk']:.2f} |")
+            lines.append(f"| {r['backend']} | {r['chunks']} | {r['rss_before_mb']:.0f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['growth_mb']:.1f} | {r['growth_kb_per_chunk']:.2f} | "
+                         f"{r['driver_cpu_ms_per_chunk']:.2f} |")
     doc = {"command": "python -m benchmarks.driver_memory " + " ".join(argv or sys.argv[1:]),
            "results": results, "table": "\n".join(lines)}
     print(doc["table"])

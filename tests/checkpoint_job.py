@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from analysis import Failing, run  # noqa: E402
+from analysis import Failing, run
 
 CHUNKSIZE = 100  # 30 chunks over the three 1000-event files
 FANIN = 4  # levels of 30, 8, 2 and 1 nodes: merged nodes to restore, few merge tasks

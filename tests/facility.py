@@ -184,7 +184,8 @@ def served(sample_files, tmp_path_factory):
     issuer = LocalIssuer()
     try:
         with XRootDOrigin(export, token_issuer=issuer) as origin, XCache(origin) as cache:
-            yield Served([origin.url(f"/store/{f.name}") for f in sample_files], cache.endpoint, issuer.mint(lifetime=3600))
+            urls = [origin.url(f"/store/{f.name}") for f in sample_files]
+            yield Served(urls, cache.endpoint, issuer.mint(lifetime=3600))
     finally:
         shutil.rmtree(export, ignore_errors=True)
 

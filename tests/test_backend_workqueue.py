@@ -194,6 +194,31 @@ def test_a_task_submitted_to_an_idle_manager_starts_at_once(no_leftover_processe
     assert sorted(latencies)[1] < 0.5, latencies  # was about a second each
 
 
+def _started_after(seconds: float) -> float:
+    start = time.time()
+    time.sleep(seconds)
+    return start
+
+
+def test_tasks_start_in_the_order_submitted(no_leftover_processes):
+    """Among equal priorities Work Queue dispatches the newest task first: the second task of a burst
+    used to run last, and the run's end (its merge) waited for it with the workers free."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    backend = WorkQueueBackend(workers=2)
+    backend.hold()
+    try:
+        for f in [backend.submit(abs, -1), backend.submit(abs, -2)]:
+            f.result(timeout=120)  # both workers and their servers up
+        futures = [backend.submit(_started_after, 0.3) for _ in range(8)]
+        starts = [f.result(timeout=120) for f in futures]
+    finally:
+        backend.release()
+    # two at a time, in order: each task starts no later than any task submitted after it (+ jitter)
+    late = [(i, j) for i in range(8) for j in range(i + 1, 8) if starts[i] > starts[j] + 0.15]
+    assert not late, [round(s - starts[0], 2) for s in starts]
+
+
 def test_a_submission_ends_the_wait_at_once():
     """Work Queue's wait lasts until a task finishes or the next whole second: a task submitted
     meanwhile waited up to a second with a worker idle. With the wake-up pipe the wait ends at once."""

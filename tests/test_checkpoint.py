@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from analysis import Analysis, Failing, attempts, require_engine, run, same
-from checkpoint_job import CHUNKSIZE, FANIN, MARKER, SLEEP, call, executor
+from analysis import Failing, attempts, require_engine, run, same
+from checkpoint_job import CHUNKSIZE, FANIN, MARKER, call, executor
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
@@ -46,8 +46,9 @@ def metadata(sample_files) -> dict:
 @pytest.fixture(scope="module")
 def distinct_files(tmp_path_factory) -> list[Path]:
     """Three files of the real sample, each written anew: three file UUIDs (coffea's checkpointer keys on them)."""
-    from benchmarks.adl.sample import write_root
     from conftest import SAMPLE_PARQUET
+
+    from benchmarks.adl.sample import write_root
 
     d = tmp_path_factory.mktemp("distinct")
     return [Path(write_root(str(SAMPLE_PARQUET), str(d / f"{n}.root"))) for n in "abc"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 
 import nbformat
 import pytest

@@ -98,7 +98,8 @@ def test_failover_from_a_dead_cache_to_the_origin(servers, direct, caplog):
     assert io.failovers == [f"xcache:{dead}: OSError"]  # ... after exactly one failed endpoint
     assert_same(arrays, direct)
     # the fail-over is logged, token-free
-    assert [r.getMessage().split(" failed")[0] for r in caplog.records] == [f"reading {origin.url(FILE)}: xcache:{dead}"]
+    messages = [r.getMessage().split(" failed")[0] for r in caplog.records]
+    assert messages == [f"reading {origin.url(FILE)}: xcache:{dead}"]
     assert f"trying origin:{origin.endpoint}" in caplog.text and "aaa.bbb.ccc" not in caplog.text
 
 

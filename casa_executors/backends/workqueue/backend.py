@@ -374,6 +374,10 @@ class WorkQueueBackend(Backend):
         t.specify_input_file(str(directory / "in.pkl"), "in.pkl", cache=False)
         t.specify_output_file(str(directory / "out.pkl"), "out.pkl", cache=False)
         t.specify_cores(1)
+        # first submitted, first dispatched: among equal priorities Work Queue dispatches the newest task
+        # first, and a task submitted early (a batch whose merge the run's end waits for) starved behind
+        # the later ones while workers were free (a 5-chunk task of Q6 queued 1.1 s: docs/workqueue.md)
+        t.specify_priority(-float(key))
         t.specify_environment_variable("PYTHONPATH", self._pythonpath)
         t.specify_environment_variable("CASA_WQ_WARM", "1" if self._warm else "0")
         t.specify_tag(str(key))
