@@ -45,7 +45,7 @@ from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
 from casa_executors.report import DONE, Phase, Report
 from casa_executors.source import open_files
-from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, TaskBatch
+from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, Fold, TaskBatch
 
 NOT_RUN = "NotRun"
 log = logging.getLogger(__name__)
@@ -443,6 +443,8 @@ class _Run:
         takes, batches = [], []
         workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
         batch = math.ceil(self.batch * len(self.todo) / len(self.phase.items)) if self.guided else self.batch
+        if self.guided and batch >= self.tree.fanin:
+            batch -= batch % self.tree.fanin  # whole nodes of the tree: a task merges them itself (Fold)
         while self.todo and len(self.inflight) + len(takes) < self.window:
             take = []
             while self.todo and len(take) < batch:
@@ -450,7 +452,7 @@ class _Run:
             tasks = [self._task(level, index) for level, index in take]
             takes.append(take)
             batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router,
-                                     run=self.run_id))
+                                     run=self.run_id, folds=[] if self.planner else self._folds(take)))
         if not batches:
             return
         try:
@@ -459,6 +461,19 @@ class _Run:
             submitted = [(_failed(exc), None) for _ in batches]
         for take, (future, data) in zip(takes, submitted):
             self._track(_ChunkJob(future, take, data))
+
+    def _folds(self, take: list[tuple[int, int]]) -> list[Fold]:
+        """The runs of a batch that are all the leaves of a level-1 node, in order: its task merges them."""
+        folds, position = [], 0
+        while position < len(take) and self.tree.top >= 1:
+            children = self.tree.children(1, take[position][1] // self.tree.fanin)
+            run = take[position:position + len(children)]
+            if len(children) > 1 and [index for _, index in run] == list(children):
+                folds.append(Fold(children.start // self.tree.fanin, position, len(children)))
+                position += len(children)
+            else:
+                position += 1
+        return folds
 
     def _todo(self, leaves: Any) -> Todo:
         return self.planner.todo(leaves) if self.planner else Todo(leaves)
@@ -499,11 +514,18 @@ class _Run:
         for i in span:
             self.attempts[i] += 1
         Report.attempt(self.phase, r, span)
+        if r.merge_error is not None:  # a task's own merge (Fold): as a merge task's failure, not retried
+            raise r.merge_error.exception()
         if r.ok:
             if self.planner:
                 self.planner.finished(r.events, r.wall_s, r.worker)
             self.bar.advance(r.events, len(span))
-            self._put(Node(level, index, self.placement.leaf(r, job.data, position, level), True))
+            if r.merged:  # its output is in the node another result of the batch carries
+                return
+            if r.node is not None:
+                level, index = 1, r.node
+                self.placement.folded += 1
+            self._put(Node(level, index, self.placement.leaf(r, job.data, position, level, index), True))
             return
         exc = r.error.exception()
         retry, stop = [], []  # a leaf fails for good after retries + 1 failed attempts, alone or in a range

@@ -75,12 +75,13 @@ class Placement:
         self.backend, self.compression = backend, compression
         self.merge_tasks = 0  # merges run on the engine
         self.merged_here = 0  # merges run in the driver (its own placement, or a fallback)
+        self.folded = 0  # nodes merged by the task that ran all their chunks (task.Fold): no merge needed
         self.bytes_to_driver = 0  # output bytes the driver received (all of them, or the root only)
         self.output_bytes = 0  # encoded chunk outputs, wherever they went
 
     def info(self) -> dict[str, Any]:
         return {"outputs": self.name, "merges": "driver" if self.merges_here else "workers",
-                "merge_tasks": self.merge_tasks, "merged_here": self.merged_here,
+                "merge_tasks": self.merge_tasks, "merged_here": self.merged_here, "folded": self.folded,
                 "output_bytes": self.output_bytes, "bytes_to_driver": self.bytes_to_driver}
 
     def window(self, limit: int) -> int:
@@ -102,9 +103,9 @@ class Placement:
                 out.append(exc)
         return out
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
-        """The handle of a chunk task's output: node ``(level, result.index)`` of the tree (level > 0: a
-        task that covered a whole node, adaptive chunking)."""
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
+        """The handle of a chunk task's output: node ``(level, index)`` of the tree (default: the result's
+        index; level > 0: a task that covered a whole node, adaptive chunking, or merged them, a Fold)."""
         self.output_bytes += result.output_bytes
         if isinstance(result.output, bytes):
             self.bytes_to_driver += len(result.output)
@@ -158,9 +159,9 @@ class StorePlacement(Placement):
             batch.store = self.store
         return super().submit_chunks(batches)
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
         self.output_bytes += result.output_bytes
-        return node_key(level, result.index)  # where the worker wrote it (task.run_chunk)
+        return node_key(level, result.index if index is None else index)  # where the worker wrote it (task._place)
 
     def _task(self, group: Group) -> StoredMerge:
         complete = group.complete
@@ -243,7 +244,7 @@ class EnginePlacement(Placement):
                 got = {}
         return [got[id(f)] if id(f) in got else super(EnginePlacement, self).collect([f])[0] for f in futures]
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
         self.output_bytes += result.output_bytes
         return (data, position)
 

@@ -24,7 +24,8 @@ from typing import Any
 import cloudpickle
 
 from casa_executors.errors import RemoteError, rebuild, type_path
-from casa_executors.merge import node_key
+from casa_executors.merge import MergeFailed, node_key
+from casa_executors.merge import fold as fold_outputs
 from casa_executors.source import ChunkIO, Router, keep_files_open, metering, open_files
 from casa_executors.store import Store, decode, encode
 from casa_executors.xcache.tokens import redact
@@ -40,6 +41,18 @@ class ChunkTask:
     level: int = 0  # the task computes node (level, index) of the merge tree (> 0: adaptive chunking)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Tasks ``start`` to ``start + count - 1`` of a batch are all the leaves of node ``(1, index)`` of the
+    merge tree: when all succeed, the worker merges their outputs into that node (in chunk order, as a
+    merge task would) and returns it instead of each, so the node needs no merge task and no store
+    writes of its leaves. A failed leaf leaves the others returned one by one."""
+
+    index: int
+    start: int
+    count: int
+
+
 @dataclass
 class TaskBatch:
     function: bytes | Callable[[Any], Any]  # cloudpickled once by the driver
@@ -50,6 +63,7 @@ class TaskBatch:
     run: str = ""  # the driver's run: a worker keeps files open between the chunks of one run
     # called on the worker with the results before they are returned (Dask: pushes their metadata)
     notify: Callable[[list[ChunkResult]], None] | None = None
+    folds: list[Fold] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +145,9 @@ class ChunkResult:
     bytes_read: int = 0
     endpoints: list[str] = field(default_factory=list)
     failovers: list[str] = field(default_factory=list)
+    node: int | None = None  # the output is node (1, node) of the tree: this task's chunks of it, merged (Fold)
+    merged: bool = False  # the output went into the node another result of this batch carries
+    merge_error: ErrorInfo | None = None  # the chunks ran, but their outputs could not be added together
 
     @property
     def ok(self) -> bool:
@@ -204,19 +221,20 @@ def _events(item: Any) -> int:
     return stop - start if start is not None and stop is not None else 0
 
 
-def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch) -> ChunkResult:
+def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch, keep: bool = False) -> tuple[
+        ChunkResult, Any]:
+    """Run one task; its output is stored or encoded into the result, or with ``keep`` returned as it is."""
     io = ChunkIO(batch.router)
     result = ChunkResult(task.index, task.attempt, worker=worker_name(), host=socket.gethostname())
     result.started = time.time()
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    output = None
     try:
         with metering(io):
             output = function(task.item)
-        if batch.store is not None:
-            result.output_bytes = batch.store.put_output(node_key(task.level, task.index), output, batch.compression)
-        else:
-            result.output = _compress(output, batch.compression)
-            result.output_bytes = len(result.output) if isinstance(result.output, bytes) else 0
+        if not keep:
+            _place(result, output, batch, task.level, task.index)
+            output = None
         result.events = _events(task.item)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -227,7 +245,54 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch)
     result.bytes_read = io.bytes_read
     result.endpoints = io.endpoints
     result.failovers = [redact(f, io.secrets()) for f in io.failovers]
-    return result
+    return result, output
+
+
+def _place(result: ChunkResult, output: Any, batch: TaskBatch, level: int, index: int) -> None:
+    """Store the output as node (level, index), or encode it into the result."""
+    if batch.store is not None:
+        result.output_bytes = batch.store.put_output(node_key(level, index), output, batch.compression)
+    else:
+        result.output = _compress(output, batch.compression)
+        result.output_bytes = len(result.output) if isinstance(result.output, bytes) else 0
+
+
+def run_node(function: Callable[[Any], Any], fold: Fold, tasks: list[ChunkTask], batch: TaskBatch) -> list[
+        ChunkResult]:
+    """Run all the leaves of node (1, ``fold.index``) and, when all succeed, merge them into the node
+    (carried by the first result). The outputs are held until the last leaf: at most a fan-in of them."""
+    runs = [run_chunk(function, task, batch, keep=True) for task in tasks]
+    results = [r for r, _ in runs]
+    if all(r.ok for r in results):
+        first = results[0]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            node = fold_outputs(o for _, o in runs)
+        except Exception as exc:  # the first output is now half-added: nothing of it can be returned
+            first.merge_error = ErrorInfo.capture(MergeFailed(f"cannot add chunk outputs: {exc!r}"))
+            for r in results[1:]:
+                r.merged = True
+        else:
+            runs.clear()
+            try:
+                _place(first, node, batch, 1, fold.index)
+            except Exception as exc:  # e.g. the store is unwritable: the leaves failed, as run_chunk's would
+                for r in results:
+                    r.error = ErrorInfo.capture(exc)
+            else:
+                first.node = fold.index
+                for r in results[1:]:
+                    r.merged = True
+        first.wall_s += time.perf_counter() - wall0
+        first.cpu_s += time.process_time() - cpu0
+        return results
+    for r, output in runs:
+        if r.ok:
+            try:
+                _place(r, output, batch, 0, r.index)
+            except Exception as exc:
+                r.error = ErrorInfo.capture(exc)
+    return results
 
 
 def run_batch(batch: TaskBatch) -> list[ChunkResult]:
@@ -243,7 +308,16 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
         info = ErrorInfo.capture(exc)
         results = [ChunkResult(t.index, t.attempt, error=info, worker=worker_name()) for t in batch.tasks]
     else:
-        results = [run_chunk(function, task, batch) for task in batch.tasks]
+        folds = {f.start: f for f in batch.folds}
+        results, position = [], 0
+        while position < len(batch.tasks):
+            fold = folds.get(position)
+            if fold is None:
+                results.append(run_chunk(function, batch.tasks[position], batch)[0])
+                position += 1
+            else:
+                results += run_node(function, fold, batch.tasks[position:position + fold.count], batch)
+                position += fold.count
     if batch.notify is not None:
         batch.notify(results)
     return results

@@ -140,7 +140,7 @@ def test_sigkill_of_the_submitting_process_then_the_same_call_resumes(
     assert all(executed[key(r)] - executed_before.get(key(r), 0) == r.attempts == 1 for r in computed)
     # no more merges than those the kill lost
     m = s["merge"]
-    assert m["merge_tasks"] + m["merged_here"] == merges_needed(tree, restored_nodes)
+    assert m["merge_tasks"] + m["merged_here"] + m["folded"] == merges_needed(tree, restored_nodes)
     # the kill's debris is gone; the root and the manifest stay
     assert stored(ck) == ["manifest.json", f"nodes/{tree.top}/0"]
     assert json.loads((ck / "manifest.json").read_bytes()[48:])["complete"] is True

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from analysis import Failing, attempts, require_engine, run, same
+from analysis import Analysis, Failing, attempts, require_engine, run, same
 from xrootd_fixtures import require_xrootd
 
 import casa_executors as ce
@@ -26,6 +26,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 
 # 12 chunks, fan-in 2: groups of 6, 3, 2 (one of a single child: not merged) and 1 -> 6 + 3 + 1 + 1 merges
 MERGES_12_BY_2 = 11
+# the same with the 6 nodes of level 1 merged by the tasks themselves (four chunks a task): 3 + 1 + 1
+MERGES_12_BY_2_FOLDED = 5
 WHERE = {"iterative": ("driver", "driver"), "dask": ("engine", "workers")}
 
 
@@ -43,33 +45,62 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
     backend = executor(name).backend
     backend.hold()
     try:
-        ex = ce.Driver(backend=backend, status=False, merge_fanin=2)
-        out = run(ex, sample_files)
-        assert same(out, reference)
-        s = ex.report.summary()
-        m = s["merge"]
-        outputs, merges = WHERE.get(name, ("store", "workers"))
-        assert (m["outputs"], m["merges"]) == (outputs, merges), m
-        assert s["attempts"] == s["chunks"] == s["computed"] == 12 and s["restored"] == 0
-        if merges == "workers":
-            assert m["merge_tasks"] == MERGES_12_BY_2 and m["merged_here"] == 0
-            assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2  # the root only, not 12 outputs
-        if outputs == "store":
-            assert not os.path.exists(m["store"]), "the run's temporary store was not removed"
+        # a chunk a task: every node of the tree is a merge; four a task (a file's chunks: two whole
+        # nodes of level 1), the task merges them itself (task.Fold), the tree merges the rest
+        for per_task, merge_tasks in ((1, MERGES_12_BY_2), (4, MERGES_12_BY_2_FOLDED)):
+            ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=per_task)
+            out = run(ex, sample_files)
+            assert same(out, reference)
+            s = ex.report.summary()
+            m = s["merge"]
+            outputs, merges = WHERE.get(name, ("store", "workers"))
+            assert (m["outputs"], m["merges"]) == (outputs, merges), m
+            assert s["attempts"] == s["chunks"] == s["computed"] == 12 and s["restored"] == 0
+            assert s["events"] == 3000
+            assert m["folded"] == (0 if per_task == 1 else 6), m
+            if merges == "workers":
+                assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
+                assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2  # the root only, not 12 outputs
+            else:
+                assert m["merge_tasks"] == 0 and m["merged_here"] == merge_tasks, (per_task, m)
+            if outputs == "store":
+                assert not os.path.exists(m["store"]), "the run's temporary store was not removed"
 
-        # failures: retries, failed_items(), partial output, as with merges in the driver
-        log = str(tmp_path / "attempts.log")
-        ex = ce.Driver(backend=backend, status=False, merge_fanin=2, retries=1, recoverable=True)
-        with pytest.warns(UserWarning, match="3 of 12 processing items failed"):
-            partial_out = run(ex, sample_files, Failing(log, bad_starts={250}))
-        assert partial_out["events"].value == 2250
-        assert sorted((os.path.basename(i.filename), i.entrystart) for i in ex.report.failed_items()) == [
-            ("a.root", 250), ("b.root", 250), ("c.root", 250)]
-        assert all(n == (2 if k.endswith(":250") else 1) for k, n in attempts(log).items())
-        s = ex.report.summary()
-        assert (s["computed"], s["failed"], s["attempts"]) == (9, 3, 15)
+        # failures: retries, failed_items(), partial output, as with merges in the driver; with four chunks
+        # a task, a failed chunk leaves its node to the tree (its sibling returned alone)
+        for per_task in (1, 4):
+            log = str(tmp_path / f"attempts-{per_task}.log")
+            ex = ce.Driver(backend=backend, status=False, merge_fanin=2, retries=1, recoverable=True,
+                           chunks_per_task=per_task)
+            with pytest.warns(UserWarning, match="3 of 12 processing items failed"):
+                partial_out = run(ex, sample_files, Failing(log, bad_starts={250}))
+            assert partial_out["events"].value == 2250
+            assert sorted((os.path.basename(i.filename), i.entrystart) for i in ex.report.failed_items()) == [
+                ("a.root", 250), ("b.root", 250), ("c.root", 250)]
+            assert all(n == (2 if k.endswith(":250") else 1) for k, n in attempts(log).items())
+            s = ex.report.summary()
+            assert (s["computed"], s["failed"], s["attempts"]) == (9, 3, 15)
     finally:
         backend.release()
+
+
+class Unaddable(Analysis):
+    """Outputs that cannot be added together: a number for the first file's chunks, text for the others."""
+
+    def process(self, events):
+        return {"x": 1 if events.metadata["filename"].endswith("a.root") else "text"}
+
+
+@pytest.mark.parametrize("name", ["iterative", "futures"])
+@pytest.mark.parametrize("per_task", [1, 12])
+def test_outputs_that_cannot_be_added_stop_the_run_as_a_merge_failure(name, per_task, sample_files):
+    """Whether a merge task or the chunks' own task (task.Fold) adds them: MergeFailed, not retried."""
+    from casa_executors.merge import MergeFailed
+
+    ex = executor(name, merge_fanin=8, chunks_per_task=per_task, retries=2)
+    with pytest.raises((MergeFailed, TypeError), match=r"unsupported operand|cannot add"):
+        run(ex, sample_files, Unaddable())
+    assert ex.report.summary()["attempts"] <= 12  # no chunk ran twice (not retried)
 
 
 class KillOnce(Failing):
@@ -97,7 +128,7 @@ def test_dask_worker_lost_after_merges_loses_no_chunk_and_counts_none_twice(samp
     out = run(ex, sample_files, KillOnce(log, str(tmp_path / "marker"), "c.root:700"), chunksize=100)
     assert same(out, want)
     s = ex.report.summary()
-    assert s["merge"]["outputs"] == "engine" and s["merge"]["merge_tasks"] >= 29
+    assert s["merge"]["outputs"] == "engine" and s["merge"]["merge_tasks"] + s["merge"]["folded"] >= 29
     assert s["events"] == 3000 and s["computed"] == 30 and s["failed"] == 0
     # the chunk that killed its worker (and any queued on that worker) ran twice; nothing else
     lost = {(os.path.basename(r.filename), r.entrystart): r.attempts for r in ex.report.rows() if r.attempts > 1}
