@@ -443,8 +443,6 @@ class _Run:
         takes, batches = [], []
         workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
         batch = math.ceil(self.batch * len(self.todo) / len(self.phase.items)) if self.guided else self.batch
-        if self.guided and batch >= self.tree.fanin:
-            batch -= batch % self.tree.fanin  # whole nodes of the tree: a task merges them itself (Fold)
         while self.todo and len(self.inflight) + len(takes) < self.window:
             take = []
             while self.todo and len(take) < batch:
