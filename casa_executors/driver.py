@@ -436,10 +436,19 @@ class _Run:
                 i = self.todo.popleft()
                 Report.give_up(self.phase, i, "failed", NOT_RUN, why)
                 self._put(Node(0, i, None, False))
-        while self.merges:  # at once: a merge frees what its children hold, and there are few of them
-            group = self.merges.popleft()
-            fn, arg = self.placement.merge_call(group)
-            self._track(_MergeJob(self._submit(fn, arg), group))
+        if self.merges:  # at once: a merge frees what its children hold, and there are few of them
+            groups, calls = list(self.merges), {}
+            self.merges.clear()
+            for group in groups:
+                fn, arg = self.placement.merge_call(group)
+                calls.setdefault(fn, []).append((group, arg))
+            for fn, pairs in calls.items():
+                try:
+                    futures = self.backend.submit_together(fn, [arg for _, arg in pairs])
+                except Exception as exc:  # the engine refused the tasks themselves
+                    futures = [_failed(exc) for _ in pairs]
+                for (group, _), future in zip(pairs, futures):
+                    self._track(_MergeJob(future, group))
         takes, batches = [], []
         workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
         batch = math.ceil(self.batch * len(self.todo) / len(self.phase.items)) if self.guided else self.batch
@@ -482,12 +491,6 @@ class _Run:
         span = self.tree.span(level, index)
         item = self.phase.range_item(span)
         return ChunkTask(index, item, max(self.attempts[i] for i in span) + 1, level)
-
-    def _submit(self, fn: Any, arg: Any) -> Future:
-        try:
-            return self.backend.submit(fn, arg)
-        except Exception as exc:  # the engine refused the task itself
-            return _failed(exc)
 
     def _track(self, job: _ChunkJob | _MergeJob) -> None:
         key = next(self.keys)

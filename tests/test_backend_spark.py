@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cloudpickle
@@ -120,21 +121,44 @@ def test_chunks_share_spark_jobs(sample_files, reference, no_leftover_processes)
         tracker = backend._sc.statusTracker()
 
         def jobs(executor: ce.Driver) -> int:
-            before = len(tracker.getJobIdsForGroup(backend._group))
+            before, chunk_jobs = len(tracker.getJobIdsForGroup(backend._group)), backend.jobs["run_batch"]
             assert same(run(executor, sample_files), reference)
             s = executor.report.summary()
             assert s["processed"] == s["attempts"] == s["chunks"] == 12
-            return len(tracker.getJobIdsForGroup(backend._group)) - before
+            assert len(tracker.getJobIdsForGroup(backend._group)) - before == sum(backend.jobs.values()) - sum(
+                counted.values())
+            counted.update(backend.jobs)
+            return backend.jobs["run_batch"] - chunk_jobs
 
+        counted: Counter[str] = Counter(backend.jobs)
         batched = jobs(ex)
         one_each = jobs(ce.Driver(backend=backend, status=False, chunks_per_task=1))
-        # same merges; 8 jobs fewer for the chunks, and the 3 files' metadata in 2 jobs (one per core), not 3
+        # 8 jobs fewer for the chunks, and the 3 files' metadata in 2 jobs (one per core), not 3
         assert one_each - batched == (12 - 4) + (3 - 2)
         rows = ex.report.processing.rows
         by_worker: dict[str, list[int]] = {}
         for r in rows:
             by_worker.setdefault(r.worker, []).append(r.index)
         assert max(len(v) for v in by_worker.values()) >= 3  # a task's chunks ran in one Python worker
+    finally:
+        backend.release()
+    assert jvm_pid() is None
+
+
+def test_merges_ready_together_are_one_spark_job(no_leftover_processes):
+    """A job costs the JVM a scheduling round trip and ~15 ms of CPU: short tasks ready together
+    (the driver's merges) share one, each still with its own future."""
+    ex = ce.spark(master="local[2]", status=False)
+    backend = ex.backend
+    backend.hold()
+    try:
+        tracker = backend._sc.statusTracker()
+        before = len(tracker.getJobIdsForGroup(backend._group))
+        futures = backend.submit_together(abs, [-1, -2, -3])
+        assert [f.result(timeout=120) for f in futures] == [1, 2, 3]
+        assert len(tracker.getJobIdsForGroup(backend._group)) - before == 1
+        failing = backend.submit_together(math.sqrt, [4, "x"])  # a task that raises fails its job: both
+        assert all(f.exception(timeout=120) is not None for f in failing)
     finally:
         backend.release()
     assert jvm_pid() is None

@@ -123,7 +123,7 @@ def test_dask_worker_lost_after_merges_loses_no_chunk_and_counts_none_twice(samp
     require_engine("dask")
     want = run(ce.iterative(status=False, merge_fanin=2), sample_files, chunksize=100)
     log = str(tmp_path / "attempts.log")
-    ex = ce.dask(workers=2, status=False, merge_fanin=2, retries=1)
+    ex = ce.dask(workers=2, status=False, merge_fanin=2, retries=1, chunks_per_task=1)  # attempts = executions
     # 30 chunks; chunk 27 kills its worker, which holds outputs and merged partial outputs by then
     out = run(ex, sample_files, KillOnce(log, str(tmp_path / "marker"), "c.root:700"), chunksize=100)
     assert same(out, want)

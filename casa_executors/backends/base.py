@@ -74,6 +74,11 @@ class Backend(ABC):
                 futures.append(failed)
         return futures
 
+    def submit_together(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+        """Short tasks ready at the same time (the merges the driver just found ready): an engine whose
+        every task is a costly job of its own (Spark) runs them as one; here each is its own task."""
+        return Backend.submit_many(self, fn, args)
+
     def submit_held(self, fn: Callable[[Any], Any], strip: Callable[[Any], Any],
                     args: list[Any]) -> list[tuple[Future, Any]]:
         """For engines that hold results (``holds_results``): per arg, (a future of ``strip`` of its result —
