@@ -115,6 +115,8 @@ class Backend(ABC):
         workers = max(self.max_inflight() // 2, 1)
         tasks = workers * (1 if phase == "preprocessing" else self.tasks_per_worker)
         per_task = max(math.ceil(n_chunks / tasks), 1)
+        while per_task > 1 and math.ceil(n_chunks / per_task) < min(n_chunks, workers):
+            per_task -= 1  # rounding up left a worker without a task (4 chunks, 3 workers, a task each)
         return min(per_task, self.max_chunks_per_task) if self.max_chunks_per_task else per_task
 
     def max_inflight(self) -> int:

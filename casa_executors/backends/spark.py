@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 POOL_THREADS = 64  # an upper bound; threads start on demand, the driver limits what is in flight
 # Spark tasks per core and phase: fewer pay less of Spark's per-task cost, more leave a shorter tail
-# (equal tasks on cores that drift apart); 2 did best of 1, 2 and 4 on ADL Q1/Q6/Q8 (docs/spark.md)
-TASKS_PER_WORKER = 2
+# (equal tasks on cores that drift apart). 1 and 2 were even while every merge was a job; with tasks
+# merging their whole nodes and the end's merges in one job, 1 did better than 2 on ADL Q1/Q6/Q8 by
+# 0.09-0.15 in efficiency (one wave boundary less: 100-200 ms here; docs/spark.md)
+TASKS_PER_WORKER = 1
 # chunks one task carries at most: what a lost executor costs, and the progress bar's step; at
 # 32 a chunk pays ~1-2 ms of Spark's per-task cost
 MAX_CHUNKS_PER_TASK = 32
