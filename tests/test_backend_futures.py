@@ -33,11 +33,13 @@ def test_short_chunks_share_tasks_that_shrink_towards_the_end(sample_files):
 
     backend = Recorded(workers=2)
     ex = ce.Driver(backend=backend, status=False)
-    out = run(ex, sample_files, chunksize=50)  # 60 chunks, 3 files for preprocessing
-    assert same(out, run(ce.iterative(status=False), sample_files, chunksize=50))
+    # 150 chunks, 3 files for preprocessing: more than the tasks in flight (2 per worker) hold at 32 chunks each
+    out = run(ex, sample_files, chunksize=20)
+    assert same(out, run(ce.iterative(status=False), sample_files, chunksize=20))
     processing = sizes[2:]  # preprocessing: 3 files, one task per worker
     assert sizes[:2] == [2, 1]
-    assert sum(processing) == 60 and processing[0] == -(-60 // (backend.tasks_per_worker * 2)) > 1
-    assert processing[-1] == 1 and processing == sorted(processing, reverse=True)
+    first = min(-(-150 // (backend.tasks_per_worker * 2)), backend.max_chunks_per_task)
+    assert sum(processing) == 150 and processing[0] == first > 1, sizes
+    assert processing[-1] == 1 and processing == sorted(processing, reverse=True), sizes
     s = ex.report.summary()
-    assert s["processed"] == s["attempts"] == s["chunks"] == 60 and len(ex.report.processing.rows) == 60
+    assert s["processed"] == s["attempts"] == s["chunks"] == 150 and len(ex.report.processing.rows) == 150

@@ -51,7 +51,7 @@ def test_options_are_checked():
     with pytest.raises(ExecutorOptionError, match="warm must be True or False"):
         ce.workqueue(warm="yes")
     b = ce.workqueue(workers=2).backend
-    assert b.workers == 2 and b.batch_size(40) == 5 and b.batch_size(3) == 1
+    assert b.workers == 2 and b.batch_size(40) == 40 // (2 * b.tasks_per_worker) and b.batch_size(3) == 1
     assert b.batch_size(8, "preprocessing") == 4  # a file's metadata is less than a task's cost: one per worker
     assert ce.workqueue(port=9123).backend.workers == 1  # none connected yet
 

@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 WORKER_SCRIPT = str(Path(__file__).resolve().with_name("worker.py"))
 WORKER_SCRIPT_NAME = "casa_wq_worker.py"  # its name in the task's sandbox and the worker's cache
 CLIENT_SCRIPT_NAME = "casa_wq_client.sh"  # worker.SHELL_CLIENT, the fast path to a warm server
-TASKS_PER_WORKER = 4  # batches per worker and run: start-up amortised, tail still short
 
 
 @dataclass
@@ -112,7 +111,6 @@ def _settle(future: Future, result: Any = None, exc: BaseException | None = None
 
 class WorkQueueBackend(Backend):
     name = "workqueue"
-    tasks_per_worker = TASKS_PER_WORKER
 
     def __init__(
         self,
