@@ -263,6 +263,7 @@ def run_node(function: Callable[[Any], Any], fold: Fold, tasks: list[ChunkTask],
     (carried by the first result). The outputs are held until the last leaf: at most a fan-in of them."""
     runs = [run_chunk(function, task, batch, keep=True) for task in tasks]
     results = [r for r, _ in runs]
+    secrets = ChunkIO(batch.router).secrets()  # a store's error may name a token-bearing URL
     if all(r.ok for r in results):
         first = results[0]
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -278,7 +279,7 @@ def run_node(function: Callable[[Any], Any], fold: Fold, tasks: list[ChunkTask],
                 _place(first, node, batch, 1, fold.index)
             except Exception as exc:  # e.g. the store is unwritable: the leaves failed, as run_chunk's would
                 for r in results:
-                    r.error = ErrorInfo.capture(exc)
+                    r.error = ErrorInfo.capture(exc, secrets)
             else:
                 first.node = fold.index
                 for r in results[1:]:
@@ -291,7 +292,7 @@ def run_node(function: Callable[[Any], Any], fold: Fold, tasks: list[ChunkTask],
             try:
                 _place(r, output, batch, 0, r.index)
             except Exception as exc:
-                r.error = ErrorInfo.capture(exc)
+                r.error = ErrorInfo.capture(exc, secrets)
     return results
 
 

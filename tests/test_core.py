@@ -60,3 +60,46 @@ def test_tree_merge_is_order_independent_and_bounded():
         results.append(merger.result["h"])
     assert all(np.array_equal(r.values(), results[0].values()) for r in results)
     assert all(np.array_equal(r.variances(), results[0].variances()) for r in results)
+
+
+class _Range:
+    """A work item as the worker sees it (what run_chunk reads of coffea's WorkItem)."""
+
+    def __init__(self, start: int) -> None:
+        self.entrystart, self.entrystop = start, start + 10
+
+
+def _weights(item: _Range) -> dict:
+    if item.entrystart == 30:
+        raise ZeroDivisionError("planted")
+    return {"w": hist.Hist.new.Reg(4, 0, 4).Weight().fill([item.entrystart % 4], weight=[0.1 * item.entrystart])}
+
+
+def test_a_task_folds_the_nodes_it_runs_whole_bit_for_bit(tmp_path):
+    """task.Fold: the worker's own merge of a whole node is the tree's left fold (same bits); a failed leaf
+    leaves its siblings returned alone; a store that cannot be written fails the node's leaves."""
+    from casa_executors.merge import fold
+    from casa_executors.store import NodeMissing, Store, decode
+    from casa_executors.task import ChunkTask, Fold, TaskBatch, run_batch
+
+    tasks = [ChunkTask(i, _Range(10 * i), 1) for i in range(6)]  # leaves 0-5; chunk 3 fails
+    (tmp_path / "store").mkdir()  # the driver makes a run's store; a worker finding none takes the run as over
+    store = Store(str(tmp_path / "store"))
+    batch = TaskBatch(_weights, tasks, compression=1, store=store, folds=[Fold(0, 0, 2), Fold(1, 2, 2)])
+    results = run_batch(batch)
+    assert [(r.index, r.ok, r.node, r.merged) for r in results] == [
+        (0, True, 0, False), (1, True, None, True),  # node (1, 0), in the first result
+        (2, True, None, False), (3, False, None, False),  # chunk 3 failed: chunk 2 comes alone
+        (4, True, None, False), (5, True, None, False)]  # no fold asked: one by one
+    node = decode(store.get("nodes/1/0"))
+    expected = fold([_weights(_Range(0)), _weights(_Range(10))])
+    assert (node["w"].view() == expected["w"].view()).all()
+    for i in (2, 4, 5):  # the leaves not folded are stored as such; the folded ones never were
+        assert (decode(store.get(f"nodes/0/{i}"))["w"].view() == _weights(_Range(10 * i))["w"].view()).all()
+    for i in (0, 1):
+        with pytest.raises(NodeMissing):
+            store.get(f"nodes/0/{i}")
+
+    (tmp_path / "file").write_text("")  # a store below a file cannot be written to
+    bad = TaskBatch(_weights, tasks[:2], store=Store(str(tmp_path / "file" / "store")), folds=[Fold(0, 0, 2)])
+    assert all(not r.ok and r.node is None for r in run_batch(bad))
