@@ -472,7 +472,9 @@ class _Run:
     def _folds(self, take: list[tuple[int, int]]) -> list[Fold]:
         """The runs of a batch that are all the leaves of a level-1 node, in order: its task merges them."""
         folds, position = [], 0
-        while position < len(take) and self.tree.top >= 1:
+        if self.tree.top < 1:  # a single chunk: no node above it
+            return folds
+        while position < len(take):
             children = self.tree.children(1, take[position][1] // self.tree.fanin)
             run = take[position:position + len(children)]
             if len(children) > 1 and [index for _, index in run] == list(children):

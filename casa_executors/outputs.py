@@ -103,9 +103,9 @@ class Placement:
                 out.append(exc)
         return out
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
-        """The handle of a chunk task's output: node ``(level, index)`` of the tree (default: the result's
-        index; level > 0: a task that covered a whole node, adaptive chunking, or merged them, a Fold)."""
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
+        """The handle of a chunk task's output: node ``(level, index)`` of the tree (level > 0: a task that
+        covered a whole node, adaptive chunking, or merged its leaves, a Fold)."""
         self.output_bytes += result.output_bytes
         if isinstance(result.output, bytes):
             self.bytes_to_driver += len(result.output)
@@ -159,9 +159,9 @@ class StorePlacement(Placement):
             batch.store = self.store
         return super().submit_chunks(batches)
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
         self.output_bytes += result.output_bytes
-        return node_key(level, result.index if index is None else index)  # where the worker wrote it (task._place)
+        return node_key(level, index)  # where the worker wrote it (task._place)
 
     def _task(self, group: Group) -> StoredMerge:
         complete = group.complete
@@ -244,7 +244,7 @@ class EnginePlacement(Placement):
                 got = {}
         return [got[id(f)] if id(f) in got else super(EnginePlacement, self).collect([f])[0] for f in futures]
 
-    def leaf(self, result: ChunkResult, data: Any, position: int, level: int = 0, index: int | None = None) -> Any:
+    def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
         self.output_bytes += result.output_bytes
         return (data, position)
 
