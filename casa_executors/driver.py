@@ -357,6 +357,13 @@ class _Run:
         if self.tree.root is not None and not self.finished:
             self._finish()
 
+    def _tail(self) -> bool:
+        """The run's last merges, one after the other, with nothing else to run: the driver merges them itself.
+        A merge task would cost the engine's round trip (~80 ms a Spark job here, 10-20 ms on Work Queue)
+        for work as serial as it is here; at most one group per level of the tree (each of at most a
+        fan-in of outputs) comes this way, however many chunks the run has."""
+        return (self.placement.tail_here and len(self.merges) == 1 and not self.inflight and not self.todo)
+
     def _merge_here(self, group: Group) -> None:
         """Merge ``group`` in this process and put the result in the tree."""
         try:
@@ -436,6 +443,8 @@ class _Run:
                 i = self.todo.popleft()
                 Report.give_up(self.phase, i, "failed", NOT_RUN, why)
                 self._put(Node(0, i, None, False))
+        while self.merges and self._tail():
+            self._merge_here(self.merges.popleft())
         if self.merges:  # at once: a merge frees what its children hold, and there are few of them
             groups, calls = list(self.merges), {}
             self.merges.clear()

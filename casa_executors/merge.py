@@ -185,6 +185,7 @@ class StoredMerge:
 class MergeResult:
     key: str = ""
     nbytes: int = 0
+    read_bytes: int = 0  # of the children
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of children missing or corrupt
     error: Any = None  # task.ErrorInfo when the outputs could not be added
     wall_s: float = 0.0
@@ -205,7 +206,9 @@ def merge_stored(task: StoredMerge) -> MergeResult:
         if key is None:
             continue
         try:
-            value = decode(task.store.get(key))
+            payload = task.store.get(key)
+            result.read_bytes += len(payload)
+            value = decode(payload)
         except (NodeMissing, NodeCorrupt) as exc:
             result.bad.append((key, str(exc)))
             continue

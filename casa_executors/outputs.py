@@ -70,6 +70,7 @@ class Lost(Exception):
 class Placement:
     name = "driver"
     merges_here = True  # ready groups are merged in the driver process, at once
+    tail_here = True  # a merge it can run here: the run's last ones, with nothing else to run (driver._tail)
 
     def __init__(self, backend: Backend, compression: int | None) -> None:
         self.backend, self.compression = backend, compression
@@ -177,7 +178,9 @@ class StorePlacement(Placement):
 
     def merge_here(self, group: Group) -> Any:
         self.merged_here += 1
-        return self._outcome(group, merge_stored(self._task(group)))
+        result = merge_stored(self._task(group))
+        self.bytes_to_driver += result.read_bytes
+        return self._outcome(group, result)
 
     def merged(self, group: Group, future: Future) -> Any:
         return self._outcome(group, future.result())
@@ -224,6 +227,7 @@ class StorePlacement(Placement):
 class EnginePlacement(Placement):
     name = "engine"
     merges_here = False
+    tail_here = False  # the outputs are in the engine's memory: a merge task is its short round trip
 
     def window(self, limit: int) -> int:
         # the engine queues tasks itself (Dask: on its scheduler), so a deeper window costs the workers

@@ -67,6 +67,10 @@ def test_options_are_checked():
         ce.spark(mastr="local[1]")
     assert ce.spark(master="local[3]").backend.workers == 3
     assert ce.spark(workers=2).backend._master == "local[2]"
+    # Unix domain sockets between the JVM and its Python workers by default, which conf= may turn off
+    unix = "spark.python.unix.domain.socket.enabled"
+    assert ce.spark().backend._settings("x")[unix] == "true"
+    assert ce.spark(conf={unix: False}).backend._settings("x")[unix] == "False"
 
 
 def test_unavailable_names_what_is_missing(monkeypatch):
@@ -154,6 +158,7 @@ def test_merges_ready_together_are_one_spark_job(no_leftover_processes):
     try:
         tracker = backend._sc.statusTracker()
         before = len(tracker.getJobIdsForGroup(backend._group))
+        assert backend._sc.getConf().get("spark.python.unix.domain.socket.enabled") == "true"
         futures = backend.submit_together(abs, [-1, -2, -3])
         assert [f.result(timeout=120) for f in futures] == [1, 2, 3]
         assert len(tracker.getJobIdsForGroup(backend._group)) - before == 1

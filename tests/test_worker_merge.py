@@ -28,6 +28,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 MERGES_12_BY_2 = 11
 # the same with the 6 nodes of level 1 merged by the tasks themselves (four chunks a task): 3 + 1 + 1
 MERGES_12_BY_2_FOLDED = 5
+LEVELS_ABOVE_CHUNKS = 4  # 12 -> 6 -> 3 -> 2 -> 1
 WHERE = {"iterative": ("driver", "driver"), "dask": ("engine", "workers")}
 
 
@@ -58,9 +59,13 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
             assert s["attempts"] == s["chunks"] == s["computed"] == 12 and s["restored"] == 0
             assert s["events"] == 3000
             assert m["folded"] == (0 if per_task == 1 else 6), m
-            if merges == "workers":
+            if merges == "workers" and outputs == "engine":
                 assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
                 assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2  # the root only, not 12 outputs
+            elif merges == "workers":  # the last merges, one after the other with nothing else to run: here
+                assert m["merge_tasks"] + m["merged_here"] == merge_tasks, (per_task, m)
+                assert m["merge_tasks"] >= 1 and 1 <= m["merged_here"] <= LEVELS_ABOVE_CHUNKS, (per_task, m)
+                assert m["bytes_to_driver"] > 0
             else:
                 assert m["merge_tasks"] == 0 and m["merged_here"] == merge_tasks, (per_task, m)
             if outputs == "store":
