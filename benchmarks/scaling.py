@@ -39,6 +39,7 @@ from benchmarks.adl.queries import QUERIES
 from benchmarks.common import counts, dataset, dataset_options, rotated, save_json, timed
 
 COFFEA_PEER = ("futures", "dask", "parsl")  # engines coffea has an executor for
+MAX_ROUNDS = 10  # of one query, whatever --min-time asks
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] 
 
 
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int,
-            with_coffea: bool, target_task_s: float | None = None) -> dict:
+            with_coffea: bool, target_task_s: float | None = None, min_time: float = 0.0) -> dict:
     opts = {} if name == "iterative" else {"workers": workers}
     if target_task_s is not None and name != "iterative":  # iterative stays the fixed-chunk baseline
         opts["target_task_s"] = target_task_s
@@ -95,18 +96,19 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
             contenders = ["ours"] + (["coffea"] if peer is not None else []) + (["iterative"] if alone else [])
             for q in queries:
                 best: dict[str, float] = {}
-                for rep in range(repeat):
+                for rep in repetitions(repeat, min_time, contenders, spent := {}):
                     for who in rotated(contenders, rep):
                         runner = {"ours": ex, "iterative": alone}.get(who) or peer()
                         wall, out = timed(runner, files, q, chunksize)
                         best[who] = min(best.get(who, wall), wall)
+                        spent[who] = spent.get(who, 0.0) + wall
                         if who == "ours":
                             summary, mine = ex.report.summary(), counts(out)
                         elif who == "coffea":
                             theirs = counts(out)
                 cell = {"wall_s": best["ours"], "events": summary["events"],
                         "events_per_s": summary["events"] / best["ours"], "attempts": summary["attempts"],
-                        "counts": mine, "iterative_wall_s": best.get("iterative", best["ours"])}
+                        "counts": mine, "iterative_wall_s": best.get("iterative", best["ours"]), "rounds": rep + 1}
                 peer_best = best.get("coffea")
                 if peer is not None:
                     cell.update(coffea_wall_s=peer_best, over_coffea=best["ours"] / peer_best,
@@ -119,11 +121,23 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
     return row
 
 
+def repetitions(repeat: int, min_time: float, contenders: list[str], spent: dict[str, float]) -> Iterator[int]:
+    """Rounds of a query (every contender once each, in turn): at least ``repeat``, and more while a
+    contender has spent less than ``min_time`` s in it (at most ``MAX_ROUNDS``). This machine's speed
+    drifts by up to 1.8x between minutes, so the fastest of two sub-second runs is mostly luck; the
+    same number of rounds for every contender, as timeit's autorange does for one."""
+    rep = 0
+    while rep < repeat or (rep < MAX_ROUNDS and min(spent.get(c, 0.0) for c in contenders) < min_time):
+        yield rep
+        rep += 1
+
+
 def _iterative_share(files: list[str], query: int, chunksize: int) -> Any:
     return timed(casa_executors.iterative(status=False), files, query, chunksize)[1]
 
 
-def measure_ceiling(workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int) -> dict:
+def measure_ceiling(workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int,
+                    min_time: float = 0.0) -> dict:
     """This machine's parallel ceiling: ``workers`` independent processes, each running iterative over its
     share of the files (no engine, no scheduling, no merging across them). What no engine can beat here;
     2 shared vCPUs do not give 2 x one vCPU's speed."""
@@ -139,18 +153,21 @@ def measure_ceiling(workers: int, files: list[str], queries: list[int], chunksiz
         alone = casa_executors.iterative(status=False)
         for q in queries:
             best: dict[str, float] = {}
-            for rep in range(repeat):
+            for rep in repetitions(repeat, min_time, ["ceiling", "iterative"], spent := {}):
                 for who in rotated(["ceiling", "iterative"], rep):
                     t = time.perf_counter()
                     if who == "ceiling":
                         outs = list(pool.map(_iterative_share, shares, [q] * workers, [chunksize] * workers))
                     else:
                         timed(alone, files, q, chunksize)
-                    best[who] = min(best.get(who, 1e300), time.perf_counter() - t)
+                    wall = time.perf_counter() - t
+                    best[who] = min(best.get(who, 1e300), wall)
+                    spent[who] = spent.get(who, 0.0) + wall
             events = alone.report.summary()["events"]
             row["queries"][q] = {"wall_s": best["ceiling"], "events": events,
                                  "events_per_s": events / best["ceiling"], "attempts": 0,
-                                 "counts": counts(processor.accumulate(outs)), "iterative_wall_s": best["iterative"]}
+                                 "counts": counts(processor.accumulate(outs)), "iterative_wall_s": best["iterative"],
+                                 "rounds": rep + 1}
     finally:
         pool.shutdown(wait=True)
     return row
@@ -161,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset_options(ap, events=400_000, files=4, chunksize=50_000)
     ap.add_argument("--queries", default="6,8")
     ap.add_argument("--repeat", type=int, default=2, help="keep the fastest of N runs of each query")
+    ap.add_argument("--min-time", type=float, default=3.0,
+                    help=f"repeat a query (up to {MAX_ROUNDS} runs) until each contender spent this many seconds in it")
     ap.add_argument("--backends", default=",".join(["ceiling", *casa_executors.BACKENDS]),
                     help="'ceiling': independent iterative processes on shares of the files, the machine's limit")
     ap.add_argument("--no-coffea", dest="coffea", action="store_false",
@@ -175,14 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.backends.split(",")
     for name in ["iterative", *[n for n in names if n != "iterative"]]:
         if name == "ceiling":
-            rows.append(measure_ceiling(args.workers, files, queries, args.chunksize, args.repeat))
+            rows.append(measure_ceiling(args.workers, files, queries, args.chunksize, args.repeat, args.min_time))
             continue
         why = casa_executors.unavailable(name)
         if why:
             skipped[name] = why
             continue
         rows.append(measure(name, args.workers, files, queries, args.chunksize, args.repeat, args.coffea,
-                            args.target_task_s))
+                            args.target_task_s, args.min_time))
     base = rows[0]
     ceiling = next((r for r in rows if r["backend"] == "ceiling"), None)
     print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
@@ -211,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, why in skipped.items():
         print(f"{name:10s} not available: {why}")
     result = {"events": args.events, "files": args.files, "chunksize": args.chunksize,
+              "repeat": args.repeat, "min_time_s": args.min_time,
               "target_task_s": args.target_task_s, "rows": rows,
               "skipped": skipped}
     return save_json(result, args.json)

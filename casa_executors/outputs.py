@@ -146,10 +146,10 @@ class StorePlacement(Placement):
 
     def __init__(self, backend: Backend, compression: int | None, store: Store,
                  checkpoint: Checkpoint | None = None, merges_here: bool = False,
-                 owned_dir: str | None = None) -> None:
+                 owned_dir: str | None = None, tail_here: bool = True) -> None:
         super().__init__(backend, compression)
         self.store, self.checkpoint = store, checkpoint
-        self.merges_here = merges_here
+        self.merges_here, self.tail_here = merges_here, tail_here
         self._owned_dir = owned_dir  # a temporary folder we made: removed at the end
 
     def info(self) -> dict[str, Any]:
@@ -304,20 +304,21 @@ def choose(backend: Backend, phase_name: str, compression: int | None, merge: st
     if phase_name != "processing":
         return DriverPlacement(backend, compression)  # file metadata: small, and not checkpointed
     here = merge == "driver" or backend.in_process
+    tail = merge != "workers"  # "workers": every merge on the engine, the run's last ones too
     if checkpoint is not None:
         _warn_if_unreachable(backend, checkpoint.url, "checkpoint")
-        return StorePlacement(backend, compression, checkpoint.store, checkpoint, merges_here=here)
+        return StorePlacement(backend, compression, checkpoint.store, checkpoint, merges_here=here, tail_here=tail)
     if store_url is not None:
         _warn_if_unreachable(backend, store_url, "store")
         run_folder = Store(store_url).child(f"run-{uuid.uuid4().hex[:12]}").create()
-        return StorePlacement(backend, compression, run_folder, merges_here=here)
+        return StorePlacement(backend, compression, run_folder, merges_here=here, tail_here=tail)
     if here:
         return DriverPlacement(backend, compression)
     if backend.holds_results:
         return EnginePlacement(backend, compression)
     if backend.workers_local:
         folder = tempfile.mkdtemp(prefix="casa-outputs-")
-        return StorePlacement(backend, compression, Store(folder), owned_dir=folder)
+        return StorePlacement(backend, compression, Store(folder), owned_dir=folder, tail_here=tail)
     message = (f"{backend.name}: its workers may run on other machines, so chunk outputs come back to this "
                "process and merge here; give store='root://host//path' (or a folder every worker and this "
                "process share) to merge them on the workers")

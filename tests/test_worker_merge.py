@@ -66,6 +66,13 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
                 assert m["merge_tasks"] + m["merged_here"] == merge_tasks, (per_task, m)
                 assert m["merge_tasks"] >= 1 and 1 <= m["merged_here"] <= LEVELS_ABOVE_CHUNKS, (per_task, m)
                 assert m["bytes_to_driver"] > 0
+                # merge="workers": every merge on the engine, the last ones too; the driver reads the root only
+                ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=per_task,
+                               merge="workers")
+                assert same(run(ex, sample_files), reference)
+                m = ex.report.summary()["merge"]
+                assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
+                assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2
             else:
                 assert m["merge_tasks"] == 0 and m["merged_here"] == merge_tasks, (per_task, m)
             if outputs == "store":
