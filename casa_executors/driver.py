@@ -85,6 +85,9 @@ class Driver(ExecutorBase):
     store: str | None = None  # where workers put outputs to merge them (a folder or URL they all reach)
     merge: str = "auto"  # "workers": merge on the engine (or fail), "driver": in this process
     target_task_s: float | None = None  # adaptive chunking: tasks of about this many seconds (adaptive.py)
+    # the run id of a preprocessing call not yet followed by processing; Runner's copies of this executor
+    # share the list, so the processing of the same Runner call reads the files preprocessing opened
+    _file_runs: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
@@ -150,6 +153,7 @@ class Driver(ExecutorBase):
         items = list(items)
         work, skipbadfiles, result_type = unwrap_runner_retries(function)
         name = "preprocessing" if self.desc == "Preprocessing" else "processing"
+        run_id = self._file_run(name)
         if not items:
             self.report.begin(name, self.backend.name, self.backend.workers, items)
             return accumulator, 0
@@ -161,16 +165,26 @@ class Driver(ExecutorBase):
             # begun once the engine is up: an external cluster's size is known only when connected
             phase = self.report.begin(name, self.backend.name, self.backend.workers,
                                       grains.leaves if grains else items, grains)
-            run = _Run(self, phase, work, skipbadfiles, grains)
+            run = _Run(self, phase, work, skipbadfiles, grains, run_id)
             try:
                 merged = run.drive()
             finally:
                 phase.wall_s = time.perf_counter() - t0
+        if name == "preprocessing":
+            self._file_runs.append(run.run_id)
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
             # coffea's list of processed items names the user's items, not the ranges tasks read
             merged["processed"] = grains.processed([r.status in DONE for r in phase.rows])
         out = merged if accumulator is None else accumulate([merged], accumulator)
         return self._outcome(run, out, from_runner=work is not function, result_type=result_type)
+
+    def _file_run(self, name: str) -> str:
+        """The run id workers keep files open for (a worker closes a run's files when another run's task
+        comes). Runner preprocesses its files, then processes them at once: the same id, so a worker
+        thread's chunks of a file it read the metadata of need not open it and read its TTree again
+        (~30 ms a file here). Any other call gets a new one: between calls files may be rewritten."""
+        carried = self._file_runs.pop() if self._file_runs else None
+        return carried if carried and name == "processing" else uuid.uuid4().hex
 
     def _outcome(self, run: _Run, out: Any, from_runner: bool, result_type: bool) -> tuple[Any, Any]:
         """What Runner gets back (or what is raised), with coffea's semantics.
@@ -225,12 +239,12 @@ class _Run:
     """The state of one executor call."""
 
     def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any,
-                 grains: Grains | None = None) -> None:
+                 grains: Grains | None = None, run_id: str | None = None) -> None:
         self.driver, self.phase, self.skipbadfiles = driver, phase, skipbadfiles
         self.backend = driver.backend
         n = len(phase.items)
         self.spec = work if self.backend.in_process else cloudpickle.dumps(work)
-        self.run_id = uuid.uuid4().hex  # workers keep files open between this run's chunks only
+        self.run_id = run_id or uuid.uuid4().hex  # workers keep files open between this run's chunks only
         self.checkpoint: Checkpoint | None = None
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
@@ -303,7 +317,8 @@ class _Run:
                 with contextlib.suppress(Exception):  # e.g. parsl's AppFuture.cancel raises
                     job.future.cancel()
             self.inflight.clear()
-            if self.backend.in_process:  # the caller's own thread: it keeps no file open after the run
+            # the caller's own thread keeps no file open after a run, but for the processing that follows
+            if self.backend.in_process and self.phase.name == "processing":
                 open_files().close()
             self._close()
         return self.result

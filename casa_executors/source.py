@@ -201,19 +201,29 @@ class ThreadObjectCache(MutableMapping):
 
 
 def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """coffea Runner's chunk function, with uproot objects kept between chunks of a thread.
+    """coffea Runner's chunk function (or its file-metadata function), with uproot objects kept
+    between the chunks of a thread.
 
     Runner opens every chunk's file with its ``uproot_options``; adding ``object_cache``
-    there (unless the user gave one) is the only way in without changing coffea.
+    there (unless the user gave one) is the only way in without changing coffea. The metadata
+    function reads each file's TTree too: kept, the same thread's chunks of that file do not read
+    it again (the driver gives the processing that follows the same run: ``Driver._file_run``).
     """
-    if not (isinstance(function, functools.partial)
-            and getattr(function.func, "__qualname__", "") == "Runner._work_function"):
+    if not isinstance(function, functools.partial):
         return function
-    options = function.keywords.get("uproot_options")
-    if not isinstance(options, dict) or "object_cache" in options:
-        return function
-    keywords = {**function.keywords, "uproot_options": {**options, "object_cache": ThreadObjectCache()}}
-    return functools.partial(function.func, *function.args, **keywords)
+    name = getattr(function.func, "__qualname__", "")
+    if name == "Runner._work_function":
+        options = function.keywords.get("uproot_options")
+        if not isinstance(options, dict) or "object_cache" in options:
+            return function
+        keywords = {**function.keywords, "uproot_options": {**options, "object_cache": ThreadObjectCache()}}
+        return functools.partial(function.func, *function.args, **keywords)
+    if name == "Runner.metadata_fetcher_root" and len(function.args) == 3 and not function.keywords:
+        timeout, align_clusters, options = function.args  # coffea's partial(fetcher, timeout, align, options)
+        if not isinstance(options, dict) or "object_cache" in options:
+            return function
+        return functools.partial(function.func, timeout, align_clusters, {**options, "object_cache": ThreadObjectCache()})
+    return function
 
 
 class MeteredSource(uproot.source.chunk.Source):

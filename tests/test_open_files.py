@@ -83,3 +83,26 @@ def test_outputs_unchanged(sample_files, reference):
     """The same bits as before, chunk sizes that cross the file's baskets."""
     out = run(casa_executors.iterative(status=False), sample_files, Analysis(), chunksize=137)
     assert same(out, reference)
+
+
+@pytest.mark.parametrize("backend", ["iterative", "futures"])
+def test_processing_reads_no_tree_its_preprocessing_read(backend, sample_files, no_leftover_processes):
+    """Runner preprocesses, then processes at once: the worker thread's chunks of a file whose metadata
+    it read do not open it and read its TTree again. With the metadata cached (no preprocessing in that
+    call) the chunks read it; a later call closes the files first (they may have been rewritten)."""
+    require_engine(backend)
+    ex = casa_executors.create(backend, status=False, **({} if backend == "iterative" else {"workers": 1}))
+    cache: dict = {}
+    with ex:  # the same worker process for every call
+        run(ex, sample_files, TreeIds(), chunksize=500, metadata_cache=cache)
+        after_preprocessing = [r.bytes_read for r in ex.report.rows()]
+        out = run(ex, sample_files, TreeIds(), chunksize=500, metadata_cache=cache)
+        assert ex.report.preprocessing is None or not ex.report.preprocessing.rows  # all cached: none ran
+        alone = [r.bytes_read for r in ex.report.rows()]
+    assert out["n"].value == 3000
+    assert {f: len(ids) for f, ids in out["trees"].items()} == {str(f): 1 for f in sample_files}
+    # each file's first chunk read its TTree (and the file's header) only where preprocessing had not
+    first = slice(0, None, 2)  # 500 events a chunk: two a file
+    assert all(a < b for a, b in zip(after_preprocessing[first], alone[first])), (after_preprocessing, alone)
+    assert after_preprocessing[1::2] == alone[1::2]  # second chunks: the tree was kept in both
+    assert not open_files().sources, "the caller's thread keeps no file open after a run"
