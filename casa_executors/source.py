@@ -222,7 +222,8 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
         timeout, align_clusters, options = function.args  # coffea's partial(fetcher, timeout, align, options)
         if not isinstance(options, dict) or "object_cache" in options:
             return function
-        return functools.partial(function.func, timeout, align_clusters, {**options, "object_cache": ThreadObjectCache()})
+        options = {**options, "object_cache": ThreadObjectCache()}
+        return functools.partial(function.func, timeout, align_clusters, options)
     return function
 
 
