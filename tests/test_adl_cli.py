@@ -81,6 +81,7 @@ def test_cache_auto_reads_through_xcache(sample_root, tmp_path):
         cfg = runner.Settings([1], workers=1, chunksize=400)
         with serve([str(store / "sample.root")], "auto") as served:
             assert served.mode == "xcache", served.notes
+            assert any(n.startswith("XCache filled before timing") for n in served.notes), served.notes
             assert served.cache.startswith("root://127.0.0.1:")
             assert served.files[0].startswith("root://") and served.peer_files[0].startswith(served.cache)
             rows = runner.run_backend("iterative", served.files, cfg, served.cache, {})

@@ -12,7 +12,9 @@ from typing import Any
 
 from benchmarks.adl.stats import FULL_FILE, FULL_FILE_EVENTS, summarize
 
-DEFAULT_EVENTS, DEFAULT_FILES, DEFAULT_SEED = 1_000_000, 4, 1
+# large enough that each query takes seconds on one core (Q1 ~0.5 s, Q8 ~3 s here): start-up and warm-up
+# would otherwise be most of what a first table shows
+DEFAULT_EVENTS, DEFAULT_FILES, DEFAULT_SEED = 4_000_000, 8, 1
 PEERS = ("rdataframe", "coffea")
 COFFEA_PEERS = ("iterative", "futures", "dask")  # "coffea" = all three, or "coffea-<kind>"
 
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunksize", type=int, default=250_000)
     run.add_argument("--peers", type=_csv, default=[], help=f"comma-separated from {', '.join(PEERS)}")
     run.add_argument("--cache", help="auto, none or an XCache URL; default: auto without --data, else none")
+    run.add_argument("--cold-cache", action="store_true",
+                     help="do not fill the local XCache before timing (the first backend then fills it)")
     run.add_argument("--json", help="write results here")
     run.add_argument("--plots", help="write PNG figures into this directory")
     run.add_argument("--repeat", type=int, default=1, help="run each query N times, keep the fastest")
@@ -152,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     meta: dict = {}  # Runner metadata cache shared by every run on the same files
     t0 = time.perf_counter()
-    with serve(files, cache) as served:
+    with serve(files, cache, fill=not args.cold_cache) as served:
         for note in served.notes:
             print(note, file=sys.stderr)
         for name in backends:
