@@ -245,7 +245,9 @@ class Watch(threading.Thread):
             found = self.sample()
         except Exception:  # an engine between states; the next look sees it
             return
-        self.seen.update(found if isinstance(found, dict) else dict.fromkeys(found, ""))
+        for process, role in (found if isinstance(found, dict) else dict.fromkeys(found, "")).items():
+            if role or process not in self.seen:  # a process seen in its role keeps it (e.g. exiting after
+                self.seen[process] = role  # the engine let it go, when only its ancestry still shows it)
 
     def run(self) -> None:
         while not self.done.wait(0.2):
@@ -311,10 +313,12 @@ def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
     s = ex.report.summary()
     assert sorted(r.index for r in rows) == list(range(30)) and all(r.status == "ok" for r in rows)
     assert s["processed"] == s["chunks"] == 30 and sum(r.events for r in rows) == 3000
-    assert losses.attempts or losses.outputs, "nothing was lost"
+    assert losses.attempts or losses.outputs, ("nothing was lost", [v.pid for v in killed],
+                                               [(r.index, r.attempts, r.worker) for r in rows])
     assert s["attempts"] == s["chunks"] + len(losses.attempts) + len(losses.outputs), (s["attempts"], losses)
     tries = attempts(log)
-    assert len(tries) == 30 and max(tries.values()) >= 2  # every chunk started; the killed one again
+    # every chunk started; the killed one again
+    assert len(tries) == 30 and max(tries.values()) >= 2, (tries, losses, [v.pid for v in killed])
     if lost_prefix:
         assert losses.attempts and all(m.startswith(lost_prefix) for m in losses.attempts), losses.attempts
     return {"wall_s": round(time.time() - t0, 1), "attempts": s["attempts"], "lost": sorted(set(losses.attempts)),
