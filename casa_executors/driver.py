@@ -171,7 +171,7 @@ class Driver(ExecutorBase):
             finally:
                 phase.wall_s = time.perf_counter() - t0
         if name == "preprocessing":
-            self._file_runs.append(run.run_id)
+            self._file_runs.append(run_id)
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
             # coffea's list of processed items names the user's items, not the ranges tasks read
             merged["processed"] = grains.processed([r.status in DONE for r in phase.rows])
@@ -239,12 +239,12 @@ class _Run:
     """The state of one executor call."""
 
     def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any,
-                 grains: Grains | None = None, run_id: str | None = None) -> None:
+                 grains: Grains | None, run_id: str) -> None:
         self.driver, self.phase, self.skipbadfiles = driver, phase, skipbadfiles
         self.backend = driver.backend
         n = len(phase.items)
         self.spec = work if self.backend.in_process else cloudpickle.dumps(work)
-        self.run_id = run_id or uuid.uuid4().hex  # workers keep files open between this run's chunks only
+        self.run_id = run_id  # workers keep files open between this run's chunks only (Driver._file_run)
         self.checkpoint: Checkpoint | None = None
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
@@ -382,7 +382,7 @@ class _Run:
     def _merge_here(self, group: Group) -> None:
         """Merge ``group`` in this process and put the result in the tree."""
         try:
-            handle = self.placement.merge_here(group)
+            handle = self.placement.merge_here(group, root=group.level == self.tree.top)
         except Lost as exc:
             self._lose(exc, group)
             return

@@ -179,6 +179,7 @@ class StoredMerge:
     key: str  # where the node goes
     delete: list[str] = field(default_factory=list)  # consumed children to remove once the node is written
     compression: int | None = 1
+    keep: bool = False  # return the node too (merged in the driver: the root need not be read back)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class MergeResult:
     key: str = ""
     nbytes: int = 0
     read_bytes: int = 0  # of the children
+    value: Any = None  # the node itself, with StoredMerge.keep
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of children missing or corrupt
     error: Any = None  # task.ErrorInfo when the outputs could not be added
     wall_s: float = 0.0
@@ -221,6 +223,8 @@ def merge_stored(task: StoredMerge) -> MergeResult:
     if not result.bad and result.error is None:
         result.nbytes = task.store.put_output(task.key, out, task.compression)
         task.store.remove(task.delete)
+        if task.keep:
+            result.value = out
     result.wall_s = time.perf_counter() - t0
     return result
 

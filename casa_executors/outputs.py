@@ -47,7 +47,7 @@ from casa_executors.merge import (
     merge_stored,
     node_key,
 )
-from casa_executors.store import NodeCorrupt, NodeMissing, Store
+from casa_executors.store import NodeCorrupt, NodeMissing, Store, decode
 from casa_executors.task import ChunkResult, TaskBatch, decompress, run_batch, strip_outputs
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ class Placement:
         return decompress(result.output)
 
     # merges
-    def merge_here(self, group: Group) -> Any:
+    def merge_here(self, group: Group, root: bool = False) -> Any:
+        """Merge ``group`` in this process; ``root``: it is the tree's top, whose output the run returns."""
         self.merged_here += 1
         return fold(c.handle for c in group.children)
 
@@ -151,6 +152,7 @@ class StorePlacement(Placement):
         self.store, self.checkpoint = store, checkpoint
         self.merges_here, self.tail_here = merges_here, tail_here
         self._owned_dir = owned_dir  # a temporary folder we made: removed at the end
+        self._root_here: tuple[str, Any] | None = None  # (key, output) of the root, when merged here
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "store": self.store.url}
@@ -176,11 +178,16 @@ class StorePlacement(Placement):
         self.merge_tasks += 1
         return merge_stored, self._task(group)
 
-    def merge_here(self, group: Group) -> Any:
+    def merge_here(self, group: Group, root: bool = False) -> Any:
         self.merged_here += 1
-        result = merge_stored(self._task(group))
+        task = self._task(group)
+        task.keep = root  # written for the checkpoint, and kept: fetch need not read it back
+        result = merge_stored(task)
         self.bytes_to_driver += result.read_bytes
-        return self._outcome(group, result)
+        key = self._outcome(group, result)
+        if root:
+            self._root_here = (key, result.value)
+        return key
 
     def merged(self, group: Group, future: Future) -> Any:
         return self._outcome(group, future.result())
@@ -199,16 +206,18 @@ class StorePlacement(Placement):
     def fetch(self, root: Node) -> Any:
         if root.handle is None:
             return None
-        try:
-            payload = self.store.get(root.handle)
-        except NodeMissing as exc:
-            raise Lost([root], str(exc)) from None
-        except NodeCorrupt as exc:
-            raise Lost([root], str(exc), [root.handle]) from None
-        self.bytes_to_driver += len(payload)
-        from casa_executors.store import decode
-
-        output = decode(payload)
+        if self._root_here is not None and self._root_here[0] == root.handle:
+            output = self._root_here[1]  # merged here, just written: not read back
+        else:
+            try:
+                payload = self.store.get(root.handle)
+            except NodeMissing as exc:
+                raise Lost([root], str(exc)) from None
+            except NodeCorrupt as exc:
+                raise Lost([root], str(exc), [root.handle]) from None
+            self.bytes_to_driver += len(payload)
+            output = decode(payload)
+        self._root_here = None
         if self.checkpoint is not None and not root.handle.startswith("nodes/"):
             self.store.remove([root.handle])  # a partial root (failed chunks inside) is not a checkpoint
         return output

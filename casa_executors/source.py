@@ -213,18 +213,22 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return function
     name = getattr(function.func, "__qualname__", "")
     if name == "Runner._work_function":
-        options = function.keywords.get("uproot_options")
-        if not isinstance(options, dict) or "object_cache" in options:
-            return function
-        keywords = {**function.keywords, "uproot_options": {**options, "object_cache": ThreadObjectCache()}}
-        return functools.partial(function.func, *function.args, **keywords)
-    if name == "Runner.metadata_fetcher_root" and len(function.args) == 3 and not function.keywords:
+        options = _with_object_cache(function.keywords.get("uproot_options"))
+        if options is not None:
+            return functools.partial(function.func, *function.args, **{**function.keywords, "uproot_options": options})
+    elif name == "Runner.metadata_fetcher_root" and len(function.args) == 3 and not function.keywords:
         timeout, align_clusters, options = function.args  # coffea's partial(fetcher, timeout, align, options)
-        if not isinstance(options, dict) or "object_cache" in options:
-            return function
-        options = {**options, "object_cache": ThreadObjectCache()}
-        return functools.partial(function.func, timeout, align_clusters, options)
+        options = _with_object_cache(options)
+        if options is not None:
+            return functools.partial(function.func, timeout, align_clusters, options)
     return function
+
+
+def _with_object_cache(options: Any) -> dict[str, Any] | None:
+    """coffea's ``uproot_options`` with this thread's object cache; None: leave them (a user's cache)."""
+    if not isinstance(options, dict) or "object_cache" in options:
+        return None
+    return {**options, "object_cache": ThreadObjectCache()}
 
 
 class MeteredSource(uproot.source.chunk.Source):

@@ -9,8 +9,10 @@ import contextlib
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,9 +167,6 @@ def fill_cache(urls: list[str], local: list[str]) -> str:
     runs pay for the cache's first fill from the origin: whichever ran first did, and its table
     compared a cold cache with warm ones (``benchmarks.xcache_slow_origin`` measures cold
     against warm). Returns a note for the table."""
-    import subprocess
-    import time
-
     t0 = time.perf_counter()
     for url in urls:
         subprocess.run(["xrdcp", "--nopbar", "--force", url, "/dev/null"], check=True, capture_output=True,
