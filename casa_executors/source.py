@@ -12,6 +12,9 @@ the source (its connection) and uproot's objects read from it, above all the
 TTree's metadata. coffea opens the file and deserialises the TTree (86 branches
 in the ADL files) for every chunk, ~40 ms that dominates light queries; with
 the TTree kept, the next chunk of the same file starts reading baskets at once.
+Sources are closed between runs (a file may be replaced in between); the objects
+are kept, and found again only in a file with the same UUID, read through a new
+source.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def metering(io: ChunkIO) -> Iterator[ChunkIO]:
 
 
 OPEN_FILES_PER_THREAD = 8  # files a worker thread keeps open between chunks
-OBJECTS_PER_THREAD = 64  # uproot objects (TTrees) it keeps, of those files
+OBJECTS_PER_THREAD = 16  # uproot objects (TTrees, ~1 MB each for 86 branches) it keeps, across runs
 
 
 class OpenFiles:
@@ -118,12 +121,18 @@ class OpenFiles:
     (``close`` returns it here), so a TTree in :data:`objects` (uproot's object cache, keyed
     by the file's URL, UUID and the object's seek position: :class:`ThreadObjectCache`) stays
     readable in the next chunk.
-    A source closed on eviction makes uproot drop the objects read from it.
+
+    Sources are kept within one run only: between runs a file may be replaced, and a source
+    kept open would go on reading the old one. The objects outlive their sources: uproot reads
+    the UUID of every file it opens through a new source, and a kept TTree is found again only
+    under that UUID, so only in the same file (a rewritten file has another); it then reads
+    through a new source (:meth:`MeteredSource._reopen`). A worker that runs the same files
+    again, call after call, does not read their TTrees again.
     """
 
     def __init__(self, size: int = OPEN_FILES_PER_THREAD) -> None:
         self.size = size
-        self.run = ""  # files are kept within one run only: between runs they may be rewritten
+        self.run = ""  # the run whose files are open
         self.sources: OrderedDict[tuple[str, str], FSSpecSource] = OrderedDict()
         self.objects = uproot.cache.LRUCache(OBJECTS_PER_THREAD)
 
@@ -148,13 +157,13 @@ class OpenFiles:
         _forget(source)
 
     def close(self) -> None:
+        """Close every source; the objects stay (see the class)."""
         while self.sources:
             _forget(self.sources.popitem()[1])
-        self.objects.clear()
 
 
 def open_files(run: str | None = None) -> OpenFiles:
-    """This thread's open files; given the ``run`` a chunk belongs to, those of another run are closed."""
+    """This thread's open files; given the ``run`` a chunk belongs to, the sources of another run are closed."""
     files = getattr(_local, "open_files", None)
     if files is None:
         files = _local.open_files = OpenFiles()
@@ -225,10 +234,15 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _with_object_cache(options: Any) -> dict[str, Any] | None:
-    """coffea's ``uproot_options`` with this thread's object cache; None: leave them (a user's cache)."""
+    """coffea's ``uproot_options`` with this thread's object cache; None: leave them (a user's cache).
+
+    Without an array cache, unless the user gave one: uproot keeps up to 100 MB of arrays per opened
+    file by default, in the file a kept TTree holds. coffea never reads a range twice in a run, so
+    there it is memory and nothing else (up to 100 MB per kept tree); across runs it would serve the
+    same chunks from memory, which neither a fresh worker nor coffea's executors do."""
     if not isinstance(options, dict) or "object_cache" in options:
         return None
-    return {**options, "object_cache": ThreadObjectCache()}
+    return {"array_cache": None, **options, "object_cache": ThreadObjectCache()}
 
 
 class MeteredSource(uproot.source.chunk.Source):
@@ -236,7 +250,8 @@ class MeteredSource(uproot.source.chunk.Source):
 
     Its endpoint's source is pooled by the thread (:class:`OpenFiles`): closing returns it,
     and reads after that (a TTree kept for the next chunk) are metered to the chunk that
-    reads, not to the one that opened the file.
+    reads, not to the one that opened the file. A pooled source closed since (another run,
+    eviction) is opened again on the next read.
     """
 
     def __init__(self, file_path: str, **options: Any) -> None:
@@ -287,7 +302,16 @@ class MeteredSource(uproot.source.chunk.Source):
     def _can_fail_over(self) -> bool:
         return self._position + 1 < len(self._candidates)
 
+    def _reopen(self) -> None:
+        """If the pool closed this file's source (another run, an eviction): open it again, asking the
+        reading chunk's router afresh (its token may have been renewed, a failed cache be back)."""
+        if self._inner is not None and self._inner.closed:
+            self._inner, self._position, self._errors = None, -1, []
+            self._candidates = self._io.candidates(self._file_path)
+            self._open_next()
+
     def _call(self, read):
+        self._reopen()
         while True:
             try:
                 out = read(self._inner)
@@ -314,6 +338,7 @@ class MeteredSource(uproot.source.chunk.Source):
         self._num_requested_chunks += len(ranges)
         self._num_requested_bytes += n
         self._io.add_bytes(n)
+        self._reopen()
         if not self._can_fail_over:
             self._io.served_by(self._label)
             return self._inner.chunks(ranges, notifications)
@@ -341,7 +366,7 @@ class MeteredSource(uproot.source.chunk.Source):
 
     @property
     def closed(self) -> bool:
-        return self._inner is None or self._inner.closed
+        return self._inner is None  # a pooled source closed since is opened again (_reopen)
 
     def close(self) -> None:
         self.__exit__(None, None, None)

@@ -48,7 +48,7 @@ def test_one_tree_per_file_and_every_chunk_metered(backend, sample_files, no_lef
 
 
 def test_file_rewritten_between_runs_is_read_anew(tmp_path, sample_files):
-    """Files are kept within a run only: the same path, another content, in the next run."""
+    """Sources are kept within a run only, TTrees by UUID: the same path, another file, in the next run."""
     import awkward as ak
     from conftest import SAMPLE_PARQUET
 
@@ -86,23 +86,29 @@ def test_outputs_unchanged(sample_files, reference):
 
 
 @pytest.mark.parametrize("backend", ["iterative", "futures"])
-def test_processing_reads_no_tree_its_preprocessing_read(backend, sample_files, no_leftover_processes):
+def test_trees_read_once_per_worker_across_calls(backend, sample_files, no_leftover_processes):
     """Runner preprocesses, then processes at once: the worker thread's chunks of a file whose metadata
-    it read do not open it and read its TTree again. With the metadata cached (no preprocessing in that
-    call) the chunks read it; a later call closes the files first (they may have been rewritten)."""
+    it read do not read its TTree again; nor do the chunks of a later call on the same worker (its files
+    are opened anew, their TTrees kept). A worker that never read the tree reads it."""
     require_engine(backend)
     ex = casa_executors.create(backend, status=False, **({} if backend == "iterative" else {"workers": 1}))
     cache: dict = {}
-    with ex:  # the same worker process for every call
+    open_files().objects.clear()  # iterative's worker thread is this one: nothing kept from other tests
+    with ex:  # the same worker process for both calls
         run(ex, sample_files, TreeIds(), chunksize=500, metadata_cache=cache)
         after_preprocessing = [r.bytes_read for r in ex.report.rows()]
         out = run(ex, sample_files, TreeIds(), chunksize=500, metadata_cache=cache)
         assert ex.report.preprocessing is None or not ex.report.preprocessing.rows  # all cached: none ran
-        alone = [r.bytes_read for r in ex.report.rows()]
+        again = [r.bytes_read for r in ex.report.rows()]
+    open_files().objects.clear()
+    with ex:  # a fresh worker process (futures); iterative: this thread, its objects dropped
+        run(ex, sample_files, TreeIds(), chunksize=500, metadata_cache=cache)
+        cold = [r.bytes_read for r in ex.report.rows()]
     assert out["n"].value == 3000
     assert {f: len(ids) for f, ids in out["trees"].items()} == {str(f): 1 for f in sample_files}
-    # each file's first chunk read its TTree (and the file's header) only where preprocessing had not
+    # each file's first chunk read its TTree (and the file's header) only where nothing had read it before
     first = slice(0, None, 2)  # 500 events a chunk: two a file
-    assert all(a < b for a, b in zip(after_preprocessing[first], alone[first])), (after_preprocessing, alone)
-    assert after_preprocessing[1::2] == alone[1::2]  # second chunks: the tree was kept in both
+    assert all(a < b for a, b in zip(after_preprocessing[first], cold[first])), (after_preprocessing, cold)
+    assert all(a < b for a, b in zip(again[first], cold[first])), (again, cold)
+    assert after_preprocessing[1::2] == again[1::2] == cold[1::2]  # second chunks: the tree was kept in all
     assert not open_files().sources, "the caller's thread keeps no file open after a run"

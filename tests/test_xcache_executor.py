@@ -16,6 +16,7 @@ from xrootd_fixtures import export_dir, require_xrootd
 import casa_executors as ce
 from casa_executors.standins.issuer import LocalIssuer
 from casa_executors.standins.xrootd import XCache, XRootDOrigin
+from casa_executors.xcache.client_env import CLIENT_ENV
 
 NAMES = ("a.root", "b.root", "c.root")
 EXECUTORS = {
@@ -82,6 +83,28 @@ def test_cache_down_fails_over_to_origin_fast(name, export, no_leftover_processe
         assert s["served_by"] == {f"origin:{origin.endpoint}": 12}
         assert s["failovers"] >= 12 and all(r.failovers for r in ex.report.rows())
         assert took < 60, f"fail-over took {took:.1f} s"  # guards against the client's 120 s defaults
+
+
+@pytest.mark.parametrize("name", EXECUTORS)
+def test_cache_back_serves_the_next_run_of_kept_trees(name, export, no_leftover_processes):
+    """A worker keeps the TTrees of a run that failed over to the origin; the next run reads them
+    through the cache again, once it is back (sources are opened anew, routed afresh, every run)."""
+    with XRootDOrigin(export) as origin, XCache(origin) as cache:
+        urls = origin_urls(origin)
+        cache.stop()
+        ex = EXECUTORS[name](cache=cache.endpoint)
+        with ex:  # the same worker processes for both runs
+            first = run(ex, urls)
+            assert ex.report.summary()["served_by"] == {f"origin:{origin.endpoint}": 12}
+            first_bytes = ex.report.summary()["bytes_read"]
+            cache.start()
+            time.sleep(int(CLIENT_ENV["XRD_STREAMERRORWINDOW"]) + 1)  # XrdCl shuns a failed endpoint this long
+            second = run(ex, urls)
+        s = ex.report.summary()
+        assert s["served_by"] == {f"xcache:{cache.endpoint}": 12} and s["failovers"] == 0, s
+        # the baskets again, not only each chunk's file header (~700 B): no array kept from the first run
+        assert s["bytes_read"] > first_bytes / 2, (first_bytes, s["bytes_read"])
+        assert same(first, second)
 
 
 def test_both_down_and_missing_file_are_clear_errors(export, no_leftover_processes):
