@@ -12,9 +12,9 @@ from typing import Any
 
 from benchmarks.adl.stats import FULL_FILE, FULL_FILE_EVENTS, summarize
 
-# large enough that each query takes seconds on one core (Q1 ~0.5 s, Q8 ~3 s here): start-up and warm-up
-# would otherwise be most of what a first table shows
-DEFAULT_EVENTS, DEFAULT_FILES, DEFAULT_SEED = 4_000_000, 8, 1
+# large enough that each query takes about a second or more on one core (Q1 ~1 s, Q7 ~8 s here): start-up,
+# warm-up and a call's fixed costs would otherwise be most of what a first table shows
+DEFAULT_EVENTS, DEFAULT_FILES, DEFAULT_SEED = 8_000_000, 16, 1
 PEERS = ("rdataframe", "coffea")
 COFFEA_PEERS = ("iterative", "futures", "dask")  # "coffea" = all three, or "coffea-<kind>"
 
