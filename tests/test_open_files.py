@@ -112,3 +112,14 @@ def test_trees_read_once_per_worker_across_calls(backend, sample_files, no_lefto
     assert all(a < b for a, b in zip(again[first], cold[first])), (again, cold)
     assert after_preprocessing[1::2] == again[1::2] == cold[1::2]  # second chunks: the tree was kept in all
     assert not open_files().sources, "the caller's thread keeps no file open after a run"
+
+
+def test_no_array_cache_unless_the_user_sets_one():
+    """uproot's 100 MB per-file array cache is turned off in the options we give coffea, not a user's."""
+    from casa_executors.source import ThreadObjectCache, _with_object_cache
+
+    ours = _with_object_cache({"timeout": 30})
+    assert ours["array_cache"] is None and ours["timeout"] == 30
+    assert isinstance(ours["object_cache"], ThreadObjectCache)
+    assert _with_object_cache({"array_cache": "5 MB"})["array_cache"] == "5 MB"
+    assert _with_object_cache({"object_cache": {}}) is None  # a user's object cache: options left alone
