@@ -181,9 +181,9 @@ class Driver(ExecutorBase):
     def _file_run(self, name: str) -> str:
         """The run id workers keep files open for (a worker closes a run's files when another run's task
         comes). Runner preprocesses its files, then processes them at once: the same id, so a worker
-        thread's chunks of a file it read the metadata of need not open it and read its TTree again
-        (~30 ms a file here). Any other call gets a new one: between calls files may be replaced, so workers
-        open them again (their TTrees are kept by UUID: ``source.OpenFiles``)."""
+        thread's chunks of a file it read the metadata of use the source it opened then. Any other call
+        gets a new one: between calls files may be replaced, so workers open them again (their TTrees are
+        kept across calls, by UUID: ``source.OpenFiles``)."""
         carried = self._file_runs.pop() if self._file_runs else None
         return carried if carried and name == "processing" else uuid.uuid4().hex
 

@@ -260,11 +260,8 @@ class MeteredSource(uproot.source.chunk.Source):
         _local.opening = file_path  # the file this thread's object lookups are for (ThreadObjectCache)
         self._file_path = file_path
         self._options = options
-        self._candidates = self._io.candidates(file_path)
-        self._position = -1
-        self._errors: list[str] = []
         self._inner: uproot.source.chunk.Source | None = None
-        self._open_next()
+        self._route()
 
     @property
     def _io(self) -> ChunkIO:
@@ -302,13 +299,19 @@ class MeteredSource(uproot.source.chunk.Source):
     def _can_fail_over(self) -> bool:
         return self._position + 1 < len(self._candidates)
 
+    def _route(self) -> None:
+        """Ask the reading chunk's router for the endpoints, and open the first that works."""
+        self._candidates: list[tuple[str, str]] = self._io.candidates(self._file_path)
+        self._position = -1
+        self._errors: list[str] = []
+        self._open_next()
+
     def _reopen(self) -> None:
-        """If the pool closed this file's source (another run, an eviction): open it again, asking the
-        reading chunk's router afresh (its token may have been renewed, a failed cache be back)."""
+        """If the pool closed this file's source (another run, an eviction): route it afresh (the
+        reading chunk's token may have been renewed, a failed cache be back)."""
         if self._inner is not None and self._inner.closed:
-            self._inner, self._position, self._errors = None, -1, []
-            self._candidates = self._io.candidates(self._file_path)
-            self._open_next()
+            self._inner = None
+            self._route()
 
     def _call(self, read):
         self._reopen()
