@@ -40,6 +40,7 @@ from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
 from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost, chunk_error
+from casa_executors.heap import old_heap_frozen
 from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
 from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
@@ -161,7 +162,7 @@ class Driver(ExecutorBase):
         if name == "processing" and self.target_task_s is not None and adaptable(items):
             grains = Grains.split(items, self.merge_fanin)  # the leaves of the tree: tasks are its nodes
         t0 = time.perf_counter()
-        with self.backend.session():
+        with old_heap_frozen(), self.backend.session():  # full GC passes skip the user's heap meanwhile
             # begun once the engine is up: an external cluster's size is known only when connected
             phase = self.report.begin(name, self.backend.name, self.backend.workers,
                                       grains.leaves if grains else items, grains)

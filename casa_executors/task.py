@@ -24,6 +24,7 @@ from typing import Any
 import cloudpickle
 
 from casa_executors.errors import RemoteError, rebuild, type_path
+from casa_executors.heap import old_heap_frozen
 from casa_executors.merge import MergeFailed, node_key
 from casa_executors.merge import fold as fold_outputs
 from casa_executors.source import ChunkIO, Router, keep_files_open, metering, open_files
@@ -311,14 +312,15 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
     else:
         folds = {f.start: f for f in batch.folds}
         results, position = [], 0
-        while position < len(batch.tasks):
-            fold = folds.get(position)
-            if fold is None:
-                results.append(run_chunk(function, batch.tasks[position], batch)[0])
-                position += 1
-            else:
-                results += run_node(function, fold, batch.tasks[position:position + fold.count], batch)
-                position += fold.count
+        with old_heap_frozen():  # full GC passes skip the worker's imports and kept trees meanwhile
+            while position < len(batch.tasks):
+                fold = folds.get(position)
+                if fold is None:
+                    results.append(run_chunk(function, batch.tasks[position], batch)[0])
+                    position += 1
+                else:
+                    results += run_node(function, fold, batch.tasks[position:position + fold.count], batch)
+                    position += fold.count
     if batch.notify is not None:
         batch.notify(results)
     return results
