@@ -243,13 +243,16 @@ def merge_held(arg: tuple[int | None, list[Any]]) -> Any:
     when the outputs cannot be added (anything else is the engine's trouble).
     """
     compression, children = arg
+    out = add_outputs(_held_value(child) for child in children if child is not None)
+    return encode(out, compression) if compression is not None else out
+
+
+def add_outputs(values: Any) -> Any:
+    """Left fold with coffea's ``iadd``, as :func:`fold`; :class:`MergeFailed` for outputs that cannot be added."""
     out = None
-    for child in children:
-        if child is None:
-            continue
-        value = _held_value(child)
+    for value in values:
         try:
             out = value if out is None else iadd(out, value)
         except Exception as exc:
             raise MergeFailed(f"cannot add chunk outputs: {exc!r}") from None
-    return encode(out, compression) if compression is not None else out
+    return out

@@ -17,9 +17,10 @@ how the final output is fetched. Three exist:
 ``EnginePlacement``
     the engine keeps outputs in worker memory and runs merge tasks on them
     (Dask: futures as arguments); the driver waits for the results' metadata
-    (Dask: pushed as events by the chunk tasks) and fetches only the root. A
-    worker lost with outputs in memory: Dask recomputes them from lineage; if
-    that fails too, the driver runs the chunks below again.
+    (Dask: pushed as events by the chunk tasks) and fetches only the root, or,
+    when the run's outputs are small in all, gathers the last groups and merges
+    them itself. A worker lost with outputs in memory: Dask recomputes them
+    from lineage; if that fails too, the driver runs the chunks below again.
 
 Every placement merges the same fixed tree (:mod:`casa_executors.merge`), so
 the output is bit-identical whichever is used.
@@ -42,6 +43,7 @@ from casa_executors.merge import (
     MergeResult,
     Node,
     StoredMerge,
+    add_outputs,
     fold,
     merge_held,
     merge_stored,
@@ -233,10 +235,32 @@ class StorePlacement(Placement):
             shutil.rmtree(self._owned_dir, ignore_errors=True)
 
 
+class Here:
+    """A node merged in this process (the run's last merges, ``EnginePlacement.tail_here``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class EnginePlacement(Placement):
     name = "engine"
     merges_here = False
-    tail_here = False  # the outputs are in the engine's memory: a merge task is its short round trip
+    # the run's last merges come here when all the run's chunk outputs together are at most this: a merge task
+    # on Dask is a round trip through its scheduler and the workers holding the children (18-20 ms each here,
+    # two or three one after the other at the end of a run), a gather of small children is one; larger
+    # outputs stay on the engine (the driver then receives only the root: nothing funnels through it)
+    tail_bytes = 16 << 20
+
+    def __init__(self, backend: Backend, compression: int | None, tail_allowed: bool = True) -> None:
+        super().__init__(backend, compression)
+        self.tail_allowed = tail_allowed  # merge="workers": every merge on the engine, the last ones too
+
+    @property
+    def tail_here(self) -> bool:  # type: ignore[override]
+        # (outputs not encoded, compression=None: their sizes are unknown, so they stay on the engine)
+        return self.tail_allowed and self.compression is not None and self.output_bytes <= self.tail_bytes
 
     def window(self, limit: int) -> int:
         # the engine queues tasks itself (Dask: on its scheduler), so a deeper window costs the workers
@@ -265,6 +289,24 @@ class EnginePlacement(Placement):
         self.merge_tasks += 1
         return merge_held, (self.compression, [c.handle for c in group.children])
 
+    def merge_here(self, group: Group, root: bool = False) -> Any:
+        """One gather of the children (a batch's results, a merged node) and the same left fold as a merge task."""
+        self.merged_here += 1
+        children = [c.handle for c in group.children if c.handle is not None]
+        held = {id(f): f for f in (h[0] if isinstance(h, tuple) else h for h in children) if not isinstance(f, Here)}
+        try:
+            got = dict(zip(held, next(iter(held.values())).client.gather(list(held.values())))) if held else {}
+        except Exception as exc:  # Dask could not recompute them either: the driver runs the chunks below again
+            lost = self.lost_children(group) or [c for c in group.children if c.handle is not None
+                                                 and not isinstance(c.handle, Here)]
+            raise Lost(lost, f"the engine lost outputs to merge: {type(exc).__name__}: {exc}") from None
+        for value in got.values():  # a batch's results hold the outputs of its chunks the tree merges elsewhere too
+            sizes = [_size(r.output) for r in value] if isinstance(value, list) else [_size(value)]
+            self.bytes_to_driver += sum(sizes)
+        values = [h.value if isinstance(h, Here) else decompress(got[id(h[0])][h[1]].output if isinstance(h, tuple)
+                                                                  else got[id(h)]) for h in children]
+        return Here(add_outputs(values))
+
     def merged(self, group: Group, future: Future) -> Any:
         exc = future.exception()
         if exc is not None:
@@ -277,6 +319,8 @@ class EnginePlacement(Placement):
     def fetch(self, root: Node) -> Any:
         if root.handle is None:
             return None
+        if isinstance(root.handle, Here):
+            return root.handle.value
         future = root.handle[0] if isinstance(root.handle, tuple) else root.handle
         try:
             value = future.result()
@@ -292,6 +336,10 @@ class EnginePlacement(Placement):
 
     def close(self, finished: bool) -> None:
         pass
+
+
+def _size(output: Any) -> int:
+    return len(output) if isinstance(output, bytes) else 0  # an encoded output's size; None: nothing
 
 
 def _status(handle: Any) -> str:
@@ -324,7 +372,7 @@ def choose(backend: Backend, phase_name: str, compression: int | None, merge: st
     if here:
         return DriverPlacement(backend, compression)
     if backend.holds_results:
-        return EnginePlacement(backend, compression)
+        return EnginePlacement(backend, compression, tail_allowed=tail)
     if backend.workers_local:
         folder = tempfile.mkdtemp(prefix="casa-outputs-")
         return StorePlacement(backend, compression, Store(folder), owned_dir=folder, tail_here=tail)

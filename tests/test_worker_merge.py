@@ -40,7 +40,7 @@ def executor(name: str, **options):
 
 
 @pytest.mark.parametrize("name", ce.BACKENDS)
-def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files, reference, tmp_path,
+def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files, reference, tmp_path, monkeypatch,
                                                                no_leftover_processes):
     require_engine(name)
     backend = executor(name).backend
@@ -59,10 +59,7 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
             assert s["attempts"] == s["chunks"] == s["computed"] == 12 and s["restored"] == 0
             assert s["events"] == 3000
             assert m["folded"] == (0 if per_task == 1 else 6), m
-            if merges == "workers" and outputs == "engine":
-                assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
-                assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2  # the root only, not 12 outputs
-            elif merges == "workers":  # the last merges, one after the other with nothing else to run: here
+            if merges == "workers":  # the last merges, one after the other with nothing else to run: here
                 assert m["merge_tasks"] + m["merged_here"] == merge_tasks, (per_task, m)
                 assert m["merge_tasks"] >= 1 and 1 <= m["merged_here"] <= LEVELS_ABOVE_CHUNKS, (per_task, m)
                 assert m["bytes_to_driver"] > 0
@@ -73,6 +70,14 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
                 m = ex.report.summary()["merge"]
                 assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
                 assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2
+                if outputs == "engine":  # chunk outputs above tail_bytes in all: the last merges stay there too
+                    monkeypatch.setattr(EnginePlacement, "tail_bytes", 0)
+                    ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=per_task)
+                    assert same(run(ex, sample_files), reference)
+                    m = ex.report.summary()["merge"]
+                    assert m["merge_tasks"] == merge_tasks and m["merged_here"] == 0, (per_task, m)
+                    assert 0 < m["bytes_to_driver"] < m["output_bytes"] / 2  # the root only, not 12 outputs
+                    monkeypatch.undo()
             else:
                 assert m["merge_tasks"] == 0 and m["merged_here"] == merge_tasks, (per_task, m)
             if outputs == "store":
@@ -135,12 +140,14 @@ def test_dask_worker_lost_after_merges_loses_no_chunk_and_counts_none_twice(samp
     require_engine("dask")
     want = run(ce.iterative(status=False, merge_fanin=2), sample_files, chunksize=100)
     log = str(tmp_path / "attempts.log")
-    ex = ce.dask(workers=2, status=False, merge_fanin=2, retries=1, chunks_per_task=1)  # attempts = executions
+    # attempts = executions; every merge a task (merge="workers"), so outputs stay wanted on the workers to the end
+    ex = ce.dask(workers=2, status=False, merge_fanin=2, retries=1, chunks_per_task=1, merge="workers")
     # 30 chunks; chunk 27 kills its worker, which holds outputs and merged partial outputs by then
     out = run(ex, sample_files, KillOnce(log, str(tmp_path / "marker"), "c.root:700"), chunksize=100)
     assert same(out, want)
     s = ex.report.summary()
-    assert s["merge"]["outputs"] == "engine" and s["merge"]["merge_tasks"] + s["merge"]["folded"] >= 29
+    m = s["merge"]
+    assert m["outputs"] == "engine" and m["merge_tasks"] + m["merged_here"] + m["folded"] >= 29
     assert s["events"] == 3000 and s["computed"] == 30 and s["failed"] == 0
     # the chunk that killed its worker (and any queued on that worker) ran twice; nothing else
     lost = {(os.path.basename(r.filename), r.entrystart): r.attempts for r in ex.report.rows() if r.attempts > 1}
