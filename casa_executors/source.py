@@ -32,6 +32,7 @@ import uproot
 import uproot.source.chunk
 from uproot.source.fsspec import FSSpecSource
 
+from casa_executors import nanoforms
 from casa_executors.errors import AllEndpointsFailed  # also importable from here, its first home
 from casa_executors.xcache.tokens import redact
 
@@ -222,6 +223,7 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return function
     name = getattr(function.func, "__qualname__", "")
     if name == "Runner._work_function":
+        nanoforms.install()  # NanoEvents' base form once per tree, not once per chunk
         options = _with_object_cache(function.keywords.get("uproot_options"))
         if options is not None:
             return functools.partial(function.func, *function.args, **{**function.keywords, "uproot_options": options})

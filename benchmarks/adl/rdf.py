@@ -283,10 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="0", help="comma-separated; 0 = single-threaded")
     ap.add_argument("--queries", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--serve", action="store_true",
+                    help="read 'QUERY THREADS' lines on stdin, answer a JSON row per line (timed in turn with others)")
     ap.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     queries = [int(q) for q in args.queries.split(",")]
     warm_up(args.files[0], queries)
+    if args.serve:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            q, threads = map(int, line.split())
+            r = run_query(args.files, q, threads)
+            print(json.dumps({"query": q, "threads": threads, "events": r.events, "wall_s": r.wall_s,
+                              "counts": {k: v.tolist() for k, v in r.counts.items()}}), flush=True)
+        return 0
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         for q in queries:

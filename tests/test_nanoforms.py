@@ -1,0 +1,72 @@
+"""NanoEvents' base form, built once per tree in a process (casa_executors.nanoforms).
+
+coffea derives a chunk's form from every branch of the tree, for every chunk; the memo keeps it by file
+UUID, tree and options. These tests check that a tree's branches are walked once for many chunks, that
+each chunk gets a copy of its own, that another file (another UUID) gets its own form, and that a
+run's output is unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import uproot
+from analysis import run, same
+from coffea.nanoevents.mapping.uproot import UprootSourceMapping
+
+import casa_executors
+from casa_executors import nanoforms
+
+
+def _counting(tree, calls: list[int]):
+    walk = tree.iteritems
+
+    def iteritems(*args, **kwargs):
+        calls.append(1)
+        return walk(*args, **kwargs)
+
+    tree.iteritems = iteritems
+    return tree
+
+
+def test_a_trees_form_is_built_once_and_each_call_gets_its_own_copy(sample_files):
+    nanoforms.install()
+    calls: list[int] = []
+    with uproot.open(sample_files[0]) as f:
+        tree = _counting(f["Events"], calls)
+        first = UprootSourceMapping._extract_base_form(tree)
+        first["typenames"] = {"coffea": "adds this to its own copy"}
+        first["contents"][0]["parameters"]["mutated"] = True
+        second = UprootSourceMapping._extract_base_form(tree)
+    assert calls == [1], "the branches were walked again for the same tree"
+    assert "typenames" not in second and "mutated" not in second["contents"][0]["parameters"]
+    assert second["fields"] == first["fields"] and len(second["fields"]) > 50
+
+
+def test_another_file_gets_its_own_form(sample_files, tmp_path):
+    """A rewritten file has a new UUID: its form is built again, not taken from the old one."""
+    import awkward as ak
+
+    nanoforms.install()
+    path = tmp_path / "x.root"
+    shutil.copy(sample_files[0], path)
+    with uproot.open(path) as f:
+        before = UprootSourceMapping._extract_base_form(f["Events"])
+    with uproot.recreate(path) as f:  # another file at the same path, with one branch only
+        f["Events"] = {"MET_pt": ak.Array([1.0, 2.0])}
+    calls: list[int] = []
+    with uproot.open(path) as f:
+        after = UprootSourceMapping._extract_base_form(_counting(f["Events"], calls))
+    assert calls == [1] and after["fields"] == ["MET_pt"] and len(before["fields"]) > 50
+
+
+def test_the_output_is_coffeas_own(sample_files, monkeypatch):
+    """coffea's IterativeExecutor with its own per-chunk form, then ours with the form kept: the same bits."""
+    from coffea import processor
+
+    nanoforms.install()
+    with monkeypatch.context() as m:
+        m.setattr(UprootSourceMapping, "_extract_base_form", classmethod(nanoforms._original))
+        want = run(processor.IterativeExecutor(), sample_files, chunksize=100)
+    assert UprootSourceMapping.__dict__["_extract_base_form"].__func__ is not nanoforms._original
+    assert same(run(casa_executors.iterative(status=False), sample_files, chunksize=100), want)
