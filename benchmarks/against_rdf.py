@@ -13,6 +13,7 @@ that answers one query at a time. Every output is checked against RDataFrame's c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -34,8 +35,11 @@ class RdfServer:
     def __init__(self, files: list[str], queries: list[int]) -> None:
         cmd = [sys.executable, "-m", "benchmarks.adl.rdf", "--serve", "--queries", ",".join(map(str, queries)), *files]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if not json.loads(self.proc.stdout.readline()).get("ready"):
-            raise RuntimeError("the RDataFrame server did not start")
+        line = self.proc.stdout.readline()
+        if not line.strip().startswith('{"ready"'):
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the RDataFrame server did not start (exit code {self.proc.returncode})")
 
     def run(self, query: int, threads: int) -> dict:
         self.proc.stdin.write(f"{query} {threads}\n")
@@ -57,12 +61,14 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     files = dataset(Path(args.data_dir), args.events, args.files)
     queries = [int(q) for q in args.queries.split(",")]
-    rdf = RdfServer(files, queries)
-    ours = {"iterative": casa_executors.iterative(status=False),
-            "futures": casa_executors.futures(status=False, workers=args.workers)}
-    ours["futures"].backend.hold()
     rows = []
-    try:
+    with contextlib.ExitStack() as stack:  # the RDataFrame process and the futures pool stop whatever happens
+        rdf = RdfServer(files, queries)
+        stack.callback(rdf.close)
+        ours = {"iterative": casa_executors.iterative(status=False),
+                "futures": casa_executors.futures(status=False, workers=args.workers)}
+        ours["futures"].backend.hold()
+        stack.callback(ours["futures"].backend.release)
         for q in queries:  # warm: imports, JIT on every worker, files in the page cache
             timed(ours["iterative"], files, q, 100_000)
             timed(ours["futures"], files, q, 100_000)
@@ -91,9 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
                       f" {best['futures']:6.2f} s  rdf-mt"
                       f" {best['rdf-mt']:6.2f} s  ({row['futures_over_rdf_mt']:.2f}x){'' if same else '  DIFF'}",
                       flush=True)
-    finally:
-        ours["futures"].backend.release()
-        rdf.close()
     return save_json({"events": args.events, "files": args.files, "workers": args.workers,
                       "repeat": args.repeat, "rows": rows}, args.json)
 

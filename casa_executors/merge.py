@@ -229,7 +229,8 @@ def merge_stored(task: StoredMerge) -> MergeResult:
     return result
 
 
-def _held_value(child: Any) -> Any:
+def held_value(child: Any) -> Any:
+    """A child as a merge task gets it: a batch's (results, position) or an encoded node, decoded."""
     if isinstance(child, tuple):  # (the batch's results, position): a chunk output
         results, position = child
         child = results[position].output
@@ -243,7 +244,7 @@ def merge_held(arg: tuple[int | None, list[Any]]) -> Any:
     when the outputs cannot be added (anything else is the engine's trouble).
     """
     compression, children = arg
-    out = add_outputs(_held_value(child) for child in children if child is not None)
+    out = add_outputs(held_value(child) for child in children if child is not None)
     return encode(out, compression) if compression is not None else out
 
 

@@ -35,7 +35,7 @@ def _copy(form: Any) -> Any:
 
 def install() -> None:
     """Wrap coffea's ``UprootSourceMapping._extract_base_form`` with the per-process memo (once)."""
-    global _installed
+    global _installed, _original
     if _installed:
         return
     with _lock:
@@ -43,7 +43,6 @@ def install() -> None:
             return
         from coffea.nanoevents.mapping.uproot import UprootSourceMapping
 
-        global _original
         original = _original = UprootSourceMapping.__dict__["_extract_base_form"].__func__
 
         def _extract_base_form(cls, tree, iteritems_options={}):  # noqa: B006 (coffea's signature)

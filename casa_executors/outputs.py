@@ -45,6 +45,7 @@ from casa_executors.merge import (
     StoredMerge,
     add_outputs,
     fold,
+    held_value,
     merge_held,
     merge_stored,
     node_key,
@@ -303,7 +304,7 @@ class EnginePlacement(Placement):
         for value in got.values():  # a batch's results hold the outputs of its chunks the tree merges elsewhere too
             sizes = [_size(r.output) for r in value] if isinstance(value, list) else [_size(value)]
             self.bytes_to_driver += sum(sizes)
-        values = [h.value if isinstance(h, Here) else decompress(got[id(h[0])][h[1]].output if isinstance(h, tuple)
+        values = [h.value if isinstance(h, Here) else held_value((got[id(h[0])], h[1]) if isinstance(h, tuple)
                                                                   else got[id(h)]) for h in children]
         return Here(add_outputs(values))
 
