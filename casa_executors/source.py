@@ -32,7 +32,7 @@ import uproot
 import uproot.source.chunk
 from uproot.source.fsspec import FSSpecSource
 
-from casa_executors import nanoforms
+from casa_executors import baskets, nanoforms
 from casa_executors.errors import AllEndpointsFailed  # also importable from here, its first home
 from casa_executors.xcache.tokens import redact
 
@@ -101,10 +101,14 @@ def metering(io: ChunkIO) -> Iterator[ChunkIO]:
         _install_depth += 1
     outer = getattr(_local, "io", None)
     _local.io = io
+    files = open_files()
+    outer_baskets = baskets.active(files.baskets)
     try:
         yield io
     finally:
         _local.io = outer
+        baskets.active(outer_baskets)
+        files.arrays.clear()  # a chunk's arrays are its own (ChunkArrays)
         with _install_lock:
             _install_depth -= 1
             if _install_depth == 0:
@@ -113,6 +117,7 @@ def metering(io: ChunkIO) -> Iterator[ChunkIO]:
 
 OPEN_FILES_PER_THREAD = 8  # files a worker thread keeps open between chunks
 OBJECTS_PER_THREAD = 16  # uproot objects (TTrees, ~1 MB each for 86 branches) it keeps, across runs
+ARRAYS_PER_CHUNK = "100 MB"  # uproot's default array cache per file, here per running chunk (ChunkArrays)
 
 
 class OpenFiles:
@@ -136,6 +141,8 @@ class OpenFiles:
         self.run = ""  # the run whose files are open
         self.sources: OrderedDict[tuple[str, str], FSSpecSource] = OrderedDict()
         self.objects = uproot.cache.LRUCache(OBJECTS_PER_THREAD)
+        self.baskets = baskets.Baskets()  # baskets a chunk's edge cut, for the file's next chunk
+        self.arrays = uproot.cache.LRUArrayCache(ARRAYS_PER_CHUNK)  # the running chunk's (ChunkArrays)
 
     def open(self, url: str, options: dict[str, Any]) -> FSSpecSource:
         key = (url, repr(sorted(options.items(), key=lambda kv: kv[0])))
@@ -158,9 +165,10 @@ class OpenFiles:
         _forget(source)
 
     def close(self) -> None:
-        """Close every source; the objects stay (see the class)."""
+        """Close every source and let go of kept baskets; the objects stay (see the class)."""
         while self.sources:
             _forget(self.sources.popitem()[1])
+        self.baskets.clear()
 
 
 def open_files(run: str | None = None) -> OpenFiles:
@@ -224,6 +232,7 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     name = getattr(function.func, "__qualname__", "")
     if name == "Runner._work_function":
         nanoforms.install()  # NanoEvents' base form once per tree, not once per chunk
+        baskets.install()  # a basket two chunks share, read once
         options = _with_object_cache(function.keywords.get("uproot_options"))
         if options is not None:
             return functools.partial(function.func, *function.args, **{**function.keywords, "uproot_options": options})
@@ -238,13 +247,45 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _with_object_cache(options: Any) -> dict[str, Any] | None:
     """coffea's ``uproot_options`` with this thread's object cache; None: leave them (a user's cache).
 
-    Without an array cache, unless the user gave one: uproot keeps up to 100 MB of arrays per opened
-    file by default, in the file a kept TTree holds. coffea never reads a range twice in a run, so
-    there it is memory and nothing else (up to 100 MB per kept tree); across runs it would serve the
-    same chunks from memory, which neither a fresh worker nor coffea's executors do."""
+    With an array cache that lasts one chunk (:class:`ChunkArrays`), unless the user gave one: uproot's
+    default keeps up to 100 MB of arrays in each opened file, and here that is the file a kept TTree
+    holds: memory across chunks, and across runs the same chunks served from memory, which neither a
+    fresh worker nor coffea's executors do."""
     if not isinstance(options, dict) or "object_cache" in options:
         return None
-    return {"array_cache": None, **options, "object_cache": ThreadObjectCache()}
+    return {"array_cache": ChunkArrays(), **options, "object_cache": ThreadObjectCache()}
+
+
+class ChunkArrays(MutableMapping):
+    """uproot's ``array_cache`` option: the arrays the chunk running on this thread has read, until it ends.
+
+    coffea reads a jagged branch twice per chunk (its offsets and its contents are two buffers of
+    NanoEvents' form, each read through the branch); uproot's array cache is what makes the second read
+    free, as it does for coffea's own executors, whose files live one chunk. Outside a chunk nothing is
+    kept.
+    """
+
+    def _cache(self) -> MutableMapping:
+        return open_files().arrays
+
+    def __getitem__(self, key: str) -> Any:
+        return self._cache()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if getattr(_local, "io", None) is not None:
+            self._cache()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._cache()[key]
+
+    def __iter__(self):
+        return iter(list(self._cache()))
+
+    def __len__(self) -> int:
+        return len(self._cache())
+
+    def __reduce__(self):  # a worker's own, never this process's contents
+        return (ChunkArrays, ())
 
 
 class MeteredSource(uproot.source.chunk.Source):

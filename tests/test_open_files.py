@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 
+import awkward as ak
 import pytest
 from analysis import Analysis, require_engine, run, same
 from coffea import processor
@@ -49,7 +50,6 @@ def test_one_tree_per_file_and_every_chunk_metered(backend, sample_files, no_lef
 
 def test_file_rewritten_between_runs_is_read_anew(tmp_path, sample_files):
     """Sources are kept within a run only, TTrees by UUID: the same path, another file, in the next run."""
-    import awkward as ak
     from conftest import SAMPLE_PARQUET
 
     from benchmarks.adl.sample import write_root
@@ -114,12 +114,20 @@ def test_trees_read_once_per_worker_across_calls(backend, sample_files, no_lefto
     assert not open_files().sources, "the caller's thread keeps no file open after a run"
 
 
-def test_no_array_cache_unless_the_user_sets_one():
-    """uproot's 100 MB per-file array cache is turned off in the options we give coffea, not a user's."""
-    from casa_executors.source import ThreadObjectCache, _with_object_cache
+def test_arrays_are_kept_for_the_running_chunk_only_unless_the_user_sets_a_cache():
+    """uproot's 100 MB per-file array cache becomes one per running chunk in the options we give coffea
+    (not in a user's): a chunk's second read of a branch is free, nothing outlives the chunk."""
+    from casa_executors.source import ChunkArrays, ChunkIO, ThreadObjectCache, _with_object_cache, metering
 
     ours = _with_object_cache({"timeout": 30})
-    assert ours["array_cache"] is None and ours["timeout"] == 30
+    assert isinstance(ours["array_cache"], ChunkArrays) and ours["timeout"] == 30
+    cache = ours["array_cache"]
+    cache["outside"] = 1
+    assert "outside" not in cache, "kept outside a chunk"
+    with metering(ChunkIO()):
+        cache["inside"] = ak.Array([1, 2, 3])
+        assert cache["inside"].tolist() == [1, 2, 3]
+    assert "inside" not in cache and len(cache) == 0, "outlived its chunk"
     assert isinstance(ours["object_cache"], ThreadObjectCache)
     assert _with_object_cache({"array_cache": "5 MB"})["array_cache"] == "5 MB"
     assert _with_object_cache({"object_cache": {}}) is None  # a user's object cache: options left alone

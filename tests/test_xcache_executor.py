@@ -96,14 +96,16 @@ def test_cache_back_serves_the_next_run_of_kept_trees(name, export, no_leftover_
         with ex:  # the same worker processes for both runs
             first = run(ex, urls)
             assert ex.report.summary()["served_by"] == {f"origin:{origin.endpoint}": 12}
-            first_bytes = ex.report.summary()["bytes_read"]
             cache.start()
             time.sleep(int(CLIENT_ENV["XRD_STREAMERRORWINDOW"]) + 1)  # XrdCl shuns a failed endpoint this long
             second = run(ex, urls)
         s = ex.report.summary()
         assert s["served_by"] == {f"xcache:{cache.endpoint}": 12} and s["failovers"] == 0, s
-        # the baskets again, not only each chunk's file header (~700 B): no array kept from the first run
-        assert s["bytes_read"] > first_bytes / 2, (first_bytes, s["bytes_read"])
+        # each file's baskets again, not only each chunk's file header (~700 B): nothing read kept from the
+        # first run (within a run, a file's later chunks on a worker share the baskets its first one read)
+        for n in NAMES:
+            read = [r.bytes_read for r in ex.report.rows() if r.filename.endswith(n)]
+            assert max(read) > 10_000, (n, read)
         assert same(first, second)
 
 
