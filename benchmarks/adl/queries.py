@@ -12,8 +12,9 @@ independently):
   order; four-momenta come from (pt, eta, phi, mass).
 * Q5 fills MET once per event that has at least one opposite-charge muon
   pair with 60 < m < 120 GeV.
-* Q6 keeps the first trijet (order i < j < k) in case of a tie; the search runs
-  in a numba kernel over the jagged offsets (exact, no per-combination arrays).
+* Q6 keeps the first trijet (order i < j < k) in case of a tie. Q5 to Q8
+  (the queries that compare objects with each other) run in numba kernels over
+  the jagged offsets (``kernels.py``: exact, no per-combination arrays).
   Events whose three b-tags are all -10 (tagger failed) land in the underflow.
 * Q7 skips events without any clean jet (jet pT > 30 GeV, ΔR >= 0.4 to every
   electron and muon with pT > 10 GeV); the full-file count of such events
@@ -31,12 +32,9 @@ import awkward as ak
 import hist
 import numpy as np
 from coffea import processor
-from coffea.nanoevents.methods import vector
 
 from benchmarks.adl.binning import BINNING, HISTOGRAMS
-from benchmarks.adl.kernels import trijet_closest
-
-Z_MASS = 91.2
+from benchmarks.adl.kernels import clean_jet_sum, has_opposite_pair_in_window, trijet_closest, z_lepton_mt
 
 
 def make_hist(name: str) -> hist.Hist:
@@ -44,18 +42,14 @@ def make_hist(name: str) -> hist.Hist:
     return hist.Hist(hist.axis.Regular(bins, lo, hi, name="x", label=label), storage=hist.storage.Int64())
 
 
-def _f8(x: ak.Array) -> ak.Array:
-    return ak.values_astype(x, np.float64)
-
-
-def p4(coll: ak.Array, **extra: ak.Array) -> ak.Array:
-    """float64 PtEtaPhiM Lorentz vectors (coffea vector behaviour) of a collection."""
-    fields = {f: _f8(coll[f]) for f in ("pt", "eta", "phi", "mass")}
-    return ak.zip({**fields, **extra}, with_name="PtEtaPhiMLorentzVector", behavior=vector.behavior)
-
-
 def _flat(x: ak.Array) -> np.ndarray:
     return ak.to_numpy(ak.flatten(x, axis=None))
+
+
+def _jagged(coll: ak.Array, *fields: str) -> list[np.ndarray]:
+    """A collection's offsets (from 0) and the flat contents of its ``fields``, for the kernels."""
+    offsets = np.asarray(ak.to_layout(coll[fields[0]]).to_ListOffsetArray64(True).offsets)
+    return [offsets, *(ak.to_numpy(ak.flatten(coll[f], axis=None)) for f in fields)]
 
 
 class AdlQuery(processor.ProcessorABC):
@@ -123,11 +117,8 @@ class Q5(AdlQuery):
     query = 5
 
     def values(self, events: Any) -> dict[str, np.ndarray]:
-        muons = p4(events.Muon, charge=events.Muon.charge)
-        a, b = ak.unzip(ak.combinations(muons, 2))
-        mass = (a + b).mass
-        good = (a.charge != b.charge) & (mass > 60) & (mass < 120)
-        return {"q5": ak.to_numpy(events.MET.pt[ak.any(good, axis=1)])}
+        good = has_opposite_pair_in_window(*_jagged(events.Muon, "pt", "eta", "phi", "mass", "charge"), 60.0, 120.0)
+        return {"q5": ak.to_numpy(events.MET.pt)[good]}
 
 
 class Q6(AdlQuery):
@@ -136,11 +127,7 @@ class Q6(AdlQuery):
     query = 6
 
     def values(self, events: Any) -> dict[str, np.ndarray]:
-        jets = events.Jet
-        layout = ak.to_layout(jets.pt).to_ListOffsetArray64(True)
-        offsets = np.asarray(layout.offsets)
-        cols = [_flat(jets[f]) for f in ("pt", "eta", "phi", "mass", "btag")]
-        pt, btag, _ = trijet_closest(offsets, *cols)
+        pt, btag, _ = trijet_closest(*_jagged(events.Jet, "pt", "eta", "phi", "mass", "btag"))
         return {"q6_pt": pt, "q6_btag": btag}
 
 
@@ -150,15 +137,9 @@ class Q7(AdlQuery):
     query = 7
 
     def values(self, events: Any) -> dict[str, np.ndarray]:
-        jets = events.Jet[events.Jet.pt > 30]
-        leptons = ak.concatenate(
-            [events.Muon[events.Muon.pt > 10], events.Electron[events.Electron.pt > 10]], axis=1
-        )
-        jv, lv = p4(jets), p4(leptons)
-        dr = jv[:, :, None].delta_r(lv[:, None, :])
-        clean = ak.all(dr >= 0.4, axis=2)
-        sumpt = ak.sum(jv.pt[clean], axis=1)
-        return {"q7": ak.to_numpy(sumpt[ak.any(clean, axis=1)])}
+        fields = ("pt", "eta", "phi")
+        return {"q7": clean_jet_sum(*_jagged(events.Jet, *fields), *_jagged(events.Muon, *fields),
+                                    *_jagged(events.Electron, *fields))}
 
 
 class Q8(AdlQuery):
@@ -167,33 +148,14 @@ class Q8(AdlQuery):
     query = 8
 
     def values(self, events: Any) -> dict[str, np.ndarray]:
-        mu, el = events.Muon, events.Electron
-        leptons = ak.concatenate(
-            [
-                p4(mu, charge=mu.charge, flavour=ak.zeros_like(mu.charge)),
-                p4(el, charge=el.charge, flavour=ak.ones_like(el.charge)),
-            ],
-            axis=1,
-        )
-        keep = ak.num(leptons) >= 3
-        leptons, met = leptons[keep], events.MET[keep]
-        pairs = ak.argcombinations(leptons, 2, fields=["i", "j"])
-        a, b = leptons[pairs.i], leptons[pairs.j]
-        sfos = (a.flavour == b.flavour) & (a.charge != b.charge)
-        best = ak.argmin(ak.mask(abs((a + b).mass - Z_MASS), sfos), axis=1, keepdims=True)
-        has_pair = ~ak.is_none(best, axis=1)[:, 0]
-        leptons, met = leptons[has_pair], met[has_pair]
-        best_pair = ak.drop_none(ak.firsts(pairs[has_pair][best[has_pair]]))
-        idx = ak.local_index(leptons)
-        rest = leptons[(idx != best_pair.i) & (idx != best_pair.j)]
-        lead = ak.firsts(rest[ak.argmax(rest.pt, axis=1, keepdims=True)])
-        dphi = lead.phi - _f8(met.phi)
-        mt = np.sqrt(2.0 * lead.pt * _f8(met.pt) * (1.0 - np.cos(dphi)))
-        return {"q8": ak.to_numpy(ak.drop_none(mt))}
+        fields = ("pt", "eta", "phi", "mass", "charge")
+        met = events.MET
+        return {"q8": z_lepton_mt(*_jagged(events.Muon, *fields), *_jagged(events.Electron, *fields),
+                                  ak.to_numpy(met.pt), ak.to_numpy(met.phi))}
 
 
 QUERIES: dict[int, type[processor.ProcessorABC]] = {
     cls.query: cls for cls in (Q1, Q2, Q3, Q4, Q5, Q6, Q7, Q8)
 }
 
-__all__ = ["HISTOGRAMS", "QUERIES", "AdlQuery", "make_hist", "p4"]
+__all__ = ["HISTOGRAMS", "QUERIES", "AdlQuery", "make_hist"]
