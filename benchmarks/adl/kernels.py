@@ -19,6 +19,33 @@ Z_MASS = 91.2
 
 
 @numba.njit(cache=True, nogil=True)
+def _set_four(p4: np.ndarray, a: int, pt: float, eta: float, phi: float, mass: float) -> None:
+    """``p4[:, a]`` = (px, py, pz, E) in float64 of a (pt, eta, phi, mass) object."""
+    # np.float64(), not float(): numba keeps float(float32) in float32
+    p = np.float64(pt)
+    f = np.float64(phi)
+    m = np.float64(mass)
+    x = p * math.cos(f)
+    y = p * math.sin(f)
+    z = p * math.sinh(np.float64(eta))
+    p4[0, a] = x
+    p4[1, a] = y
+    p4[2, a] = z
+    p4[3, a] = math.sqrt(x * x + y * y + z * z + m * m)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mass(x: float, y: float, z: float, e: float) -> float:
+    m2 = e * e - x * x - y * y - z * z
+    return math.sqrt(m2) if m2 > 0.0 else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_mass(p4: np.ndarray, i: int, j: int) -> float:
+    return _mass(p4[0, i] + p4[0, j], p4[1, i] + p4[1, j], p4[2, i] + p4[2, j], p4[3, i] + p4[3, j])
+
+
+@numba.njit(cache=True, nogil=True)
 def trijet_closest(
     offsets: np.ndarray,
     pt: np.ndarray,
@@ -38,30 +65,18 @@ def trijet_closest(
     out_pt = np.empty(n_sel, np.float64)
     out_btag = np.empty(n_sel, np.float64)
     out_mass = np.empty(n_sel, np.float64)
-    px = np.empty(64, np.float64)
-    py = np.empty(64, np.float64)
-    pz = np.empty(64, np.float64)
-    en = np.empty(64, np.float64)
+    p4 = np.empty((4, 64), np.float64)
     k_out = 0
     for ev in range(nev):
         start = offsets[ev]
         n = offsets[ev + 1] - start
         if n < 3:
             continue
-        if n > len(px):
-            px = np.empty(n, np.float64)
-            py = np.empty(n, np.float64)
-            pz = np.empty(n, np.float64)
-            en = np.empty(n, np.float64)
+        if n > p4.shape[1]:
+            p4 = np.empty((4, n), np.float64)
         for a in range(n):
-            # np.float64(), not float(): numba keeps float(float32) in float32
-            p = np.float64(pt[start + a])
-            f = np.float64(phi[start + a])
-            m = np.float64(mass[start + a])
-            px[a] = p * math.cos(f)
-            py[a] = p * math.sin(f)
-            pz[a] = p * math.sinh(np.float64(eta[start + a]))
-            en[a] = math.sqrt(px[a] * px[a] + py[a] * py[a] + pz[a] * pz[a] + m * m)
+            _set_four(p4, a, pt[start + a], eta[start + a], phi[start + a], mass[start + a])
+        px, py, pz, en = p4[0], p4[1], p4[2], p4[3]
         best = math.inf
         best_m = 0.0
         bi = 0
@@ -77,9 +92,7 @@ def trijet_closest(
                     x = sx + px[k]
                     y = sy + py[k]
                     z = sz + pz[k]
-                    e = se + en[k]
-                    m2 = e * e - x * x - y * y - z * z
-                    m = math.sqrt(m2) if m2 > 0.0 else 0.0
+                    m = _mass(x, y, z, se + en[k])
                     d = abs(m - TOP_MASS)
                     if d < best:
                         best = d
@@ -104,41 +117,21 @@ def has_opposite_pair_in_window(
     """Q5: per event, whether two of its muons of opposite charge have low < m < high."""
     nev = len(offsets) - 1
     out = np.zeros(nev, np.bool_)
-    cap = 16
-    px = np.empty(cap, np.float64)
-    py = np.empty(cap, np.float64)
-    pz = np.empty(cap, np.float64)
-    en = np.empty(cap, np.float64)
+    p4 = np.empty((4, 16), np.float64)
     for ev in range(nev):
         start = offsets[ev]
         n = offsets[ev + 1] - start
         if n < 2:
             continue
-        if n > cap:
-            cap = n
-            px = np.empty(cap, np.float64)
-            py = np.empty(cap, np.float64)
-            pz = np.empty(cap, np.float64)
-            en = np.empty(cap, np.float64)
+        if n > p4.shape[1]:
+            p4 = np.empty((4, n), np.float64)
         for a in range(n):
-            p = np.float64(pt[start + a])
-            f = np.float64(phi[start + a])
-            m = np.float64(mass[start + a])
-            px[a] = p * math.cos(f)
-            py[a] = p * math.sin(f)
-            pz[a] = p * math.sinh(np.float64(eta[start + a]))
-            en[a] = math.sqrt(px[a] * px[a] + py[a] * py[a] + pz[a] * pz[a] + m * m)
+            _set_four(p4, a, pt[start + a], eta[start + a], phi[start + a], mass[start + a])
         for i in range(n - 1):
             for j in range(i + 1, n):
                 if charge[start + i] == charge[start + j]:
                     continue
-                x = px[i] + px[j]
-                y = py[i] + py[j]
-                z = pz[i] + pz[j]
-                e = en[i] + en[j]
-                m2 = e * e - x * x - y * y - z * z
-                m = math.sqrt(m2) if m2 > 0.0 else 0.0
-                if low < m < high:
+                if low < _pair_mass(p4, i, j) < high:
                     out[ev] = True
                     break
             if out[ev]:
@@ -212,10 +205,7 @@ def z_lepton_mt(
     out = np.empty(nev, np.float64)
     n_out = 0
     cap = 16
-    px = np.empty(cap, np.float64)
-    py = np.empty(cap, np.float64)
-    pz = np.empty(cap, np.float64)
-    en = np.empty(cap, np.float64)
+    p4 = np.empty((4, cap), np.float64)
     pt = np.empty(cap, np.float64)
     phi = np.empty(cap, np.float64)
     charge = np.empty(cap, np.int64)
@@ -228,10 +218,7 @@ def z_lepton_mt(
             continue
         if n > cap:
             cap = n
-            px = np.empty(cap, np.float64)
-            py = np.empty(cap, np.float64)
-            pz = np.empty(cap, np.float64)
-            en = np.empty(cap, np.float64)
+            p4 = np.empty((4, cap), np.float64)
             pt = np.empty(cap, np.float64)
             phi = np.empty(cap, np.float64)
             charge = np.empty(cap, np.int64)
@@ -244,15 +231,9 @@ def z_lepton_mt(
                     p, e_, h, m, q = mu_pt[i], mu_eta[i], mu_phi[i], mu_mass[i], mu_charge[i]
                 else:
                     p, e_, h, m, q = el_pt[i], el_eta[i], el_phi[i], el_mass[i], el_charge[i]
-                p64 = np.float64(p)
-                h64 = np.float64(h)
-                m64 = np.float64(m)
-                px[a] = p64 * math.cos(h64)
-                py[a] = p64 * math.sin(h64)
-                pz[a] = p64 * math.sinh(np.float64(e_))
-                en[a] = math.sqrt(px[a] * px[a] + py[a] * py[a] + pz[a] * pz[a] + m64 * m64)
-                pt[a] = p64
-                phi[a] = h64
+                _set_four(p4, a, p, e_, h, m)
+                pt[a] = np.float64(p)
+                phi[a] = np.float64(h)
                 charge[a] = q
                 flavour[a] = f
                 a += 1
@@ -263,12 +244,7 @@ def z_lepton_mt(
             for j in range(i + 1, n):
                 if flavour[i] != flavour[j] or charge[i] == charge[j]:
                     continue
-                x = px[i] + px[j]
-                y = py[i] + py[j]
-                z = pz[i] + pz[j]
-                e = en[i] + en[j]
-                m2 = e * e - x * x - y * y - z * z
-                d = abs((math.sqrt(m2) if m2 > 0.0 else 0.0) - Z_MASS)
+                d = abs(_pair_mass(p4, i, j) - Z_MASS)
                 if d < best:
                     best = d
                     bi = i
