@@ -35,6 +35,17 @@ def _set_four(p4: np.ndarray, a: int, pt: float, eta: float, phi: float, mass: f
 
 
 @numba.njit(cache=True, nogil=True)
+def _event_fours(p4: np.ndarray, start: int, n: int, pt: np.ndarray, eta: np.ndarray, phi: np.ndarray,
+                 mass: np.ndarray) -> np.ndarray:
+    """Objects ``start`` to ``start + n`` as four-momenta in ``p4``'s columns (a larger ``p4`` if needed)."""
+    if n > p4.shape[1]:
+        p4 = np.empty((4, n), np.float64)
+    for a in range(n):
+        _set_four(p4, a, pt[start + a], eta[start + a], phi[start + a], mass[start + a])
+    return p4
+
+
+@numba.njit(cache=True, nogil=True)
 def _mass(x: float, y: float, z: float, e: float) -> float:
     m2 = e * e - x * x - y * y - z * z
     return math.sqrt(m2) if m2 > 0.0 else 0.0
@@ -72,10 +83,7 @@ def trijet_closest(
         n = offsets[ev + 1] - start
         if n < 3:
             continue
-        if n > p4.shape[1]:
-            p4 = np.empty((4, n), np.float64)
-        for a in range(n):
-            _set_four(p4, a, pt[start + a], eta[start + a], phi[start + a], mass[start + a])
+        p4 = _event_fours(p4, start, n, pt, eta, phi, mass)
         px, py, pz, en = p4[0], p4[1], p4[2], p4[3]
         best = math.inf
         best_m = 0.0
@@ -123,10 +131,7 @@ def has_opposite_pair_in_window(
         n = offsets[ev + 1] - start
         if n < 2:
             continue
-        if n > p4.shape[1]:
-            p4 = np.empty((4, n), np.float64)
-        for a in range(n):
-            _set_four(p4, a, pt[start + a], eta[start + a], phi[start + a], mass[start + a])
+        p4 = _event_fours(p4, start, n, pt, eta, phi, mass)
         for i in range(n - 1):
             for j in range(i + 1, n):
                 if charge[start + i] == charge[start + j]:
