@@ -80,13 +80,12 @@ class Baskets:
         self._spent.clear()
 
     def keep(self, key: tuple, basket: Any, entries_left: int) -> None:
+        """Keep a basket some of whose entries (``entries_left`` > 0) the chunk reading it does not read."""
         nbytes = _size(basket)
         if nbytes > self.limit or key in self._kept:
             return
         self._kept[key] = (basket, entries_left, nbytes)
         self.nbytes += nbytes
-        if entries_left <= 0:
-            self._spent.append(key)
         while self.nbytes > self.limit:
             _, (_, _, old) = self._kept.popitem(last=False)
             self.nbytes -= old

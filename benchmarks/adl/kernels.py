@@ -145,6 +145,18 @@ def has_opposite_pair_in_window(
 
 
 @numba.njit(cache=True, nogil=True)
+def _add_leptons(l_eta: np.ndarray, l_phi: np.ndarray, nl: int, lo: int, hi: int, pt: np.ndarray,
+                 eta: np.ndarray, phi: np.ndarray) -> int:
+    """Append the (eta, phi) of objects ``lo`` to ``hi`` with pT > 10 GeV after the first ``nl``; the new count."""
+    for i in range(lo, hi):
+        if pt[i] > 10:
+            l_eta[nl] = np.float64(eta[i])
+            l_phi[nl] = np.float64(phi[i])
+            nl += 1
+    return nl
+
+
+@numba.njit(cache=True, nogil=True)
 def clean_jet_sum(
     jet_offsets: np.ndarray, jet_pt: np.ndarray, jet_eta: np.ndarray, jet_phi: np.ndarray,
     mu_offsets: np.ndarray, mu_pt: np.ndarray, mu_eta: np.ndarray, mu_phi: np.ndarray,
@@ -162,17 +174,8 @@ def clean_jet_sum(
         if n_lep > len(l_eta):
             l_eta = np.empty(n_lep, np.float64)
             l_phi = np.empty(n_lep, np.float64)
-        nl = 0
-        for i in range(mu_offsets[ev], mu_offsets[ev + 1]):
-            if mu_pt[i] > 10:
-                l_eta[nl] = np.float64(mu_eta[i])
-                l_phi[nl] = np.float64(mu_phi[i])
-                nl += 1
-        for i in range(el_offsets[ev], el_offsets[ev + 1]):
-            if el_pt[i] > 10:
-                l_eta[nl] = np.float64(el_eta[i])
-                l_phi[nl] = np.float64(el_phi[i])
-                nl += 1
+        nl = _add_leptons(l_eta, l_phi, 0, mu_offsets[ev], mu_offsets[ev + 1], mu_pt, mu_eta, mu_phi)
+        nl = _add_leptons(l_eta, l_phi, nl, el_offsets[ev], el_offsets[ev + 1], el_pt, el_eta, el_phi)
         total = 0.0
         found = False
         for j in range(jet_offsets[ev], jet_offsets[ev + 1]):

@@ -49,7 +49,7 @@ def _flat(x: ak.Array) -> np.ndarray:
 def _jagged(coll: ak.Array, *fields: str) -> list[np.ndarray]:
     """A collection's offsets (from 0) and the flat contents of its ``fields``, for the kernels."""
     offsets = np.asarray(ak.to_layout(coll[fields[0]]).to_ListOffsetArray64(True).offsets)
-    return [offsets, *(ak.to_numpy(ak.flatten(coll[f], axis=None)) for f in fields)]
+    return [offsets, *(_flat(coll[f]) for f in fields)]
 
 
 class AdlQuery(processor.ProcessorABC):
