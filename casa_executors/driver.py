@@ -260,6 +260,7 @@ class _Run:
         self.planner = Planner(grains, self.tree, driver.target_task_s, driver.retries) if grains else None
         self.todo = self._todo(range(n))
         self.inflight: dict[int, _ChunkJob | _MergeJob] = {}
+        self.chunk_jobs = 0  # of them, chunk batches (the others are merges)
         self.keys = itertools.count()
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.abort: tuple[int, BaseException] | None = None
@@ -306,6 +307,7 @@ class _Run:
                         keys.append(self.done.get_nowait())
                 jobs = [self.inflight.pop(key) for key in keys]
                 chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
+                self.chunk_jobs -= len(chunks)
                 values = self.placement.collect([job.future for job in chunks])
                 for job, value in zip(chunks, values):
                     for position, result in enumerate(self._results(value, [i for _, i in job.nodes])):
@@ -375,11 +377,19 @@ class _Run:
             self._finish()
 
     def _tail(self) -> bool:
-        """The run's last merges, one after the other, with nothing else to run: the driver merges them itself.
+        """The run's last merges: the driver merges them itself.
         A merge task would cost the engine's round trip (~80 ms a Spark job here, 10-20 ms on Work Queue)
-        for work as serial as it is here; at most one group per level of the tree (each of at most a
-        fan-in of outputs) comes this way, however many chunks the run has."""
-        return (self.placement.tail_here and len(self.merges) == 1 and not self.inflight and not self.todo)
+        for work as serial as it is here. Two cases:
+        - one group ready and nothing else to run: at most one group per level of the tree (each of at
+          most a fan-in of outputs) comes this way, however many chunks the run has;
+        - every chunk is in and the run's outputs are small in all (``Placement.small``): all the groups
+          ready from then on, the few the last chunks completed and the parents of merges still on the
+          engine; what they read is bounded by the outputs' total."""
+        if not self.placement.tail_here or self.todo:
+            return False
+        if len(self.merges) == 1 and not self.inflight:
+            return True
+        return not self.chunk_jobs and self.placement.small
 
     def _merge_here(self, group: Group) -> None:
         """Merge ``group`` in this process and put the result in the tree."""
@@ -523,6 +533,7 @@ class _Run:
     def _track(self, job: _ChunkJob | _MergeJob) -> None:
         key = next(self.keys)
         self.inflight[key] = job
+        self.chunk_jobs += isinstance(job, _ChunkJob)
         job.future.add_done_callback(lambda f, key=key: self.done.put(key))
 
     def _results(self, value: Any, indices: list[int]) -> list[ChunkResult]:

@@ -74,6 +74,9 @@ class Placement:
     name = "driver"
     merges_here = True  # ready groups are merged in the driver process, at once
     tail_here = True  # a merge it can run here: the run's last ones, with nothing else to run (driver._tail)
+    # the run's chunk outputs in all, encoded, at most this: the driver may merge all the run's last groups
+    # (driver._tail), and an engine's last merges come here (EnginePlacement.tail_here)
+    tail_bytes = 16 << 20
 
     def __init__(self, backend: Backend, compression: int | None) -> None:
         self.backend, self.compression = backend, compression
@@ -82,6 +85,11 @@ class Placement:
         self.folded = 0  # nodes merged by the task that ran all their chunks (task.Fold): no merge needed
         self.bytes_to_driver = 0  # output bytes the driver received (all of them, or the root only)
         self.output_bytes = 0  # encoded chunk outputs, wherever they went
+
+    @property
+    def small(self) -> bool:
+        """Are the run's chunk outputs, encoded, small in all?"""
+        return self.output_bytes <= self.tail_bytes
 
     def info(self) -> dict[str, Any]:
         return {"outputs": self.name, "merges": "driver" if self.merges_here else "workers",
@@ -248,11 +256,10 @@ class Here:
 class EnginePlacement(Placement):
     name = "engine"
     merges_here = False
-    # the run's last merges come here when all the run's chunk outputs together are at most this: a merge task
-    # on Dask is a round trip through its scheduler and the workers holding the children (18-20 ms each here,
-    # two or three one after the other at the end of a run), a gather of small children is one; larger
-    # outputs stay on the engine (the driver then receives only the root: nothing funnels through it)
-    tail_bytes = 16 << 20
+    # the run's last merges come here when the outputs are ``small``: a merge task on Dask is a round trip
+    # through its scheduler and the workers holding the children (18-20 ms each here, two or three one after
+    # the other at the end of a run), a gather of small children is one; larger outputs stay on the engine
+    # (the driver then receives only the root: nothing funnels through it)
 
     def __init__(self, backend: Backend, compression: int | None, tail_allowed: bool = True) -> None:
         super().__init__(backend, compression)
@@ -260,8 +267,12 @@ class EnginePlacement(Placement):
 
     @property
     def tail_here(self) -> bool:  # type: ignore[override]
-        # (outputs not encoded, compression=None: their sizes are unknown, so they stay on the engine)
-        return self.tail_allowed and self.compression is not None and self.output_bytes <= self.tail_bytes
+        return self.tail_allowed and self.small
+
+    @property
+    def small(self) -> bool:  # type: ignore[override]
+        # with compression=None outputs stay objects on the engine: their sizes are unknown, so not small
+        return self.compression is not None and super().small
 
     def window(self, limit: int) -> int:
         # the engine queues tasks itself (Dask: on its scheduler), so a deeper window costs the workers
