@@ -288,13 +288,20 @@ def test_a_missing_event_falls_back_to_a_metadata_task(tls_cluster, sample_files
 
 def test_our_workers_keep_glibc_dynamic_mmap_and_foreign_ones_are_named(tls_cluster, caplog):
     """dask's nanny sets MALLOC_TRIM_THRESHOLD_ (glibc then maps and unmaps every large array): our
-    LocalCluster's workers go without it; a cluster whose workers have it gets a warning naming it."""
-    from casa_executors.backends.dask import TRIM_VAR, trim_threshold
+    LocalCluster's workers go without it (and without the statistical profiler); a cluster whose
+    workers have it gets a warning naming it."""
+    import dask
+
+    from casa_executors.backends.dask import TRIM_VAR, WORKER_PROFILER, trim_threshold
 
     ex = ce.dask(workers=1, status=False)
     ex.backend.hold()
     try:
-        assert ex.backend._client.run(trim_threshold) == {w: None for w in ex.backend.worker_pids()}
+        workers = ex.backend.worker_pids()
+        assert ex.backend._client.run(trim_threshold) == {w: None for w in workers}
+        # nor do they sample their stacks for the dashboard; this process's dask config is left as it was
+        assert ex.backend._client.run(dask.config.get, WORKER_PROFILER) == {w: False for w in workers}
+        assert dask.config.get(WORKER_PROFILER) is True
     finally:
         ex.backend.release()
     foreign = ce.dask(address=tls_cluster["address"], secrets_dir=str(tls_cluster["secrets"]), status=False)

@@ -24,6 +24,7 @@ from casa_executors.errors import BackendUnavailable, ExecutorOptionError, Worke
 
 log = logging.getLogger(__name__)
 TRIM_VAR = "MALLOC_TRIM_THRESHOLD_"
+WORKER_PROFILER = "distributed.worker.profile.enabled"
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Security
@@ -153,7 +154,9 @@ class DaskBackend(Backend):
             # 40 % of its CPU in the kernel (docs/performance.md). Our workers keep glibc's default.
             environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
             environ.pop(TRIM_VAR, None)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            # nor do they run dask's statistical profiler (a sample of every thread's stack each 10 ms, for
+            # the dashboard): ADL Q8 on 2 workers took 4-6 % less wall with it off (docs/performance.md)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, WORKER_PROFILER: False}):
                 self._cluster = LocalCluster(
                     n_workers=self.workers,
                     threads_per_worker=1,
