@@ -18,12 +18,21 @@ against ``FuturesExecutor`` on a held process pool of the same size, dask
 against ``DaskExecutor`` on the same ``Client``, parsl against ``ParslExecutor``
 on the same DataFlowKernel; ``over_coffea`` is our wall time / coffea's
 (fastest of each).
+
+``round_trip_s`` is the engine's own latency: a wave of one no-op task per
+worker through the backend's ``submit``, submitted together and waited for
+(median of ``ROUND_TRIP_WAVES``). Runner makes two calls one after the other
+(preprocessing, then processing), each at least one such wave, so no backend
+can beat ``latency_bound`` = (t / workers) / (t / workers + 2 x round trip),
+t the iterative wall time of the query: the efficiency left if the workers
+computed as fast as iterative and nothing but the engine's two waves were added.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,6 +49,7 @@ from benchmarks.common import counts, dataset, dataset_options, rotated, save_js
 
 COFFEA_PEER = ("futures", "dask", "parsl")  # engines coffea has an executor for
 MAX_ROUNDS = 10  # of one query, whatever --min-time asks
+ROUND_TRIP_WAVES = 30  # of no-op tasks, for the engine's own latency (the first 5 are not counted)
 
 
 @contextlib.contextmanager
@@ -66,6 +76,18 @@ def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] 
         yield None
 
 
+def round_trip(backend: Any, workers: int, waves: int = ROUND_TRIP_WAVES) -> float:
+    """Median wall time of a wave of ``workers`` no-op tasks (``abs``: importable by every worker)."""
+    times = []
+    for i in range(waves + 5):
+        t = time.perf_counter()
+        for future in [backend.submit(abs, -k) for k in range(workers)]:
+            future.result()
+        if i >= 5:  # the first waves: connections, the workers' first task of this kind
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def measure(name: str, workers: int, files: list[str], queries: list[int], chunksize: int, repeat: int,
             with_coffea: bool, target_task_s: float | None = None, min_time: float = 0.0) -> dict:
     opts = {} if name == "iterative" else {"workers": workers}
@@ -85,7 +107,8 @@ def measure(name: str, workers: int, files: list[str], queries: list[int], chunk
         warm({"adl": files[:1]}, QUERIES[q](), treename="Events")
     startup = time.perf_counter() - t0
     row: dict = {"backend": name, "workers": ex.backend.workers, "engine_start_s": engine,
-                 "first_task_s": first_task, "startup_s": startup, "queries": {}}
+                 "first_task_s": first_task, "startup_s": startup, "queries": {},
+                 "round_trip_s": 0.0 if ex.backend.in_process else round_trip(ex.backend, ex.backend.workers)}
     try:
         with coffea_peer(name if with_coffea else "", ex, workers) as peer:
             if peer is not None:
@@ -206,24 +229,29 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = next((r for r in rows if r["backend"] == "ceiling"), None)
     print(f"{args.events} events, {args.files} files, chunksize {args.chunksize}; "
           "eff = ev/s / (workers x iterative ev/s); /ceil = eff / the ceiling's eff; "
-          "/coffea = our wall time / coffea's executor's")
-    header = " ".join(f"{'Q' + str(q) + ' ev/s':>11s} {'eff':>5s} {'/ceil':>5s} {'/coffea':>7s}" for q in queries)
-    print(f"{'backend':10s} {'engine s':>8s} {'1st task':>8s} {'start-up':>8s} {header}")
+          "/coffea = our wall time / coffea's executor's; bound = the latency_bound of the engine's "
+          "round trip (ms)")
+    header = " ".join(f"{'Q' + str(q) + ' ev/s':>11s} {'eff':>5s} {'bound':>5s} {'/ceil':>5s} {'/coffea':>7s}"
+                      for q in queries)
+    print(f"{'backend':10s} {'engine s':>8s} {'1st task':>8s} {'start-up':>8s} {'rt ms':>6s} {header}")
     for r in rows:
         cells = []
         for q in queries:
             mine, ref = r["queries"][q], base["queries"][q]
             # against iterative measured in the same loop (the iterative row: against itself)
             mine["efficiency"] = mine["iterative_wall_s"] / (r["workers"] * mine["wall_s"])
+            share = mine["iterative_wall_s"] / r["workers"]
+            mine["latency_bound"] = share / (share + 2 * r.get("round_trip_s", 0.0))
             mine["identical_to_iterative"] = mine["counts"] == ref["counts"]
             if ceiling is not None and "efficiency" in ceiling["queries"][q]:
                 mine["of_ceiling"] = mine["efficiency"] / ceiling["queries"][q]["efficiency"]
             ratio = f"{mine['over_coffea']:7.2f}" if "over_coffea" in mine else f"{'':7s}"
             flag = "" if mine["identical_to_iterative"] and mine.get("identical_to_coffea", True) else " DIFF"
             of_ceiling = f"{mine['of_ceiling']:5.2f}" if "of_ceiling" in mine else f"{'':5s}"
-            cells.append(f"{mine['events_per_s']:11.0f} {mine['efficiency']:5.2f} {of_ceiling} {ratio}{flag}")
+            cells.append(f"{mine['events_per_s']:11.0f} {mine['efficiency']:5.2f} {mine['latency_bound']:5.2f} "
+                         f"{of_ceiling} {ratio}{flag}")
         print(f"{r['backend']:10s} {r['engine_start_s']:8.2f} {r['first_task_s']:8.2f} {r['startup_s']:8.2f} "
-              + " ".join(cells))
+              f"{1e3 * r.get('round_trip_s', 0.0):6.1f} " + " ".join(cells))
     for r in rows:
         for q in queries:
             r["queries"][q].pop("counts")
