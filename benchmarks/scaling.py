@@ -20,8 +20,9 @@ on the same DataFlowKernel; ``over_coffea`` is our wall time / coffea's
 (fastest of each).
 
 ``round_trip_s`` is the engine's own latency: a wave of one no-op task per
-worker through the backend's ``submit``, submitted together and waited for
-(median of ``ROUND_TRIP_WAVES``). Runner makes two calls one after the other
+worker, sent together through the backend (``submit_together``: one Spark job
+of a partition per task, on the others a task each) and waited for (median of
+``ROUND_TRIP_WAVES``). Runner makes two calls one after the other
 (preprocessing, then processing), each at least one such wave, so no backend
 can beat ``latency_bound`` = (t / workers) / (t / workers + 2 x round trip),
 t the iterative wall time of the query: the efficiency left if the workers
@@ -81,7 +82,7 @@ def round_trip(backend: Any, workers: int, waves: int = ROUND_TRIP_WAVES) -> flo
     times = []
     for i in range(waves + 5):
         t = time.perf_counter()
-        for future in [backend.submit(abs, -k) for k in range(workers)]:
+        for future in backend.submit_together(abs, [-k for k in range(workers)]):
             future.result()
         if i >= 5:  # the first waves: connections, the workers' first task of this kind
             times.append(time.perf_counter() - t)
