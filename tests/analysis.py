@@ -62,13 +62,18 @@ class Failing(Analysis):
         key = f"{os.path.basename(events.metadata['filename'])}:{start}"
         with open(self.log, "a") as f:
             f.write(key + "\n")
-        if self.sleep:
-            time.sleep(self.sleep)
-        with open(self.log) as f:
-            seen = sum(1 for line in f if line.strip() == key)
-        if (self.bad_starts is None or start in self.bad_starts) and seen <= self.fail_times:
-            raise ZeroDivisionError(f"planted failure in {key}")
-        return super().process(events)
+        with self.running():
+            if self.sleep:
+                time.sleep(self.sleep)
+            with open(self.log) as f:
+                seen = sum(1 for line in f if line.strip() == key)
+            if (self.bad_starts is None or start in self.bad_starts) and seen <= self.fail_times:
+                raise ZeroDivisionError(f"planted failure in {key}")
+            return super().process(events)
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """Around the chunk's work, once its attempt is written down."""
+        return contextlib.nullcontext()
 
 
 class Busy(Failing):
@@ -78,11 +83,13 @@ class Busy(Failing):
         super().__init__(log, bad_starts=set(), sleep=0.3)
         self.busy = busy
 
-    def process(self, events):
+    @contextlib.contextmanager
+    def running(self):
+        # marked only once the attempt is in the log: a worker killed while marked has its attempt counted
         mark = os.path.join(self.busy, str(os.getpid()))
         open(mark, "w").close()
         try:
-            return super().process(events)
+            yield
         finally:
             os.unlink(mark)
 
