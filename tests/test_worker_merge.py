@@ -60,9 +60,9 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
             assert s["attempts"] == s["chunks"] == s["computed"] == 12 and s["restored"] == 0
             assert s["events"] == 3000
             assert m["folded"] == (0 if per_task == 1 else 6), m
-            if merges == "workers":  # the last merges, one after the other with nothing else to run: here
+            if merges == "workers":  # the last merges (small outputs: all once every chunk is in) here
                 assert m["merge_tasks"] + m["merged_here"] == merge_tasks, (per_task, m)
-                assert m["merge_tasks"] >= 1 and 1 <= m["merged_here"] <= LEVELS_ABOVE_CHUNKS, (per_task, m)
+                assert m["merged_here"] >= 1, (per_task, m)  # how many depends on when chunks end (_tail)
                 assert m["bytes_to_driver"] > 0
                 # merge="workers": every merge on the engine, the last ones too; the driver reads the root only
                 ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=per_task,
