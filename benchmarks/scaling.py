@@ -23,11 +23,12 @@ on the same DataFlowKernel; ``over_coffea`` is our wall time / coffea's
 worker, sent together through the backend (``submit_together``: one Spark job
 of a partition per task, on the others a task each) and waited for (median of
 ``ROUND_TRIP_WAVES``), before the queries and after them, the smaller kept
-(``round_trips_s`` has both: Spark's drifts by 2x within a run). Runner makes two calls one after the other
-(preprocessing, then processing), each at least one such wave, so no backend
-can beat ``latency_bound`` = (t / workers) / (t / workers + 2 x round trip),
-t the iterative wall time of the query: the efficiency left if the workers
-computed as fast as iterative and nothing but the engine's two waves were added.
+(``round_trips_s`` has both: Spark's drifts by 2x within a run). Runner makes
+two calls one after the other (preprocessing, then processing), each at least
+one such wave, so no backend can beat ``latency_bound`` = (t / workers) /
+(t / workers + 2 x round trip), t the iterative wall time of the query: the
+efficiency left if the workers computed as fast as iterative and nothing but
+the engine's two waves were added.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from benchmarks.common import counts, dataset, dataset_options, rotated, save_js
 
 COFFEA_PEER = ("futures", "dask", "parsl")  # engines coffea has an executor for
 MAX_ROUNDS = 10  # of one query, whatever --min-time asks
-ROUND_TRIP_WAVES = 30  # of no-op tasks, for the engine's own latency (the first 5 are not counted)
+ROUND_TRIP_WAVES = 30  # of no-op tasks, for the engine's own latency
+ROUND_TRIP_WARMUP = 5  # waves first, not counted: connections, the workers' first task of this kind
 
 
 @contextlib.contextmanager
@@ -81,11 +83,11 @@ def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] 
 def round_trip(backend: Any, workers: int, waves: int = ROUND_TRIP_WAVES) -> float:
     """Median wall time of a wave of ``workers`` no-op tasks (``abs``: importable by every worker)."""
     times = []
-    for i in range(waves + 5):
+    for i in range(ROUND_TRIP_WARMUP + waves):
         t = time.perf_counter()
         for future in backend.submit_together(abs, [-k for k in range(workers)]):
             future.result()
-        if i >= 5:  # the first waves: connections, the workers' first task of this kind
+        if i >= ROUND_TRIP_WARMUP:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
