@@ -2,8 +2,9 @@
 
 ``checkpoint=URL`` (any :class:`~casa_executors.store.Store` URL the workers
 can write) keeps the merge tree of one run: chunk outputs and merged nodes
-under ``nodes/<level>/<index>``, each written atomically with a checksum, and
-a node written only when every chunk below it succeeded. A merged node stands
+under ``nodes/<level>/<index>``, each written atomically with an authentication
+tag (:mod:`casa_executors.signing`), and a node written only when every chunk
+below it succeeded. A merged node stands
 for all the chunks below it, so its children are deleted once it is written.
 
 The run key is derived from what determines the result, and is written down in
@@ -33,9 +34,19 @@ On resume the driver lists the store once and walks the tree from the root:
 a node that is there is restored (its chunks are not run, their report rows
 say ``restored``); otherwise its children are looked at, down to the chunks,
 which are run. Files below a restored node, temporary files and partial merges
-are leftovers of the kill and are deleted. A restored file is checked (length
-and blake2b) when it is read; a bad one is deleted, reported
+are leftovers of the kill and are deleted. A restored file's tag is checked
+when it is read, before it is unpickled; a bad one (cut short, changed, planted
+by someone else, moved from another node) is deleted, reported
 (``summary()["checkpoint"]["corrupt"]``) and its chunks are computed again.
+
+The key is made when the checkpoint is, kept in a file of the user's own
+(mode 0600 in a 0700 folder of the user's cache directory, named by a hash of
+the location and the run key), and shipped to the workers with the tasks. The
+manifest is tagged too: one that does not authenticate — the key file was
+deleted, or the checkpoint was written from another account or machine — is
+refused with :class:`~casa_executors.errors.UntrustedData` naming it (nothing
+there is read), unless ``checkpoint_restart=True``. Resuming on another machine
+takes copying the key file along.
 """
 
 from __future__ import annotations
@@ -45,19 +56,24 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
+import logging
 import os
 import pickle
 import sys
 import time
 import types
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-from casa_executors.errors import CheckpointMismatch
+from casa_executors import signing
+from casa_executors.errors import CheckpointMismatch, UntrustedData
 from casa_executors.merge import MergeTree, node_key
-from casa_executors.store import TMP, NodeCorrupt, Store
+from casa_executors.store import HEADER, TMP, NodeCorrupt, Store
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "casa_executors checkpoint 1"
@@ -321,36 +337,92 @@ class Checkpoint:
 
     def __init__(self, url: str, restart: bool = False) -> None:
         self.url = url
-        self.store = Store(url)
+        self.store = Store(url)  # its key is this checkpoint's once opened
         self.restart = restart
         self.identity: dict[str, Any] = {}
         self.restarted = False
+        self.key_file: Path | None = None
+
+    @property
+    def location(self) -> str:
+        """The canonical URL (``ck``, ``./ck/`` and ``file:///abs/ck`` are one location)."""
+        try:
+            return self.store.fs.unstrip_protocol(self.store.path("").rstrip("/"))
+        except Exception:
+            return self.store.url
 
     def open(self, items: list[Any], work: Any, fanin: int) -> None:
-        """Check (or write) the manifest; refuse another run's checkpoint unless restarting."""
+        """Check (or write) the manifest; refuse another run's checkpoint, or one its key does not vouch
+        for, unless restarting."""
         self.identity = run_identity(items, work, fanin)
+        self.key_file = signing.checkpoint_key_path(self.location, self.identity["run_key"])
+        key = signing.read_key(self.key_file)
+        self.store = Store(self.url, signing_key=key)  # no key yet: a new one, which vouches for nothing there
         try:
-            old = self.store.get_json(MANIFEST)
-            problem = None if old is None or old.get("format") == FORMAT else [f"its manifest is not a {FORMAT}"]
+            fresh = self._examine(key)
+        except (CheckpointMismatch, UntrustedData) as exc:
+            if not self.restart:
+                raise
+            log.info("checkpoint_restart: deleting %s (%s)", self.url, exc)
+            old = self._unverified_manifest()
+            self.store.wipe()
+            if old and isinstance(old.get("run_key"), str) and old["run_key"] != self.identity["run_key"]:
+                signing.forget_key(signing.checkpoint_key_path(self.location, old["run_key"]))
+            self.restarted, fresh = True, True
+        if fresh:
+            key = signing.new_key()
+            signing.write_key(self.key_file, key)
+            self.store = Store(self.url, signing_key=key).create()
+            self.write_manifest(complete=False)
+
+    def _refuse(self, problems: list[str]) -> CheckpointMismatch:
+        return CheckpointMismatch(
+            f"checkpoint {self.url} holds another run: {'; '.join(problems)}. "
+            "Pass checkpoint_restart=True to delete it and start over, or choose another location.")
+
+    def _examine(self, key: bytes | None) -> bool:
+        """True when the location holds nothing (a run starts there), False when it holds this run
+        (resumed); raises when it holds another run or files this run's key does not vouch for."""
+        try:
+            doc = self.store.get_json(MANIFEST)  # authenticated before it is parsed
         except NodeCorrupt as exc:
-            old, problem = {}, [f"its manifest is unreadable ({exc})"]
-        if old is None:
+            raise self._untrusted(key, exc) from None
+        if doc is None:
             leftovers = self.store.keys()
             if leftovers:
-                problem = [f"it holds {len(leftovers)} files but no {MANIFEST} (not a casa_executors checkpoint)"]
-        elif problem is None and old.get("run_key") != self.identity["run_key"]:
-            problem = differences(old, self.identity)
-        if problem:
-            if not self.restart:
-                raise CheckpointMismatch(
-                    f"checkpoint {self.url} holds another run: {'; '.join(problem)}. "
-                    "Pass checkpoint_restart=True to delete it and start over, or choose another location."
-                )
-            self.store.wipe()
-            self.restarted, old = True, None
-        if old is None:
-            self.store.create()
-            self.write_manifest(complete=False)
+                raise self._refuse([f"it holds {len(leftovers)} files but no {MANIFEST} "
+                                    "(not a casa_executors checkpoint)"])
+            return True
+        if doc.get("format") != FORMAT:
+            raise self._refuse([f"its manifest is not a {FORMAT}"])
+        if doc.get("run_key") != self.identity["run_key"]:
+            raise self._refuse(differences(doc, self.identity))
+        return False
+
+    def _untrusted(self, key: bytes | None, exc: NodeCorrupt) -> Exception:
+        """Why a manifest that does not authenticate is refused. Most often it is another run's (its key is
+        another file): its text says which, read as JSON only (never unpickled) to word the refusal."""
+        old = self._unverified_manifest()
+        if old is not None and old.get("format") == FORMAT and old.get("run_key") != self.identity["run_key"]:
+            try:
+                return self._refuse(differences(old, self.identity))
+            except Exception:  # a manifest too odd to compare: refused below as untrusted
+                pass
+        advice = ("Pass checkpoint_restart=True to delete it and start over, or choose another location.")
+        if key is None:
+            return UntrustedData(
+                f"checkpoint {self.url}: there is no key for it at {self.key_file} (written from another account "
+                f"or machine, or the key was deleted), so its files cannot be authenticated and none is read. "
+                f"{advice}")
+        return UntrustedData(f"checkpoint {self.url}: {exc}. {advice}")
+
+    def _unverified_manifest(self) -> dict[str, Any] | None:
+        try:
+            with self.store.fs.open(self.store.path(MANIFEST), "rb") as f:
+                doc = json.loads(f.read()[HEADER.size:])
+        except Exception:
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def write_manifest(self, complete: bool) -> None:
         doc = {"format": FORMAT, **self.identity, "complete": complete,

@@ -281,3 +281,8 @@ def _import_type(path: str) -> type | None:
 
 class CheckpointMismatch(ValueError):
     """``checkpoint=`` names a location that holds another run (other items, processor or versions)."""
+
+
+class UntrustedData(ValueError):
+    """A file of an output store or checkpoint that its run's key does not vouch for (no tag, a wrong tag,
+    cut short, or a key that is not private): refused before it is unpickled. The message names the file."""

@@ -196,8 +196,8 @@ class MergeResult:
 def merge_stored(task: StoredMerge) -> MergeResult:
     """Read the children one by one (checking each), fold, write the node, remove consumed children.
 
-    A missing or corrupt child is reported, not raised: the driver recomputes what
-    it stood for. Nothing is written or removed then.
+    A missing, corrupt or untrusted (tag missing or wrong) child is reported, not
+    raised: the driver recomputes what it stood for. Nothing is written or removed then.
     """
     from casa_executors.task import ErrorInfo
 
@@ -208,10 +208,9 @@ def merge_stored(task: StoredMerge) -> MergeResult:
         if key is None:
             continue
         try:
-            payload = task.store.get(key)
-            result.read_bytes += len(payload)
-            value = decode(payload)
-        except (NodeMissing, NodeCorrupt) as exc:
+            value, nbytes = task.store.read_output(key)  # its tag checked before it is unpickled
+            result.read_bytes += nbytes
+        except (NodeMissing, NodeCorrupt) as exc:  # NodeUntrusted included: recomputed, never unpickled
             result.bad.append((key, str(exc)))
             continue
         if result.bad or result.error is not None:

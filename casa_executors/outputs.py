@@ -50,7 +50,7 @@ from casa_executors.merge import (
     merge_stored,
     node_key,
 )
-from casa_executors.store import NodeCorrupt, NodeMissing, Store, decode
+from casa_executors.store import NodeCorrupt, NodeMissing, Store
 from casa_executors.task import ChunkResult, TaskBatch, decompress, run_batch, strip_outputs
 
 if TYPE_CHECKING:
@@ -221,13 +221,12 @@ class StorePlacement(Placement):
             output = self._root_here[1]  # merged here, just written: not read back
         else:
             try:
-                payload = self.store.get(root.handle)
+                output, nbytes = self.store.read_output(root.handle)  # its tag checked before it is unpickled
             except NodeMissing as exc:
                 raise Lost([root], str(exc)) from None
-            except NodeCorrupt as exc:
+            except NodeCorrupt as exc:  # NodeUntrusted included: recomputed, never unpickled
                 raise Lost([root], str(exc), [root.handle]) from None
-            self.bytes_to_driver += len(payload)
-            output = decode(payload)
+            self.bytes_to_driver += nbytes
         self._root_here = None
         if self.checkpoint is not None and not root.handle.startswith("nodes/"):
             self.store.remove([root.handle])  # a partial root (failed chunks inside) is not a checkpoint

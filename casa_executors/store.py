@@ -8,18 +8,21 @@ file at the end (the root of the merge tree).
 
 Every file is a small header and a payload::
 
-    b"CASAOUT1" | payload length (8 bytes, little-endian) | blake2b-256 of the payload | payload
+    b"CASAOUT2" | payload length (8 bytes, little-endian) | HMAC-SHA256 tag | payload
 
 The payload is a cloudpickled output, LZ4-framed unless compression is off.
-A write goes to ``<key>.tmp-<random>`` and is renamed onto ``<key>``, so a
-reader sees a whole file or none; a file cut short or changed afterwards (a
-full disk, a bad copy, bit rot) fails the length or digest check on read with
-:class:`NodeCorrupt`, and the driver recomputes what it stood for.
+The tag (:mod:`casa_executors.signing`) covers the file's key and payload under
+the run's secret key, which every copy of the :class:`Store` carries (it is
+pickled with the tasks) and no file holds. A write goes to
+``<key>.tmp-<random>`` and is renamed onto ``<key>``, so a reader sees a whole
+file or none. A file whose tag is missing or wrong — cut short, changed
+afterwards (a full disk, a bad copy, bit rot, or someone else who can write
+there), or moved from another key — is refused *before* it is unpickled with
+:class:`NodeUntrusted`, naming the file; the driver recomputes what it stood for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import posixpath
@@ -29,8 +32,12 @@ from typing import Any
 
 import cloudpickle
 
-MAGIC = b"CASAOUT1"
-HEADER = struct.Struct(f"<{len(MAGIC)}sQ32s")
+from casa_executors import signing
+from casa_executors.errors import UntrustedData
+
+MAGIC = b"CASAOUT2"
+UNSIGNED_MAGIC = b"CASAOUT1"  # casa_executors before signing: a checksum, no tag
+HEADER = struct.Struct(f"<{len(MAGIC)}sQ{signing.TAG_BYTES}s")
 TMP = ".tmp-"
 LZ4_MAGIC = b"\x04\x22\x4d\x18"
 
@@ -40,7 +47,11 @@ class NodeMissing(FileNotFoundError):
 
 
 class NodeCorrupt(ValueError):
-    """A file in the store fails its length or checksum test."""
+    """A file in the store that cannot be taken (the driver recomputes what it stood for)."""
+
+
+class NodeUntrusted(NodeCorrupt, UntrustedData):
+    """A file whose authentication tag is missing or wrong: refused unread (never unpickled)."""
 
 
 # -- outputs as bytes --------------------------------------------------------------------
@@ -57,6 +68,8 @@ def encode(output: Any, level: int | None) -> bytes:
 
 
 def decode(payload: bytes) -> Any:
+    """The output of an encoded payload. Unpickling runs code: store files reach it only through
+    :meth:`Store.get`, which checks their tag first."""
     if payload[:4] == LZ4_MAGIC:
         import lz4.frame
 
@@ -64,26 +77,30 @@ def decode(payload: bytes) -> Any:
     return pickle.loads(payload)
 
 
-def digest(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=32).digest()
+def header(key: bytes, name: str, payload: bytes) -> bytes:
+    """The header of the file ``name`` holding ``payload``, tagged with ``key``."""
+    return HEADER.pack(MAGIC, len(payload), signing.tag(key, name, payload))
 
 
-def frame(payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, len(payload), digest(payload)) + payload
-
-
-def unframe(data: bytes, what: str) -> bytes:
-    """The payload of a stored file, checked; :class:`NodeCorrupt` says what is wrong."""
+def unframe(data: bytes, key: bytes, name: str, what: str) -> bytes:
+    """The payload of the stored file ``name``, authenticated; :class:`NodeUntrusted` (naming ``what``)
+    says what is wrong. Nothing of an untrusted file is decoded."""
+    refused = "refused unread"
     if len(data) < HEADER.size:
-        raise NodeCorrupt(f"{what}: {len(data)} bytes, shorter than the {HEADER.size}-byte header")
-    magic, length, checksum = HEADER.unpack_from(data)
+        raise NodeUntrusted(f"{what}: {len(data)} bytes, shorter than the {HEADER.size}-byte header with its "
+                            f"authentication tag; {refused}")
+    magic, length, tag = HEADER.unpack_from(data)
+    if magic == UNSIGNED_MAGIC:
+        raise NodeUntrusted(f"{what}: written without an authentication tag (an older casa_executors); {refused}")
     if magic != MAGIC:
-        raise NodeCorrupt(f"{what}: not an output file (header {magic!r})")
+        raise NodeUntrusted(f"{what}: not a casa_executors output file (header {magic!r}); {refused}")
     payload = data[HEADER.size:]
     if len(payload) != length:
-        raise NodeCorrupt(f"{what}: truncated or padded ({len(payload)} payload bytes, header says {length})")
-    if digest(payload) != checksum:
-        raise NodeCorrupt(f"{what}: blake2b checksum mismatch")
+        raise NodeUntrusted(f"{what}: truncated or padded ({len(payload)} payload bytes, header says {length}); "
+                            f"{refused}")
+    if not signing.valid(key, name, payload, tag):
+        raise NodeUntrusted(f"{what}: its authentication tag does not match the run's key (changed since it was "
+                            f"written, written elsewhere or by someone else, or under another key); {refused}")
     return payload
 
 
@@ -91,27 +108,33 @@ def unframe(data: bytes, what: str) -> bytes:
 
 
 class Store:
-    """A folder of output files under an fsspec URL; picklable (the file system is reopened per process)."""
+    """A folder of output files under an fsspec URL; picklable (the file system is reopened per process).
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    ``signing_key`` (32 bytes) tags every file written and checks every file read; None makes a new
+    one, this run's: copies of this object (pickled with the tasks) carry it, files never do.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 signing_key: bytes | None = None) -> None:
         self.url = url.rstrip("/") or url
         self.storage_options = dict(storage_options or {})
+        self.signing_key = signing.new_key() if signing_key is None else signing.check_key(signing_key)
         self._fs: Any = None
         self._root = ""
         self._made: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {"url": self.url, "storage_options": self.storage_options, "signing_key": self.signing_key}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["storage_options"])
+        self.__init__(state["url"], state["storage_options"], state["signing_key"])
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
     def child(self, name: str) -> Store:
         """The store of a sub-folder (one run's scratch space)."""
-        return Store(f"{self.url}/{name}", self.storage_options)
+        return Store(f"{self.url}/{name}", self.storage_options, self.signing_key)
 
     @property
     def fs(self) -> Any:
@@ -146,13 +169,14 @@ class Store:
 
     # -- bytes ----------------------------------------------------------------
     def put(self, key: str, payload: bytes) -> int:
-        """Write ``payload`` under ``key`` atomically; returns the file's size."""
+        """Write ``payload`` under ``key`` atomically, tagged; returns the file's size."""
         final = self.path(key)
         self._makedirs(posixpath.dirname(final))
         tmp = f"{final}{TMP}{uuid.uuid4().hex[:12]}"
-        data = frame(payload)
+        head = header(self.signing_key, key, payload)
         with self.fs.open(tmp, "wb") as f:
-            f.write(data)
+            f.write(head)
+            f.write(payload)
         try:
             self.fs.mv(tmp, final)
         except OSError:
@@ -162,10 +186,10 @@ class Store:
                 raise
             self.fs.rm_file(final)
             self.fs.mv(tmp, final)
-        return len(data)
+        return len(head) + len(payload)
 
     def get(self, key: str) -> bytes:
-        """The checked payload under ``key``."""
+        """The authenticated payload under ``key`` (:class:`NodeUntrusted` if it is not)."""
         path = self.path(key)
         # listings cached earlier may not show the file (and fsspec-xrootd's info() then fails)
         self.fs.dircache.clear()
@@ -178,13 +202,19 @@ class Store:
             if not self.exists(key):
                 raise NodeMissing(f"{self.url}/{key} is missing") from None
             raise exc
-        return unframe(data, f"{self.url}/{key}")
+        return unframe(data, self.signing_key, key, f"{self.url}/{key}")
 
     def put_output(self, key: str, output: Any, level: int | None) -> int:
         return self.put(key, encode(output, level))
 
+    def read_output(self, key: str) -> tuple[Any, int]:
+        """The output under ``key`` and its payload's size: the one way store data is unpickled,
+        after its tag is checked."""
+        payload = self.get(key)
+        return decode(payload), len(payload)
+
     def get_output(self, key: str) -> Any:
-        return decode(self.get(key))
+        return self.read_output(key)[0]
 
     # -- keys -----------------------------------------------------------------
     def exists(self, key: str) -> bool:

@@ -30,6 +30,15 @@ HERE = Path(__file__).resolve().parent
 N_CHUNKS = 30
 
 
+@pytest.fixture(autouse=True)
+def own_key_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Checkpoint keys in a cache folder of the test's (the user's own cache stays as it was); the jobs
+    these tests start inherit it, so a resume in this process finds the key a killed job made."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "casa_executors" / "keys"
+
+
 @pytest.fixture(scope="module")
 def reference100(sample_files, metadata):
     return run(ce.iterative(status=False), sample_files, chunksize=CHUNKSIZE, metadata_cache=dict(metadata))
