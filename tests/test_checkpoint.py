@@ -23,7 +23,7 @@ from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
 import casa_executors as ce
-from casa_executors import procs
+from casa_executors import procs, signing
 from casa_executors.merge import MergeTree
 
 HERE = Path(__file__).resolve().parent
@@ -251,6 +251,109 @@ def test_failed_chunks_and_corrupt_files_are_computed_again(name, sample_files, 
     assert counts["a.root:500"] == counts["a.root:750"] == counts["c.root:0"] == 2  # corrupt: run again
     assert counts["a.root:0"] == counts["b.root:0"] == 1  # restored
     assert stored(ck) == ["manifest.json", "nodes/4/0"]
+
+
+class Creates:
+    """A pickle that creates ``path`` when it is loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def forged(marker: Path, bare: bool = False) -> bytes:
+    """A checkpoint file as someone who can write there but has no key may make it: a pickle that creates
+    ``marker`` when loaded, bare or behind our header with a made-up tag."""
+    from casa_executors.store import HEADER, MAGIC
+
+    blob = pickle.dumps(Creates(str(marker)))
+    return blob if bare else HEADER.pack(MAGIC, len(blob), os.urandom(32)) + blob
+
+
+@pytest.mark.parametrize("name", ce.BACKENDS)
+def test_pickles_planted_in_a_checkpoint_are_refused_and_recomputed(name, sample_files, metadata, reference,
+                                                                    tmp_path, no_leftover_processes):
+    """Nodes restored on a resume are read by merge tasks on the engine, the root by the driver: a planted
+    pickle is refused unread in both, taken for a corrupt node (deleted, its chunks computed again)."""
+    require_engine(name)
+    ck, log, marker = tmp_path / "ck", str(tmp_path / "attempts.log"), tmp_path / "created-by-a-pickle"
+    proc = Failing(log, bad_starts={250}, fail_times=1)  # chunks 1, 5, 9 fail the first time only
+    backend = executor(name).backend
+
+    def call():
+        ex = ce.Driver(backend=backend, status=False, retries=0, recoverable=True, merge_fanin=2,
+                       checkpoint=str(ck))
+        return ex, run(ex, sample_files, proc, metadata_cache=dict(metadata))
+
+    with backend_held(backend):
+        with pytest.warns(UserWarning, match="3 of 12 processing items failed"):
+            call()
+        assert stored(ck) == ["manifest.json", "nodes/0/0", "nodes/0/4", "nodes/0/8",
+                              "nodes/1/1", "nodes/1/3", "nodes/1/5"]
+        (ck / "nodes/1/1").write_bytes(forged(marker))  # chunks 2 and 3
+        (ck / "nodes/0/8").write_bytes(forged(marker, bare=True))  # chunk 8
+        (ck / "nodes/1/3").write_bytes((ck / "nodes/1/5").read_bytes())  # genuine, but chunks 10-11's
+        ex, out = call()
+        assert not marker.exists(), "a planted pickle was unpickled"
+        assert same(out, reference)
+        s = ex.report.summary()
+        assert sorted(s["checkpoint"]["corrupt"]) == ["nodes/0/8", "nodes/1/1", "nodes/1/3"]
+        status = {r.index: r.status for r in ex.report.rows()}
+        assert sorted(i for i, st in status.items() if st == "ok") == [1, 2, 3, 5, 6, 7, 8, 9]
+        assert sorted(i for i, st in status.items() if st == "restored") == [0, 4, 10, 11]
+        counts = attempts(log)
+        assert [counts[k] for k in ("a.root:500", "a.root:750", "b.root:500", "b.root:750", "c.root:0")] == [2] * 5
+        assert counts["a.root:0"] == counts["c.root:500"] == 1  # restored
+        # a finished run: its root, read by the driver itself, replaced
+        assert stored(ck) == ["manifest.json", "nodes/4/0"]
+        (ck / "nodes/4/0").write_bytes(forged(marker))
+        ex, out = call()
+        assert not marker.exists(), "a planted pickle was unpickled"
+        assert same(out, reference)
+        s = ex.report.summary()
+        assert s["checkpoint"]["corrupt"] == ["nodes/4/0"] and s["computed"] == 12 and s["restored"] == 0
+
+
+def test_a_checkpoint_its_key_does_not_vouch_for_is_refused_unless_restarted(sample_files, tmp_path,
+                                                                           own_key_dir):
+    """The key lives in the user's cache (0600 in a 0700 folder), never in the checkpoint. Without it, or
+    with a manifest it does not vouch for, the checkpoint is refused, naming what is wrong; nothing in it
+    is read (a pickle planted there is never loaded). checkpoint_restart=True starts over."""
+    from casa_executors.errors import UntrustedData
+
+    ck, marker = tmp_path / "ck", tmp_path / "created-by-a-pickle"
+    first = run(ce.iterative(status=False, checkpoint=str(ck)), sample_files[:2])
+    (key_file,) = own_key_dir.iterdir()
+    key = key_file.read_bytes()
+    assert len(key) == 32 and (key_file.stat().st_mode & 0o777, own_key_dir.stat().st_mode & 0o777) == (0o600, 0o700)
+    assert not any(key in f.read_bytes() for f in ck.rglob("*") if f.is_file())
+    root = ck / stored(ck)[1]
+    genuine_root = root.read_bytes()
+    root.write_bytes(forged(marker))
+    key_file.unlink()  # the cache was cleaned, or the checkpoint was written from another account
+    with pytest.raises(UntrustedData, match=rf"checkpoint {ck}: there is no key for it at {key_file} .*"
+                                            r"checkpoint_restart=True"):
+        run(ce.iterative(status=False, checkpoint=str(ck)), sample_files[:2])
+    signing.write_key(key_file, key)
+    root.write_bytes(genuine_root)
+    ex = ce.iterative(status=False, checkpoint=f"file://{ck}/")  # the same location, named otherwise
+    assert same(run(ex, sample_files[:2]), first) and ex.report.summary()["restored"] == 8
+    manifest = ck / "manifest.json"
+    data = bytearray(manifest.read_bytes())
+    data[60] ^= 0x01  # a changed byte of the manifest's JSON
+    manifest.write_bytes(bytes(data))
+    with pytest.raises(UntrustedData, match=rf"checkpoint {ck}: {ck}/manifest.json: its authentication tag does "
+                                            "not match"):
+        run(ce.iterative(status=False, checkpoint=str(ck)), sample_files[:2])
+    root.write_bytes(forged(marker))
+    ex = ce.iterative(status=False, checkpoint=str(ck), checkpoint_restart=True)
+    assert same(run(ex, sample_files[:2]), first)
+    s = ex.report.summary()
+    assert s["checkpoint"]["restarted"] is True and s["computed"] == 8 and s["restored"] == 0
+    assert not marker.exists(), "a planted pickle was unpickled"
+    assert key_file.read_bytes() != key  # a new checkpoint, a new key
 
 
 class backend_held:
