@@ -408,12 +408,13 @@ class Checkpoint:
                 return self._refuse(differences(old, self.identity))
             except Exception:  # a manifest too odd to compare: refused below as untrusted
                 pass
-        advice = ("Pass checkpoint_restart=True to delete it and start over, or choose another location.")
+        advice = "Pass checkpoint_restart=True to delete it and start over, or choose another location."
         if key is None:
             return UntrustedData(
                 f"checkpoint {self.url}: there is no key for it at {self.key_file} (written from another account "
                 f"or machine, or the key was deleted), so its files cannot be authenticated and none is read. "
-                f"{advice}")
+                f"To resume it here, copy the key it was written with to that path (mode 0600); or: "
+                f"{advice[0].lower()}{advice[1:]}")
         return UntrustedData(f"checkpoint {self.url}: {exc}. {advice}")
 
     def _unverified_manifest(self) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ there), or moved from another key — is refused *before* it is unpickled with
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import posixpath
 import struct
@@ -38,6 +39,7 @@ from casa_executors.errors import UntrustedData
 MAGIC = b"CASAOUT2"
 UNSIGNED_MAGIC = b"CASAOUT1"  # casa_executors before signing: a checksum, no tag
 HEADER = struct.Struct(f"<{len(MAGIC)}sQ{signing.TAG_BYTES}s")
+log = logging.getLogger(__name__)
 TMP = ".tmp-"
 LZ4_MAGIC = b"\x04\x22\x4d\x18"
 
@@ -210,7 +212,11 @@ class Store:
     def read_output(self, key: str) -> tuple[Any, int]:
         """The output under ``key`` and its payload's size: the one way store data is unpickled,
         after its tag is checked."""
-        payload = self.get(key)
+        try:
+            payload = self.get(key)
+        except NodeUntrusted as exc:  # the caller recomputes it; someone may be planting files: say so
+            log.warning("%s", exc)
+            raise
         return decode(payload), len(payload)
 
     def get_output(self, key: str) -> Any:
