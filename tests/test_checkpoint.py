@@ -253,6 +253,12 @@ def test_failed_chunks_and_corrupt_files_are_computed_again(name, sample_files, 
     assert stored(ck) == ["manifest.json", "nodes/4/0"]
 
 
+# what reads a stored file (merge_stored, StorePlacement.fetch) and how the key reaches the workers (inside
+# the pickled Store) are the same on every engine; Spark and Parsl took 207 s and 100 s for this test on the
+# loaded 2-core machine (they passed), so the suite runs it on the others
+PLANTED_ENGINES = ("iterative", "futures", "dask", "workqueue")
+
+
 class Creates:
     """A pickle that creates ``path`` when it is loaded."""
 
@@ -272,7 +278,7 @@ def forged(marker: Path, bare: bool = False) -> bytes:
     return blob if bare else HEADER.pack(MAGIC, len(blob), os.urandom(32)) + blob
 
 
-@pytest.mark.parametrize("name", ce.BACKENDS)
+@pytest.mark.parametrize("name", PLANTED_ENGINES)
 def test_pickles_planted_in_a_checkpoint_are_refused_and_recomputed(name, sample_files, metadata, reference,
                                                                     tmp_path, no_leftover_processes):
     """Nodes restored on a resume are read by merge tasks on the engine, the root by the driver: a planted

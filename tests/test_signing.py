@@ -136,6 +136,12 @@ def test_a_key_file_is_private_and_a_key_open_to_others_is_refused(tmp_path, mon
         signing.read_key(path)
 
 
+# what reads a stored file (merge_stored, StorePlacement.fetch) and how the key reaches the workers (inside
+# the pickled Store) are the same on every engine; Spark and Parsl took 207 s and 100 s for this test on the
+# loaded 2-core machine (they passed), so the suite runs it on the others
+PLANTED_ENGINES = ("iterative", "futures", "dask", "workqueue")
+
+
 class Planter(Failing):
     """Once chunk ``a.root:750`` runs (the last of the first group of the tree: its siblings are in the
     store, not yet merged), replaces the stored outputs of chunks 0 and 1 with pickles that would create
@@ -158,7 +164,7 @@ class Planter(Failing):
         return out
 
 
-@pytest.mark.parametrize("name", ce.BACKENDS)
+@pytest.mark.parametrize("name", PLANTED_ENGINES)
 def test_pickles_planted_in_a_running_store_are_refused_and_their_chunks_recomputed(
         name, sample_files, reference, tmp_path, no_leftover_processes):
     require_engine(name)
