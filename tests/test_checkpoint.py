@@ -116,7 +116,9 @@ def test_sigkill_of_the_submitting_process_then_the_same_call_resumes(
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     below: list = []
     try:
-        deadline = time.time() + 180
+        # a bound on a wait, not a timing the test relies on: a Spark job on the loaded 2-core machine once took
+        # more than 180 s to write its first merged nodes (the same test alone then passed in 176 s)
+        deadline = time.time() + 600
         # kill once some merged nodes exist, with chunks still to go
         while not merged_enough(stored(ck) if ck.exists() else []):
             assert job.poll() is None, f"the job ended before it was killed: {job.stderr.read().decode()[-2000:]}"
@@ -254,8 +256,9 @@ def test_failed_chunks_and_corrupt_files_are_computed_again(name, sample_files, 
 
 
 # what reads a stored file (merge_stored, StorePlacement.fetch) and how the key reaches the workers (inside
-# the pickled Store) are the same on every engine; Spark and Parsl took 207 s and 100 s for this test on the
-# loaded 2-core machine (they passed), so the suite runs it on the others
+# the pickled Store) are the same on every engine, and the six-engine tests above already resume from keys
+# that travelled to the workers; Spark and Parsl passed this one here (70 s and 28 s on the loaded 2-core
+# machine), so the suite runs it on the others
 PLANTED_ENGINES = ("iterative", "futures", "dask", "workqueue")
 
 
