@@ -154,7 +154,7 @@ class WorkQueueBackend(Backend):
         try:
             ipaddress.IPv4Address(host)
         except (ipaddress.AddressValueError, ValueError, TypeError):
-            raise ExecutorOptionError(f"workqueue: host must be the IPv4 address workers dial, got {host!r}") from None
+            raise ExecutorOptionError(f"workqueue: host must be an IPv4 address (the one workers dial), got {host!r}") from None
         if not isinstance(warm, bool):
             raise ExecutorOptionError(f"workqueue: warm must be True or False, got {warm!r}")
         if workers is None and port is None and self._batch is None:
