@@ -208,6 +208,8 @@ def main(argv: list[str]) -> int:
     chan = Channel(socket.socket(fileno=int(argv[0])))
     kind, config = chan.recv()
     assert kind == "config", kind
+    # started with -S: the driver's path, after the standard library (whose distutils Work Queue imports)
+    sys.path.extend(p for p in config.get("sys_path", ()) if p not in sys.path)
     try:
         wq = import_work_queue()
         q = wq.WorkQueue(port=config["port"], name=config["name"])
