@@ -175,7 +175,7 @@ class WorkQueueBackend(Backend):
         self._pending: dict[int, _Pending] = {}  # by the backend's task key
         self._keys = itertools.count(1)
         self._local: LocalWorkers | None = None
-        self._connected = 0
+        self._connected = self._lost_workers = 0
         self._failure: str | None = None
         self.resent = 0  # tasks Work Queue would have re-sent after losing their worker (we failed them)
         self.requeued = 0  # tasks a worker declined, re-sent by Work Queue (they had not run)
@@ -199,7 +199,7 @@ class WorkQueueBackend(Backend):
             raise BackendUnavailable(f"workqueue: {exc}") from exc
         if self._local_count and shutil.which("work_queue_worker") is None:
             raise BackendUnavailable("workqueue: work_queue_worker is not on PATH (coop-computing-tools)")
-        self._failure, self._connected = None, 0
+        self._failure, self._connected, self._lost_workers = None, 0, 0
         self._staging = Path(tempfile.mkdtemp(prefix="casa-wq-"))  # mode 700
         try:
             self._password_file = self._user_password_file or self._staging / "password"
@@ -362,9 +362,9 @@ class WorkQueueBackend(Backend):
         shutil.rmtree(p.directory, ignore_errors=True)
 
     def _on_stats(self, connected: int, lost_workers: int, requeued: int) -> None:
-        if lost_workers:
+        if lost_workers > self._lost_workers:
             log.info("workqueue: Work Queue lost a worker (%d lost so far)", lost_workers)
-        self._connected, self.requeued = connected, requeued
+        self._connected, self._lost_workers, self.requeued = connected, lost_workers, requeued
 
     def _tend_local_workers(self) -> None:
         local = self._local
