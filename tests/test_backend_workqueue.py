@@ -23,7 +23,7 @@ from test_backend_contract import listening_on
 
 import casa_executors as ce
 from casa_executors.errors import ChunkError, ExecutorOptionError
-from casa_executors.procs import in_sessions
+from casa_executors.procs import alive, in_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
@@ -258,7 +258,8 @@ def test_a_worker_without_the_password_is_refused(tmp_path, no_leftover_processe
     backend.hold()
     stranger = friend = None
     try:
-        pw = backend.password_file
+        pw, manager = backend.password_file, backend.manager_pid
+        assert manager != os.getpid() and alive(manager)  # Work Queue runs in a process of its own
         assert pw.stat().st_mode & 0o777 == 0o600 and len(pw.read_text()) >= 32
         assert listening_on(backend.port, backend.manager_pid) in ({"0.0.0.0"}, {"::"})  # every interface
         (tmp_path / "stranger").mkdir()
@@ -279,11 +280,31 @@ def test_a_worker_without_the_password_is_refused(tmp_path, no_leftover_processe
                 _stop(proc)
         backend.release()
     assert backend.password_file is None and not pw.exists()
+    assert backend.manager_pid is None and not alive(manager)  # stopped by PID
     for proc in (stranger, friend):
         deadline = time.time() + 5  # a warm server follows its worker within a second
         while in_sessions({proc.pid}) and time.time() < deadline:
             time.sleep(0.1)
         assert not in_sessions({proc.pid})
+
+
+def test_a_manager_process_that_dies_fails_the_tasks_it_had(no_leftover_processes):
+    """Nobody waits forever on a future when the manager process is killed: the reader thread sees its
+    end of the socket close and fails every pending task with WorkerLost, naming the manager."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    backend = WorkQueueBackend(workers=1)
+    backend.hold()
+    try:
+        assert backend.submit(abs, -1).result(timeout=120) == 1
+        future = backend.submit(time.sleep, 60)
+        os.kill(backend.manager_pid, signal.SIGKILL)
+        with pytest.raises(ce.WorkerLost, match="the manager process ended"):
+            future.result(timeout=30)
+        with pytest.raises(ce.WorkerLost, match="the manager process ended"):
+            backend.submit(abs, -2)
+    finally:
+        backend.release()
 
 
 def test_password_options(tmp_path):
