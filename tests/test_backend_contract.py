@@ -229,7 +229,9 @@ class WorkQueueKit(Kit):
 
     def check_rows(self, backend, rows):
         super().check_rows(backend, rows)
-        assert listening_on(backend.port) == {"127.0.0.1"}  # not 0.0.0.0, though Work Queue has no option
+        # every interface (cctools has no address option), behind the run's password (test_backend_workqueue)
+        assert listening_on(backend.port, backend.manager_pid) in ({"0.0.0.0"}, {"::"})
+        assert backend.password_file.stat().st_mode & 0o777 == 0o600
         assert {r.worker.rsplit(":", 1)[1] for r in rows} <= {str(p) for p in backend.worker_pids()}
 
     def victims(self, backend, busy):
@@ -255,8 +257,8 @@ def session_of(pid: int) -> int | None:
         return None
 
 
-def listening_on(port: int) -> set[str]:
-    return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+def listening_on(port: int, pid: int | None = None) -> set[str]:
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 

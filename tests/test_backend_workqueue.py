@@ -23,7 +23,7 @@ from test_backend_contract import listening_on
 
 import casa_executors as ce
 from casa_executors.errors import ChunkError, ExecutorOptionError
-from casa_executors.procs import in_sessions
+from casa_executors.procs import alive, in_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
@@ -219,31 +219,111 @@ def test_tasks_start_in_the_order_submitted(no_leftover_processes):
     assert not late, [round(s - starts[0], 2) for s in starts]
 
 
-def test_a_submission_ends_the_wait_at_once():
-    """Work Queue's wait lasts until a task finishes or the next whole second: a task submitted
-    meanwhile waited up to a second with a worker idle. With the wake-up pipe the wait ends at once."""
-    from casa_executors.backends.workqueue import import_work_queue
-    from casa_executors.backends.workqueue.native import LOOPBACK, Waiter, bound_to
+def test_no_private_internals_of_work_queue():
+    """The manager is a process of its own driven through Work Queue's documented Python API: no ctypes,
+    no mprotect, no calls into the extension's C symbols, and this process does not load Work Queue."""
+    wq_dir = REPO / "casa_executors" / "backends" / "workqueue"
+    assert not (wq_dir / "native.py").exists()
+    for module in wq_dir.glob("*.py"):
+        text = module.read_text()
+        for banned in ("mprotect", "work_queue_wait_internal", "link_attach_to_fd", "/proc/self/maps"):
+            assert banned not in text, (module.name, banned)
+        if module.name != "worker.py":  # the task script's PR_SET_PDEATHSIG, on the worker side
+            assert "ctypes" not in text, module.name
 
-    wq = import_work_queue()
-    with bound_to(wq, LOOPBACK):
-        q = wq.WorkQueue(port=0)
-    r, w = os.pipe()
-    wait = Waiter(wq, q, r)
+
+def _worker(host_port: tuple[str, int], workdir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["work_queue_worker", "--cores", "1", "--single-shot", "--connect-timeout", "30", *extra,
+         "--workdir", str(workdir), "-d", "all", "-o", str(workdir / "debug.log"), *host_port[0:1],
+         str(host_port[1])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
-        assert wait.wakes
-        wait(1)  # Work Queue's first wait does not poll: from the second on, it sleeps up to a second
-        t0 = time.perf_counter()
-        assert wait(1) is None
-        assert time.perf_counter() - t0 > 0.5  # nothing to do: it waited
-        os.write(w, b"\0")
-        t0 = time.perf_counter()
-        assert wait(1) is None
-        assert time.perf_counter() - t0 < 0.3
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_a_worker_without_the_password_is_refused(tmp_path, no_leftover_processes):
+    """The manager listens on every interface (cctools has no address option), so by default it takes
+    only workers that give the run's password: a real work_queue_worker without it is refused and runs
+    nothing, while one given the password file runs the tasks."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    backend = WorkQueueBackend(port=0)
+    backend.hold()
+    stranger = friend = None
+    try:
+        pw, manager = backend.password_file, backend.manager_pid
+        assert manager != os.getpid() and alive(manager)  # Work Queue runs in a process of its own
+        assert pw.stat().st_mode & 0o777 == 0o600 and len(pw.read_text()) >= 32
+        assert listening_on(backend.port, backend.manager_pid) in ({"0.0.0.0"}, {"::"})  # every interface
+        (tmp_path / "stranger").mkdir()
+        (tmp_path / "friend").mkdir()
+        stranger = _worker(("127.0.0.1", backend.port), tmp_path / "stranger")
+        future = backend.submit(os.getsid, 0)  # the session of whoever runs it
+        # the stranger connects, is challenged for a password it does not have, and (single-shot) exits
+        assert stranger.wait(60) == 0
+        log = (tmp_path / "stranger" / "debug.log").read_text(errors="replace")
+        assert "rx from manager: auth password" in log and "disconnecting from manager" in log, log[-2000:]
+        assert "rx from manager: task" not in log  # it was given nothing to run
+        assert not future.done() and backend._connected == 0
+        friend = _worker(("127.0.0.1", backend.port), tmp_path / "friend", "--password", str(pw))
+        assert future.result(timeout=120) == friend.pid  # ran in the session of the worker with the password
     finally:
-        wait.close()
-        os.close(w)
-        q._free_queue()
+        for proc in (stranger, friend):
+            if proc is not None:
+                _stop(proc)
+        backend.release()
+    assert backend.password_file is None and not pw.exists()
+    assert backend.manager_pid is None and not alive(manager)  # stopped by PID
+    for proc in (stranger, friend):
+        deadline = time.time() + 5  # a warm server follows its worker within a second
+        while in_sessions({proc.pid}) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not in_sessions({proc.pid})
+
+
+def test_a_manager_process_that_dies_fails_the_tasks_it_had(no_leftover_processes):
+    """Nobody waits forever on a future when the manager process is killed: the reader thread sees its
+    end of the socket close and fails every pending task with WorkerLost, naming the manager."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    backend = WorkQueueBackend(workers=1)
+    backend.hold()
+    try:
+        assert backend.submit(abs, -1).result(timeout=120) == 1
+        future = backend.submit(time.sleep, 60)
+        os.kill(backend.manager_pid, signal.SIGKILL)
+        with pytest.raises(ce.WorkerLost, match="the manager process ended"):
+            future.result(timeout=30)
+        with pytest.raises(ce.WorkerLost, match="the manager process ended"):
+            backend.submit(abs, -2)
+    finally:
+        backend.release()
+
+
+def test_password_options(tmp_path):
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    with pytest.raises(ExecutorOptionError, match="password= or password_file=, not both"):
+        ce.workqueue(password="a", password_file=tmp_path / "x")
+    with pytest.raises(ExecutorOptionError, match="password_file must be a readable file"):
+        ce.workqueue(password_file=tmp_path / "missing")
+    mine = tmp_path / "mine"
+    mine.write_text("my own secret")
+    backend = WorkQueueBackend(workers=1, password_file=mine)
+    backend.hold()
+    try:
+        assert backend.password_file == mine.resolve()
+        assert backend.submit(abs, -3).result(timeout=120) == 3  # our local worker was handed the user's file
+    finally:
+        backend.release()
+    assert mine.read_text() == "my own secret"  # the user's file stays
 
 
 # -- local workers started for one call -------------------------------------------------------
@@ -274,7 +354,7 @@ def test_port_with_external_worker(sample_files, reference, tmp_path, no_leftove
     (tmp_path / "pw").write_text("s3cret")
     with ex:
         port = ex.backend.port
-        assert port > 0 and listening_on(port) == {"127.0.0.1"} and ex.backend.worker_pids() == []
+        assert port > 0 and listening_on(port, ex.backend.manager_pid) and ex.backend.worker_pids() == []
         worker = subprocess.Popen(
             ["work_queue_worker", "--cores", "1", "--single-shot", "--connect-timeout", "30",
              "--password", str(tmp_path / "pw"), "--workdir", str(tmp_path), "127.0.0.1", str(port)],

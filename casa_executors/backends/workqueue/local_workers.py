@@ -1,4 +1,4 @@
-"""``work_queue_worker`` processes on this machine for a manager in this process: start, respawn, stop.
+"""``work_queue_worker`` processes on this machine for our manager: start, respawn, stop.
 
 Each worker leads its own session (``start_new_session``), so what it leaves
 behind (the warm servers of ``worker.py``, the task of a worker killed from
@@ -31,7 +31,8 @@ class _Worker:
 
 
 class LocalWorkers:
-    """``count`` single-core workers connecting to ``host:port``; logs and work directories in ``directory``."""
+    """``count`` single-core workers connecting to ``host:port`` with the run's ``password_file``; logs and work
+    directories in ``directory``."""
 
     def __init__(self, count: int, host: str, port: int, directory: Path, password_file: Path | None = None) -> None:
         self.count = count

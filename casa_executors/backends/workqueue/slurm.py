@@ -9,8 +9,8 @@ Each job runs a small wrapper instead of the bare worker: ``umask 077`` and a
 fresh private work directory (``mktemp -d`` under the job's ``$TMPDIR``),
 removed when the job ends. Tasks and their inputs, the bearer token inside
 them included, therefore sit on the worker's disk readable by the job's owner
-only. (cctools 9.9 does not encrypt manager-worker traffic; a password file,
-``password=``, keeps strangers' workers out.)
+only. (cctools 9.9 does not encrypt manager-worker traffic; the run's password file,
+given to the factory with ``--password``, keeps strangers' workers out.)
 
 Jobs carry a ``--comment`` naming this manager, so that whatever the factory
 leaves behind can still be found and cancelled.
