@@ -56,6 +56,7 @@ from typing import Any
 import cloudpickle
 
 from casa_executors.errors import CheckpointMismatch
+from casa_executors.internals import runner_work_arguments
 from casa_executors.merge import MergeTree, node_key
 from casa_executors.store import TMP, NodeCorrupt, Store
 
@@ -230,11 +231,8 @@ def fingerprint(*objs: Any) -> str:
 
 def _runner_arguments(work: Any) -> tuple[Any, dict[str, Any]] | None:
     """(processor, the other result-relevant options) of coffea Runner's work function."""
-    if not (isinstance(work, functools.partial) and getattr(work.func, "__qualname__", "") == "Runner._work_function"):
-        return None
-    try:
-        bound = inspect.signature(work.func).bind_partial(*work.args, **work.keywords).arguments
-    except TypeError:
+    bound = runner_work_arguments(work)
+    if bound is None:
         return None
     proc = bound.pop("processor_instance", None)
     if isinstance(proc, bytes):

@@ -368,7 +368,8 @@ def _runner_function(function: Any, attribute: str, expected: list[str], prefix:
 
 _RUNNER_PLAIN = {
     "automatic_retries": "coffea's retry loop runs inside each of the driver's attempts",
-    "_work_function": "each chunk reads its file's TTree again, as coffea does",
+    "_work_function": "each chunk reads its file's TTree again, as coffea does, and a checkpoint's run key "
+                      "holds the whole work function",
     "metadata_fetcher_root": "each chunk reads its file's TTree again, as coffea does",
 }
 
@@ -394,15 +395,23 @@ def unwrap_runner_retries(function: Any) -> tuple[Any, Any, bool]:
     return arguments["func"], arguments["skipbadfiles"], bool(use_result_type)
 
 
+_WORK_FUNCTION = ["format", "xrootdtimeout", "schema", "use_dataframes", "savemetrics", "item",
+                  "processor_instance", "uproot_options"]
+_METADATA_FUNCTION = ["xrootdtimeout", "align_clusters", "uproot_options", "item"]
+
+
+def runner_work_arguments(work: Any) -> dict[str, Any] | None:
+    """The arguments coffea Runner's chunk function (``Runner._work_function``) was given in ``work``, by
+    name (the checkpoint's run key is made of them); None if ``work`` is not that function."""
+    bound = _runner_function(work, "_work_function", _WORK_FUNCTION, prefix=True)
+    return None if bound is None else dict(bound.arguments)
+
+
 def with_uproot_options(function: Any, change: Callable[[Any], dict | None]) -> Any | None:
     """coffea Runner's chunk function (``_work_function``) or its file-metadata function
     (``metadata_fetcher_root``) with ``uproot_options`` replaced by ``change(options)``; None when
     ``function`` is neither, or ``change`` gives None (leave them)."""
-    for attribute, expected in (
-        ("_work_function", ["format", "xrootdtimeout", "schema", "use_dataframes", "savemetrics", "item",
-                            "processor_instance", "uproot_options"]),
-        ("metadata_fetcher_root", ["xrootdtimeout", "align_clusters", "uproot_options", "item"]),
-    ):
+    for attribute, expected in (("_work_function", _WORK_FUNCTION), ("metadata_fetcher_root", _METADATA_FUNCTION)):
         bound = _runner_function(function, attribute, expected, prefix=True)
         if bound is None:
             continue
