@@ -210,10 +210,26 @@ def _release() -> None:
                     setattr(owner, name, own)
 
 
+_located: dict[str, tuple[type, str]] = {}
+_wrapped: dict[str, tuple[Any, Any]] = {}  # patch -> (the attribute wrapped, ours): made once for each
+
+
+def _static(owner: type, name: str) -> Any:
+    """``owner``'s attribute ``name`` as stored (a classmethod, not the bound method); its class's if inherited."""
+    for klass in owner.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    raise AttributeError(f"{owner.__name__} has no attribute {name!r}")
+
+
 def _install(patch: Patch) -> None:
+    """Put ``patch`` in place if what it replaces looks as expected (the check runs once for each object)."""
     try:
-        owner, name = patch.locate()
-        found = inspect.getattr_static(owner, name)
+        located = _located.get(patch.name)
+        if located is None:
+            located = _located[patch.name] = patch.locate()
+        owner, name = located
+        found = _static(owner, name)
     except Exception as exc:
         unexpected(patch.name, patch.package, f"not found: {type(exc).__name__}: {exc}", patch.plain)
         return
@@ -221,7 +237,10 @@ def _install(patch: Patch) -> None:
     if problem is not None:
         unexpected(patch.name, patch.package, problem, patch.plain)
         return
-    ours = patch.wrap(found)
+    wrapped = _wrapped.get(patch.name)
+    if wrapped is None or wrapped[0] is not found:
+        wrapped = _wrapped[patch.name] = (found, patch.wrap(found))
+    ours = wrapped[1]
     own = owner.__dict__.get(name, _ABSENT)
     setattr(owner, name, ours)
     _installed.append((owner, name, own, ours))
@@ -359,11 +378,16 @@ def _runner_function(function: Any, attribute: str, expected: list[str], prefix:
     problem = checked(name, function.func, lambda f: _signature_problem(f, expected, prefix))
     if problem is None:
         try:
-            return inspect.signature(function.func).bind_partial(*function.args, **function.keywords)
+            return _signature(function.func).bind_partial(*function.args, **function.keywords)
         except TypeError as exc:
             problem = f"its partial does not bind: {exc}"
     unexpected(name, "coffea", problem, _RUNNER_PLAIN.get(attribute, "coffea's function is used as it is"))
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
 
 
 _RUNNER_PLAIN = {

@@ -227,8 +227,17 @@ def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     the same thread's chunks of that file do not read it again (the driver gives the processing that
     follows the same run: ``Driver._file_run``).
     """
+    global _kept_last
+    last = _kept_last
+    if last is not None and last[0] is function:  # in process, every batch of a run brings the same function
+        return last[1]
     kept = internals.with_uproot_options(function, _with_object_cache)
-    return function if kept is None else _WhenAllowed(kept, function)
+    out = function if kept is None else _WhenAllowed(kept, function)
+    _kept_last = (function, out)
+    return out
+
+
+_kept_last: tuple[Any, Any] | None = None  # keep_files_open's last function and what it gave
 
 
 class _WhenAllowed:
