@@ -103,6 +103,16 @@ def test_the_switch_reaches_the_chunk_and_the_patches_are_in_place_only_meanwhil
     assert seen() == {(True, tuple(PATCHED))}
 
 
+def test_the_switch_crosses_to_worker_processes(dataset, no_leftover_processes):
+    """With the task batch: a futures worker (another process) obeys the executor's option."""
+    for option, want in ((False, {(False, ())}), (True, {(True, tuple(PATCHED))})):
+        ex = casa_executors.futures(workers=1, status=False, internals=option)
+        try:
+            assert _run(ex, dataset, 0, BaseSchema, Observed())["seen"] == want, option
+        finally:
+            ex.close()
+
+
 def test_a_worker_reads_the_environment_too(dataset, monkeypatch):
     """The batch says on (the driver's option and environment); the worker's environment says off."""
     item = WorkItem("adl", dataset[0], "Events", 0, 10, "uuid", None)
