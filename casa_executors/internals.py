@@ -119,7 +119,7 @@ def unexpected(name: str, package: str, problem: str, plain: str) -> None:
         _warned.add(name)
     text = (f"casa_executors: {package} {_version(package)}'s {name} does not look as expected ({problem}); "
             f"{plain} (the same output). These checks know {package} {KNOWN.get(package, '?')}; "
-            f"internals=False or {ENV}=0 turns casa_executors' use of coffea and uproot internals off.")
+            f"internals=False or {ENV}=0 turns off the optimisations that rest on such internals.")
     log.warning("%s", text)
     warnings.warn(text, InternalsWarning, stacklevel=3)
 
