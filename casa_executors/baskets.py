@@ -7,7 +7,8 @@ of 100k read 672 MB from files of 373 MB, where RDataFrame, reading each file in
 basket once. uproot 5 has no basket cache (uproot 3's ``basketcache`` is gone), but its
 ``TBranch.entries_to_ranges_or_baskets`` may hand back a basket already read in place of its byte range
 (it does so for embedded baskets), and uproot then only interprets it. So, while one of our chunks runs
-on a thread (``source.metering``):
+on a thread (``source.metering``) with the optimisations on (:mod:`casa_executors.internals` wraps those
+two uproot functions then, after checking them, and calls :func:`kept` and :func:`read`):
 
 * a basket the chunk's entries cover only in part is kept when it is read (``Model_TBasket.read`` is
   wrapped: it is read in uproot's own batch of ranges, one request with the chunk's other baskets);
@@ -31,8 +32,6 @@ import numpy
 
 BASKET_BYTES_PER_THREAD = 256 * 2**20  # decompressed; ADL Q7 at chunks of 100k keeps at most 28 MB (12 baskets)
 
-_install_lock = threading.Lock()
-_installed = False
 _local = threading.local()  # .baskets: the running chunk's store; .wanted: baskets to keep once read
 
 
@@ -108,53 +107,34 @@ def active(baskets: Baskets | None) -> Baskets | None:
     return outer
 
 
-def install() -> None:
-    """Wrap uproot's ``TBranch.entries_to_ranges_or_baskets`` and ``Model_TBasket.read`` (once per process)."""
-    global _installed
-    if _installed:
+def current() -> Baskets | None:
+    """This thread's store, if a chunk of ours is running on it (:func:`active`)."""
+    return getattr(_local, "baskets", None)
+
+
+def kept(branch: Any, num: int, first: int, last: int, entry_start: int, entry_stop: int) -> Any | None:
+    """The kept basket ``num`` (entries ``first`` to ``last``) of ``branch`` for a chunk reading entries
+    ``entry_start`` to ``entry_stop``; None: uproot reads it (and it is kept then if the chunk has only
+    part of it: :func:`read`)."""
+    baskets = current()
+    if baskets is None or (entry_start <= first and last <= entry_stop):
+        return None  # this chunk's alone: never kept
+    entries = min(last, entry_stop) - max(first, entry_start)
+    key = (branch.file.file_path, branch.cache_key, num)
+    basket = baskets.take(key, 0 if key in _local.had else entries)
+    _local.had.add(key)
+    if basket is None:  # kept when uproot has read it, on this thread (coffea's TrivialExecutor)
+        _local.wanted[(id(branch), num)] = (key, last - first - entries)
+    return basket
+
+
+def read(branch: Any, basket: Any, chunk: Any) -> None:
+    """uproot has read ``basket`` of ``branch`` from ``chunk``: keep it if a chunk wanted it (:func:`kept`)."""
+    wanted = getattr(_local, "wanted", None)
+    # an uncompressed basket's data is a view of what was read: never of a memory map kept past its file
+    if not wanted or isinstance(getattr(chunk, "raw_data", None), numpy.memmap):
         return
-    with _install_lock:
-        if _installed:
-            return
-        from uproot.behaviors.TBranch import TBranch
-        from uproot.models.TBasket import Model_TBasket
-
-        to_ranges = TBranch.entries_to_ranges_or_baskets
-        read = Model_TBasket.read.__func__  # uproot.model.Model's
-
-        def entries_to_ranges_or_baskets(self, entry_start, entry_stop):
-            out = to_ranges(self, entry_start, entry_stop)
-            baskets = getattr(_local, "baskets", None)
-            if baskets is None:
-                return out
-            offsets = self.entry_offsets
-            for i, (num, range_or_basket) in enumerate(out):
-                if not isinstance(range_or_basket, tuple):
-                    continue  # embedded in the branch: no read
-                first, last = offsets[num], offsets[num + 1]
-                if entry_start <= first and last <= entry_stop:
-                    continue  # this chunk's alone
-                entries = min(last, entry_stop) - max(first, entry_start)
-                key = (self.file.file_path, self.cache_key, num)
-                basket = baskets.take(key, 0 if key in _local.had else entries)
-                _local.had.add(key)
-                if basket is not None:
-                    out[i] = (num, basket)
-                else:  # kept when uproot has read it (below), on this thread (coffea's TrivialExecutor)
-                    _local.wanted[(id(self), num)] = (key, last - first - entries)
-            return out
-
-        def read_basket(cls, chunk, cursor, context, file, selffile, parent, concrete=None):
-            basket = read(cls, chunk, cursor, context, file, selffile, parent, concrete)
-            wanted = getattr(_local, "wanted", None)
-            # an uncompressed basket's data is a view of what was read: never of a memory map kept past its file
-            if wanted and not isinstance(getattr(chunk, "raw_data", None), numpy.memmap):
-                want = wanted.pop((id(parent), context.get("basket_num")), None)
-                baskets = getattr(_local, "baskets", None)
-                if want is not None and baskets is not None:
-                    baskets.keep(want[0], basket, want[1])
-            return basket
-
-        TBranch.entries_to_ranges_or_baskets = entries_to_ranges_or_baskets
-        Model_TBasket.read = classmethod(read_basket)
-        _installed = True
+    want = wanted.pop((id(branch), basket.basket_num), None)
+    baskets = current()
+    if want is not None and baskets is not None:
+        baskets.keep(want[0], basket, want[1])

@@ -70,6 +70,7 @@ import cloudpickle
 
 from casa_executors import signing
 from casa_executors.errors import CheckpointMismatch, UntrustedData
+from casa_executors.internals import runner_work_arguments
 from casa_executors.merge import MergeTree, node_key
 from casa_executors.store import HEADER, TMP, NodeCorrupt, Store
 
@@ -246,11 +247,8 @@ def fingerprint(*objs: Any) -> str:
 
 def _runner_arguments(work: Any) -> tuple[Any, dict[str, Any]] | None:
     """(processor, the other result-relevant options) of coffea Runner's work function."""
-    if not (isinstance(work, functools.partial) and getattr(work.func, "__qualname__", "") == "Runner._work_function"):
-        return None
-    try:
-        bound = inspect.signature(work.func).bind_partial(*work.args, **work.keywords).arguments
-    except TypeError:
+    bound = runner_work_arguments(work)
+    if bound is None:
         return None
     proc = bound.pop("processor_instance", None)
     if isinstance(proc, bytes):

@@ -27,13 +27,11 @@ import warnings
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import cloudpickle
 from coffea.processor import accumulate
-from coffea.processor.executor import ExecutorBase, Runner
-from coffea.util import _exception_chain
+from coffea.processor.executor import ExecutorBase
 
 from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, Planner, Todo, adaptable
 from casa_executors.backends.base import Backend
@@ -41,6 +39,8 @@ from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
 from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost, chunk_error
 from casa_executors.heap import old_heap_frozen
+from casa_executors.internals import exception_chain as _exception_chain
+from casa_executors.internals import runner_raises_returned, unwrap_runner_retries
 from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
 from casa_executors.outputs import Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
@@ -52,20 +52,7 @@ NOT_RUN = "NotRun"
 log = logging.getLogger(__name__)
 # coffea's Runner raises an exception an executor returns (setting its partial_output) when
 # skipbadfiles does not cover it; then the driver returns the run-stopping failure instead of raising it
-_RUNNER_RAISES_RETURNED = "partial_output" in Runner._run.__code__.co_names
-
-
-def unwrap_runner_retries(function: Any) -> tuple[Any, Any, bool]:
-    """Take coffea Runner's in-worker retry loop off ``function``.
-
-    Runner wraps the work in ``automatic_retries(retries, skipbadfiles, f)``;
-    the driver retries across workers instead, so a chunk is attempted exactly
-    ``retries + 1`` times. Returns ``(f, skipbadfiles, use_result_type)``.
-    """
-    if isinstance(function, partial) and getattr(function.func, "__qualname__", "") == "Runner.automatic_retries":
-        _, skipbadfiles, inner = function.args[:3]
-        return inner, skipbadfiles, bool(function.keywords.get("use_result_type", False))
-    return function, False, False
+_RUNNER_RAISES_RETURNED = runner_raises_returned()
 
 
 @dataclass
@@ -86,6 +73,9 @@ class Driver(ExecutorBase):
     store: str | None = None  # where workers put outputs to merge them (a folder or URL they all reach)
     merge: str = "auto"  # "workers": merge on the engine (or fail), "driver": in this process
     target_task_s: float | None = None  # adaptive chunking: tasks of about this many seconds (adaptive.py)
+    # False: no optimisation that rests on coffea/uproot internals (kept TTrees, NanoEvents forms, kept baskets),
+    # on the driver and the workers; so does CASA_EXECUTORS_INTERNALS=0 in either's environment (internals.py)
+    internals: bool = True
     # the run id of a preprocessing call not yet followed by processing; Runner's copies of this executor
     # share the list, so the processing of the same Runner call reads the files preprocessing opened
     _file_runs: list[str] = field(default_factory=list, repr=False)
@@ -117,6 +107,8 @@ class Driver(ExecutorBase):
                                           f"got {value!r}")
         if self.store is not None and self.checkpoint is not None:
             raise ExecutorOptionError("give store= or checkpoint=, not both: a checkpoint is where the outputs go")
+        if not isinstance(self.internals, bool):
+            raise ExecutorOptionError(f"internals must be True or False, got {self.internals!r}")
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)
@@ -495,7 +487,8 @@ class _Run:
             tasks = [self._task(level, index) for level, index in take]
             takes.append(take)
             batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router,
-                                     run=self.run_id, folds=[] if self.planner else self._folds(take)))
+                                     run=self.run_id, folds=[] if self.planner else self._folds(take),
+                                     internals=self.driver.internals))
         if not batches:
             return
         try:

@@ -6,22 +6,21 @@ for every chunk, although it depends only on the tree. On the 86-branch ADL file
 third of an ADL Q1 chunk's time in a profile (chunks of 100k events). Workers keep each
 file's TTree between chunks (``source.OpenFiles``); this keeps the form it gives, keyed by
 the file's UUID, the tree's path and the options, and hands each chunk its own copy (coffea
-adds to it). coffea has no hook for it: the classmethod is wrapped once per process, the
-wrapper calls the original on anything it does not know (a tree without a file UUID).
+adds to it). coffea has no hook for it: :mod:`casa_executors.internals` wraps the classmethod
+while our tasks run (and checks it first); the wrapper calls :func:`form`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 FORMS_KEPT = 64  # trees' forms per process (a few hundred kB each for 86 branches)
 
 _lock = threading.Lock()
 _forms: OrderedDict[tuple, dict] = OrderedDict()
-_installed = False
-_original: Any = None  # coffea's own function, wrapped
 
 
 def _copy(form: Any) -> Any:
@@ -33,35 +32,24 @@ def _copy(form: Any) -> Any:
     return form
 
 
-def install() -> None:
-    """Wrap coffea's ``UprootSourceMapping._extract_base_form`` with the per-process memo (once)."""
-    global _installed, _original
-    if _installed:
-        return
+def form(cls: type, tree: Any, iteritems_options: dict, build: Callable[[type, Any, dict], Any]) -> Any:
+    """The base form ``build(cls, tree, iteritems_options)`` gives (coffea's own function), kept per tree;
+    a copy of its own for each call."""
+    try:
+        key = (cls, str(tree.file.uuid), tree.object_path, tree.cursor.index,
+               repr(sorted(iteritems_options.items())))
+    except Exception:  # not a TTree of a file: nothing to key it by
+        return build(cls, tree, iteritems_options)
     with _lock:
-        if _installed:
-            return
-        from coffea.nanoevents.mapping.uproot import UprootSourceMapping
-
-        original = _original = UprootSourceMapping.__dict__["_extract_base_form"].__func__
-
-        def _extract_base_form(cls, tree, iteritems_options={}):  # noqa: B006 (coffea's signature)
-            try:
-                key = (cls, str(tree.file.uuid), tree.object_path, tree.cursor.index,
-                       repr(sorted(iteritems_options.items())))
-            except Exception:  # not a TTree of a file: nothing to key it by
-                return original(cls, tree, iteritems_options)
-            with _lock:
-                form = _forms.get(key)
-                if form is not None:
-                    _forms.move_to_end(key)
-            if form is None:
-                form = original(cls, tree, iteritems_options)
-                with _lock:
-                    _forms[key] = form
-                    while len(_forms) > FORMS_KEPT:
-                        _forms.popitem(last=False)
-            return _copy(form)
-
-        UprootSourceMapping._extract_base_form = classmethod(_extract_base_form)
-        _installed = True
+        kept = _forms.get(key)
+        if kept is not None:
+            _forms.move_to_end(key)
+    if kept is None:
+        kept = build(cls, tree, iteritems_options)
+        if not isinstance(kept, dict):  # not the JSON form expected: coffea's, as it is, every time
+            return kept
+        with _lock:
+            _forms[key] = kept
+            while len(_forms) > FORMS_KEPT:
+                _forms.popitem(last=False)
+    return _copy(kept)

@@ -20,7 +20,6 @@ source.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
 import threading
@@ -32,7 +31,7 @@ import uproot
 import uproot.source.chunk
 from uproot.source.fsspec import FSSpecSource
 
-from casa_executors import baskets, nanoforms
+from casa_executors import baskets, internals
 from casa_executors.errors import AllEndpointsFailed  # also importable from here, its first home
 from casa_executors.xcache.tokens import redact
 
@@ -220,28 +219,37 @@ class ThreadObjectCache(MutableMapping):
 
 def keep_files_open(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """coffea Runner's chunk function (or its file-metadata function), with uproot objects kept
-    between the chunks of a thread.
+    between the chunks of a thread while the task allows coffea/uproot internals (``internals.active``).
 
     Runner opens every chunk's file with its ``uproot_options``; adding ``object_cache``
-    there (unless the user gave one) is the only way in without changing coffea. The metadata
-    function reads each file's TTree too: kept, the same thread's chunks of that file do not read
-    it again (the driver gives the processing that follows the same run: ``Driver._file_run``).
+    there (unless the user gave one) is the only way in without changing coffea
+    (:func:`internals.with_uproot_options`). The metadata function reads each file's TTree too: kept,
+    the same thread's chunks of that file do not read it again (the driver gives the processing that
+    follows the same run: ``Driver._file_run``).
     """
-    if not isinstance(function, functools.partial):
-        return function
-    name = getattr(function.func, "__qualname__", "")
-    if name == "Runner._work_function":
-        nanoforms.install()  # NanoEvents' base form once per tree, not once per chunk
-        baskets.install()  # a basket two chunks share, read once
-        options = _with_object_cache(function.keywords.get("uproot_options"))
-        if options is not None:
-            return functools.partial(function.func, *function.args, **{**function.keywords, "uproot_options": options})
-    elif name == "Runner.metadata_fetcher_root" and len(function.args) == 3 and not function.keywords:
-        timeout, align_clusters, options = function.args  # coffea's partial(fetcher, timeout, align, options)
-        options = _with_object_cache(options)
-        if options is not None:
-            return functools.partial(function.func, timeout, align_clusters, options)
-    return function
+    global _kept_last
+    last = _kept_last
+    if last is not None and last[0] is function:  # in process, every batch of a run brings the same function
+        return last[1]
+    kept = internals.with_uproot_options(function, _with_object_cache)
+    out = function if kept is None else _WhenAllowed(kept, function)
+    _kept_last = (function, out)
+    return out
+
+
+_kept_last: tuple[Any, Any] | None = None  # keep_files_open's last function and what it gave
+
+
+class _WhenAllowed:
+    """``fast`` while this thread's task allows coffea/uproot internals, else ``plain`` (coffea's own)."""
+
+    __slots__ = ("fast", "plain")
+
+    def __init__(self, fast: Callable[[Any], Any], plain: Callable[[Any], Any]) -> None:
+        self.fast, self.plain = fast, plain
+
+    def __call__(self, item: Any) -> Any:
+        return (self.fast if internals.active() else self.plain)(item)
 
 
 def _with_object_cache(options: Any) -> dict[str, Any] | None:
@@ -304,6 +312,7 @@ class MeteredSource(uproot.source.chunk.Source):
         self._file_path = file_path
         self._options = options
         self._inner: uproot.source.chunk.Source | None = None
+        self._requests = [0, 0, 0]  # requests, chunks, bytes
         self._route()
 
     @property
@@ -369,10 +378,25 @@ class MeteredSource(uproot.source.chunk.Source):
                 self._failed(self._label, self._candidates[self._position][1], exc)
                 self._open_next()
 
+    # uproot's Source counts in private attributes its subclasses set: these are ours, through its public names
+    @property
+    def num_requests(self) -> int:
+        return self._requests[0]
+
+    @property
+    def num_requested_chunks(self) -> int:
+        return self._requests[1]
+
+    @property
+    def num_requested_bytes(self) -> int:
+        return self._requests[2]
+
+    def _count(self, chunks: int, nbytes: int) -> None:
+        r = self._requests
+        r[0], r[1], r[2] = r[0] + 1, r[1] + chunks, r[2] + nbytes
+
     def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
-        self._num_requests += 1
-        self._num_requested_chunks += 1
-        self._num_requested_bytes += stop - start
+        self._count(1, stop - start)
         self._io.add_bytes(stop - start)
         return self._call(lambda s: s.chunk(start, stop))
 
@@ -380,9 +404,7 @@ class MeteredSource(uproot.source.chunk.Source):
         self, ranges: list[tuple[int, int]], notifications: queue.Queue
     ) -> list[uproot.source.chunk.Chunk]:
         n = sum(stop - start for start, stop in ranges)
-        self._num_requests += 1
-        self._num_requested_chunks += len(ranges)
-        self._num_requested_bytes += n
+        self._count(len(ranges), n)
         self._io.add_bytes(n)
         self._reopen()
         if not self._can_fail_over:
@@ -435,8 +457,4 @@ def _forget(source: uproot.source.chunk.Source) -> None:
     """
     with contextlib.suppress(Exception):
         source.__exit__(None, None, None)
-    fs = getattr(source, "_fs", None)
-    with contextlib.suppress(Exception):
-        fs.invalidate_cache()
-    with contextlib.suppress(Exception):
-        type(fs).clear_instance_cache()
+    internals.drop_cached_handles(source)

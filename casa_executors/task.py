@@ -25,6 +25,7 @@ import cloudpickle
 
 from casa_executors.errors import RemoteError, rebuild, type_path
 from casa_executors.heap import old_heap_frozen
+from casa_executors.internals import allowed, env_allows
 from casa_executors.merge import MergeFailed, node_key
 from casa_executors.merge import fold as fold_outputs
 from casa_executors.source import ChunkIO, Router, keep_files_open, metering, open_files
@@ -65,6 +66,12 @@ class TaskBatch:
     # called on the worker with the results before they are returned (Dask: pushes their metadata)
     notify: Callable[[list[ChunkResult]], None] | None = None
     folds: list[Fold] = field(default_factory=list)
+    # optimisations resting on coffea/uproot internals (the executor's ``internals``, and-ed with the
+    # environment here and again on the worker: casa_executors.internals)
+    internals: bool = True
+
+    def __post_init__(self) -> None:
+        self.internals = bool(self.internals) and env_allows()
 
 
 @dataclass
@@ -312,7 +319,8 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
     else:
         folds = {f.start: f for f in batch.folds}
         results, position = [], 0
-        with old_heap_frozen():  # full GC passes skip the worker's imports and kept trees meanwhile
+        # full GC passes skip the worker's imports and kept trees meanwhile
+        with old_heap_frozen(), allowed(batch.internals):
             while position < len(batch.tasks):
                 fold = folds.get(position)
                 if fold is None:

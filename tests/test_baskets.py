@@ -16,7 +16,7 @@ from coffea import processor
 from coffea.nanoevents import BaseSchema
 
 import casa_executors
-from casa_executors import baskets
+from casa_executors import baskets, internals
 
 ENTRIES, BASKET, CHUNK = 1000, 300, 250
 
@@ -72,10 +72,14 @@ def test_each_basket_is_read_once_and_the_output_is_coffeas(files, monkeypatch, 
         out = _run(ex, files)
         assert out == reference and out["n"] == 2 * ENTRIES, name
         kept[name] = [r.bytes_read for r in sorted(ex.report.rows(), key=lambda r: (r.filename, r.entrystart))]
-    monkeypatch.setattr(baskets, "BASKET_BYTES_PER_THREAD", 0)  # none kept (in this process): uproot's reads
+    switched_off = casa_executors.iterative(status=False, internals=False)  # uproot's own reading
+    assert _run(switched_off, files) == reference
+    monkeypatch.setattr(baskets, "BASKET_BYTES_PER_THREAD", 0)  # none kept (in this process)
     ex = casa_executors.iterative(status=False)
     assert _run(ex, files) == reference
     none_kept = sum(r.bytes_read for r in ex.report.rows())
+    # off, every chunk reads its file's TTree again too (no object kept): more than with none kept
+    assert sum(r.bytes_read for r in switched_off.report.rows()) > none_kept
     # every chunk edge (250, 500, 750) cuts one basket of each branch read: read twice with none kept
     assert none_kept - sum(kept["iterative"]) == _cut_basket_bytes(files), (none_kept, kept)
     # a worker's chunks after a file's first read what this thread's did (the first also reads the TTree there)
@@ -87,12 +91,11 @@ def test_chunks_out_of_order_read_each_basket_once(files):
     """However a thread's chunks of a file come, a basket is kept until its entries are all had."""
     from casa_executors.source import ChunkIO, metering, open_files
 
-    baskets.install()
     io = ChunkIO()
     ranges = [(750, 1000), (0, 250), (500, 750), (250, 500)]
     parts = {}
-    for start, stop in ranges:  # a chunk each, as a worker thread runs them
-        with metering(io), uproot.open(files[0]) as f:
+    for start, stop in ranges:  # a chunk each, as a worker thread runs them (internals.allowed: as run_batch)
+        with internals.allowed(), metering(io), uproot.open(files[0]) as f:
             parts[start] = f["Events"]["y"].array(entry_start=start, entry_stop=stop)
     kept_after = len(open_files().baskets)
     with uproot.open(files[0]) as f:
@@ -103,7 +106,7 @@ def test_chunks_out_of_order_read_each_basket_once(files):
     assert ak.to_list(ak.concatenate([parts[s] for s in sorted(parts)])) == ak.to_list(whole)
     assert kept_after == 0, "a basket all of whose entries were had is still kept"
     header = ChunkIO()
-    with metering(header), uproot.open(files[0]) as f:
+    with internals.allowed(), metering(header), uproot.open(files[0]) as f:
         f["Events"]["y"]  # the file's header and its TTree: what every open above read before its baskets
     assert io.bytes_read == once + len(ranges) * header.bytes_read, (io.bytes_read, once, header.bytes_read)
 

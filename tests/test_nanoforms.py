@@ -15,7 +15,7 @@ from analysis import run, same
 from coffea.nanoevents.mapping.uproot import UprootSourceMapping
 
 import casa_executors
-from casa_executors import nanoforms
+from casa_executors import internals, nanoforms
 
 
 def _counting(tree, calls: list[int]):
@@ -30,11 +30,10 @@ def _counting(tree, calls: list[int]):
 
 
 def test_a_trees_form_is_built_once_and_each_call_gets_its_own_copy(sample_files, monkeypatch):
-    nanoforms.install()
     # forms of earlier runs in this process: the sample's copies share its UUID, so one of them may be kept
     monkeypatch.setattr(nanoforms, "_forms", type(nanoforms._forms)())
     calls: list[int] = []
-    with uproot.open(sample_files[0]) as f:
+    with internals.allowed(), uproot.open(sample_files[0]) as f:  # as in a task of ours
         tree = _counting(f["Events"], calls)
         first = UprootSourceMapping._extract_base_form(tree)
         first["typenames"] = {"coffea": "adds this to its own copy"}
@@ -49,26 +48,44 @@ def test_another_file_gets_its_own_form(sample_files, tmp_path):
     """A rewritten file has a new UUID: its form is built again, not taken from the old one."""
     import awkward as ak
 
-    nanoforms.install()
     path = tmp_path / "x.root"
     shutil.copy(sample_files[0], path)
-    with uproot.open(path) as f:
+    with internals.allowed(), uproot.open(path) as f:
         before = UprootSourceMapping._extract_base_form(f["Events"])
     with uproot.recreate(path) as f:  # another file at the same path, with one branch only
         f["Events"] = {"MET_pt": ak.Array([1.0, 2.0])}
     calls: list[int] = []
-    with uproot.open(path) as f:
+    with internals.allowed(), uproot.open(path) as f:
         after = UprootSourceMapping._extract_base_form(_counting(f["Events"], calls))
     assert calls == [1] and after["fields"] == ["MET_pt"] and len(before["fields"]) > 50
 
 
 def test_the_output_is_coffeas_own(sample_files, monkeypatch):
-    """coffea's IterativeExecutor with its own per-chunk form, then ours with the form kept: the same bits."""
+    """coffea's IterativeExecutor with its own per-chunk form, then ours with the form kept: the same bits;
+    coffea's function is its own again outside our tasks."""
     from coffea import processor
 
-    nanoforms.install()
-    with monkeypatch.context() as m:
-        m.setattr(UprootSourceMapping, "_extract_base_form", classmethod(nanoforms._original))
-        want = run(processor.IterativeExecutor(), sample_files, chunksize=100)
-    assert UprootSourceMapping.__dict__["_extract_base_form"].__func__ is not nanoforms._original
+    coffeas = UprootSourceMapping.__dict__["_extract_base_form"]
+    want = run(processor.IterativeExecutor(), sample_files, chunksize=100)
+    monkeypatch.setattr(nanoforms, "_forms", type(nanoforms._forms)())
     assert same(run(casa_executors.iterative(status=False), sample_files, chunksize=100), want)
+    assert len(nanoforms._forms) == 1, "the sample's copies share one UUID: one form kept"
+    assert UprootSourceMapping.__dict__["_extract_base_form"] is coffeas
+
+
+def test_outside_our_tasks_coffea_builds_the_form(sample_files, monkeypatch):
+    """A thread not running a task of ours (coffea's own executor, a user) gets coffea's own function,
+    even while another thread's task has the wrapper in place; so does a task with the switch off."""
+    monkeypatch.setattr(nanoforms, "_forms", type(nanoforms._forms)())
+    calls: list[int] = []
+    with uproot.open(sample_files[0]) as f:
+        tree = _counting(f["Events"], calls)
+        with internals.allowed(False):
+            UprootSourceMapping._extract_base_form(tree)
+            UprootSourceMapping._extract_base_form(tree)
+        assert internals.installed() == []
+        with internals.allowed():
+            assert "UprootSourceMapping._extract_base_form" in internals.installed()
+            with internals.allowed(False):  # e.g. another thread's: the patch is in place, this one is off
+                UprootSourceMapping._extract_base_form(tree)
+    assert calls == [1, 1, 1] and not nanoforms._forms
