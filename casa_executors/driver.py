@@ -39,7 +39,7 @@ from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, Planner, Todo, adapt
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
-from casa_executors.errors import CHUNK_ATTRIBUTES, ExecutorOptionError, WorkerLost, annotate, describe
+from casa_executors.errors import ExecutorOptionError, WorkerLost, annotate, describe
 from casa_executors.heap import old_heap_frozen
 from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
 from casa_executors.outputs import Lost, check_merge_option, choose
@@ -633,8 +633,8 @@ class _Run:
             "executor.report.failures() lists them; .partial_output holds the output of the others "
             "(recoverable=True or Runner(skipbadfiles=...) keep going past such failures)",
         ]
-        values = (partial, item, self.attempts[index], row.worker, row.host, self.phase.name, self.driver.report)
-        return annotate(exc, notes, **dict(zip(CHUNK_ATTRIBUTES, values, strict=True)))
+        return annotate(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
+                        worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
 
 
 def _place(item: Any) -> str:

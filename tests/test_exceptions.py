@@ -12,6 +12,7 @@ naming it; an exception that refuses attributes is the ``__cause__`` of a ChunkE
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 import traceback
 from pathlib import Path
@@ -127,6 +128,7 @@ def check_no_made_types(err: BaseException) -> None:
 
 
 def check_chunk_attributes(err: BaseException, backend, phase: str = "processing", attempts: int = 1) -> None:
+    assert set(errors.CHUNK_ATTRIBUTES) <= set(vars(err)), vars(err).keys()  # on the exception itself
     assert err.phase == phase and err.attempts == attempts and err.worker and err.host
     notes = "\n".join(err.__notes__)
     where = f"{phase} of {err.item.filename} entries {err.item.entrystart}-{err.item.entrystop}"
@@ -225,6 +227,30 @@ def test_exception_refusing_attributes_is_the_cause_of_a_chunk_error(backend, sa
     assert "refused the chunk's attributes" in "\n".join(wrapper.__notes__)
     check_printable(wrapper)
     check_no_made_types(wrapper)
+
+
+# what a task that ends its worker's process fails with, per engine (as test_backend_contract's kits say)
+LOST = {"futures": "concurrent.futures.process:BrokenProcessPool", "dask": "distributed:KilledWorker",
+        "parsl": "parsl.executors.high_throughput.errors:WorkerLost", "spark": "casa_executors.errors:WorkerLost",
+        "workqueue": "casa_executors.errors:WorkerLost"}
+
+
+def die():
+    os._exit(3)
+
+
+def test_lost_worker_is_a_clear_error(backend, sample_root):
+    """Last on each engine (it loses a worker): the engine's own error, with the chunk's attributes and note."""
+    if backend.in_process:
+        pytest.skip("the chunk would end this process")
+    err = raised(backend, [sample_root], Raising(die, bad=0))
+    assert errors.type_path(type(err)) == LOST[backend.name]
+    text = check_printable(err)
+    check_no_made_types(err)
+    assert err.phase == "processing" and err.attempts == 1 and err.item.entrystart == 0  # no worker: it is gone
+    notes = "\n".join(err.__notes__)
+    assert f"processing of {sample_root} entries 0-500" in notes and f"{type(err).__name__}: " in notes
+    assert type(err).__name__ in text
 
 
 def raise_frozen(item):
