@@ -26,6 +26,8 @@ from typing import Any
 import cloudpickle
 import tblib
 
+from casa_executors.xcache.tokens import redact
+
 log = logging.getLogger(__name__)
 
 # what the driver sets on the exception a run raises (coffea's Runner reads partial_output)
@@ -253,8 +255,6 @@ def chain_of(exc: BaseException, limit: int = 16) -> list[tuple[BaseException, s
 
 def _scrub(obj: Any, secrets: Sequence[Any]) -> Any:
     """``obj`` with every string inside (plain containers only) redacted."""
-    from casa_executors.xcache.tokens import redact
-
     if isinstance(obj, str):
         return redact(obj, secrets)
     if isinstance(obj, dict):
@@ -267,8 +267,6 @@ def _scrub(obj: Any, secrets: Sequence[Any]) -> Any:
 
 def _mentions(blob: bytes, secrets: Sequence[Any]) -> bool:
     """A secret (raw or URL-quoted, as :func:`~casa_executors.xcache.tokens.redact` knows them) in ``blob``."""
-    from casa_executors.xcache.tokens import redact
-
     as_text = blob.decode("latin-1")  # byte for byte: the ASCII forms of a token show as themselves
     return redact(as_text, secrets) != as_text
 
@@ -377,8 +375,6 @@ def _or_unsent(value: Any) -> Any:
 def pack(exc: BaseException, secrets: Sequence[Any] = ()) -> list[PackedException]:
     """``exc`` and its chain as data; ``secrets`` are redacted from every text, and an element whose
     objects would still carry one is sent as text only."""
-    from casa_executors.xcache.tokens import redact
-
     out = []
     for element, link in chain_of(exc):
         kind = type(element)
@@ -386,7 +382,8 @@ def pack(exc: BaseException, secrets: Sequence[Any] = ()) -> list[PackedExceptio
         tb = None
         if element.__traceback__ is not None:
             with contextlib.suppress(Exception):
-                tb = _scrub(tblib.Traceback(element.__traceback__).as_dict(), secrets)
+                tb = tblib.Traceback(element.__traceback__).as_dict()
+                tb = _scrub(tb, secrets) if secrets else tb  # (file names, function names)
         out.append(PackedException(kind.__name__, type_path(kind), redact(text(element), secrets), payload, tb,
                                    link, dropped))
     return out
