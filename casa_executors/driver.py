@@ -37,7 +37,7 @@ from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, Planner, Todo, adapt
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
-from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost, chunk_error
+from casa_executors.errors import ExecutorOptionError, WorkerLost, annotate, describe
 from casa_executors.heap import old_heap_frozen
 from casa_executors.internals import exception_chain as _exception_chain
 from casa_executors.internals import runner_raises_returned, unwrap_runner_retries
@@ -183,7 +183,7 @@ class Driver(ExecutorBase):
     def _outcome(self, run: _Run, out: Any, from_runner: bool, result_type: bool) -> tuple[Any, Any]:
         """What Runner gets back (or what is raised), with coffea's semantics.
 
-        A failure that stops the run is raised as its own type (and ``ChunkError``). In
+        A failure that stops the run raises the worker's own exception (see ``_Run.error``). In
         processing, Runner itself raises it with ``partial_output`` set to the processor's
         (post-processed) output, as it does for coffea's recoverable executors. With
         ``use_result_type`` the first failure ``skipbadfiles`` matched becomes Runner's ``Err``.
@@ -599,13 +599,13 @@ class _Run:
     def describe(self, index: int, exc: BaseException) -> str:
         item = self.phase.range_item(self.phase.range_of(index)[0])
         root = _exception_chain(exc)[-1]
-        return (f"{self.phase.name} of {_place(item)} (after {self.attempts[index]} attempt(s)): "
-                f"{type(root).__name__}: {root}")
+        return f"{self.phase.name} of {_place(item)} (after {self.attempts[index]} attempt(s)): {describe(root)}"
 
     def error(self, out: Any, from_runner: bool, index: int | None = None,
-              exc: BaseException | None = None) -> ChunkError:
-        """The failure of item ``index`` (default: the one that stopped the run) as its own
-        exception type and ``ChunkError``, with the chunk, its attempts and where to look."""
+              exc: BaseException | None = None) -> BaseException:
+        """The failure of item ``index`` (default: the one that stopped the run): the exception its last
+        attempt raised, itself, with the chunk's attributes (``errors.CHUNK_ATTRIBUTES``) and a note
+        naming the chunk, its attempts and where to look (``errors.annotate``)."""
         if index is None:
             index, exc = self.abort
         leaves, row = self.phase.range_of(index)  # adaptive chunking: the range that ran as one task
@@ -621,13 +621,13 @@ class _Run:
         root = _exception_chain(exc)[-1]
         notes = [
             f"casa_executors: {self.phase.name} of {_place(item)}{dataset} failed after "
-            f"{self.attempts[index]} attempt(s) on {self.backend.describe()}{worker}: {type(root).__name__}: {root}",
+            f"{self.attempts[index]} attempt(s) on {self.backend.describe()}{worker}: {describe(root)}",
             f"{len(failed)} of {len(rows)} {self.phase.name} items did not complete: "
             "executor.report.failures() lists them; .partial_output holds the output of the others "
             "(recoverable=True or Runner(skipbadfiles=...) keep going past such failures)",
         ]
-        return chunk_error(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
-                           worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
+        return annotate(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
+                        worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
 
 
 def _place(item: Any) -> str:

@@ -150,6 +150,15 @@ class Report:
         self._fresh_preprocessing = False
         self._lock = threading.Lock()
 
+    # the exception a failed run raises carries its report: a copy of it pickles (without the lock)
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._lock = threading.Lock()
+
     # -- driver side -------------------------------------------------------
     def begin(self, name: str, backend: str, workers: int, items: list[Any], grains: Grains | None = None) -> Phase:
         phase = Phase.of(name, backend, workers, items, grains)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
-import pickle
 import socket
 import sys
 import time
@@ -23,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from casa_executors.errors import RemoteError, rebuild, type_path
+from casa_executors.errors import PackedException, RemoteError, describe, pack, text, unpack
 from casa_executors.heap import old_heap_frozen
 from casa_executors.internals import allowed, env_allows
 from casa_executors.merge import MergeFailed, node_key
@@ -76,47 +74,30 @@ class TaskBatch:
 
 @dataclass
 class ErrorInfo:
-    """An exception as data: its text always, the objects of its chain when they pickle.
-
-    ``chain`` lists ``(type name, "module:qualname", message)`` from the raised exception
-    to its root cause; an element that cannot be sent (or unpickled on the driver) comes
-    back as an instance of its type when that type can be imported there
-    (:func:`casa_executors.errors.rebuild`), else as a ``RemoteError`` with its text.
+    """An exception as data: its text always, and each exception of its chain packed so that the
+    driver rebuilds it as its own type, with its arguments, attributes and worker traceback
+    (:func:`casa_executors.errors.pack`; no ``__init__`` is called, no class is made). An element
+    the driver cannot rebuild comes back as a :class:`~casa_executors.errors.RemoteError` with its text.
     """
 
     type_name: str
     message: str
-    traceback: str
-    pickled: bytes | None = None  # pickle of a list: one pickle (or None) per element of ``chain``
-    chain: list[tuple[str, str, str]] = field(default_factory=list)
+    traceback: str  # the whole chain, formatted on the worker (redacted): for logs and the report
+    chain: list[PackedException] = field(default_factory=list)  # the raised exception first, its root cause last
     live: BaseException | None = field(default=None, repr=False, compare=False)  # in-process only
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "live"}  # never pickled: it holds frames
 
     def exception(self) -> BaseException:
-        """The original exception with its chain of causes (and its traceback when it never left
-        this process; otherwise the worker's traceback is added as a note)."""
+        """The original exception: the object itself when it never left this process, else rebuilt
+        with its chain of causes and its worker traceback."""
         if self.live is not None:
             return self.live
-        blobs: list[bytes | None] = []
-        if self.pickled is not None:
-            with contextlib.suppress(Exception):
-                blobs = pickle.loads(self.pickled)
-        chain = self.chain or [(self.type_name, "", self.message)]
-        elements: list[BaseException] = []
-        for i, (name, path, message) in enumerate(chain):
-            exc = None
-            if i < len(blobs) and blobs[i] is not None:
-                with contextlib.suppress(Exception):  # e.g. its module is not importable here
-                    exc = pickle.loads(blobs[i])
-            if not isinstance(exc, BaseException):
-                exc = rebuild(RemoteError(name, message, self.traceback if i == 0 else "", path))
-            elements.append(exc)
-        for outer, inner in itertools.pairwise(elements):
-            outer.__cause__ = inner
-        top = elements[0]
-        if self.traceback:
+        if not self.chain:
+            return RemoteError(self.type_name, self.message)
+        top = unpack(self.chain)
+        if top.__traceback__ is None and self.traceback:  # tblib could not carry it: its text, then
             lines = self.traceback.rstrip("\n").splitlines()
             cut = "\n".join(lines[-TRACEBACK_NOTE_LINES:])
             more = f" (last {TRACEBACK_NOTE_LINES} of {len(lines)} lines)" if len(lines) > TRACEBACK_NOTE_LINES else ""
@@ -126,15 +107,16 @@ class ErrorInfo:
 
     @classmethod
     def capture(cls, exc: BaseException, secrets: Sequence[str] = (), live: bool = False) -> ErrorInfo:
-        """``live``: the ErrorInfo stays in this process, keep the exception object itself."""
-        full = "".join(traceback.format_exception(exc))
-        elements = _chain(exc)
-        chain = [(type(e).__name__, type_path(type(e)), redact(str(e), secrets)) for e in elements]
-        pickled = None
-        if not any(s and s in full for s in secrets):  # else the objects themselves carry a secret
-            pickled = pickle.dumps([_portable(e) for e in elements])
-        return cls(type(exc).__name__, redact(str(exc), secrets), redact(full, secrets), pickled, chain,
-                   exc if live and pickled is not None else None)
+        """``live``: the ErrorInfo stays in this process, keep the exception object itself (unless it
+        mentions a secret: then the driver too gets it rebuilt from its redacted copy)."""
+        try:
+            full = "".join(traceback.format_exception(exc))
+        except Exception:  # traceback copes with a broken __str__; this is for anything stranger
+            full = describe(exc)
+        chain = pack(exc, secrets)
+        keep = live and not any(s and s in full for s in secrets)
+        return cls(type(exc).__name__, redact(text(exc), secrets), redact(full, secrets), chain,
+                   exc if keep else None)
 
 
 @dataclass
@@ -162,24 +144,6 @@ class ChunkResult:
         return self.error is None
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while exc is not None and exc not in out and len(out) < 16:
-        out.append(exc)
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return out
-
-
-def _portable(exc: BaseException) -> bytes | None:
-    """The exception pickled, if it pickles round-trip here (else the driver rebuilds it from its text)."""
-    try:
-        blob = pickle.dumps(exc)
-        copy = pickle.loads(blob)
-        if type(copy) is type(exc):
-            return blob
-    except Exception:
-        pass
-    return None
 
 
 def worker_name() -> str:

@@ -22,7 +22,7 @@ from analysis import require_engine, run, same
 from test_backend_contract import listening_on
 
 import casa_executors as ce
-from casa_executors.errors import ChunkError, ExecutorOptionError
+from casa_executors.errors import ExecutorOptionError
 from casa_executors.procs import alive, in_sessions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,10 +339,11 @@ def test_cold_tasks_match_iterative(sample_files, reference, no_leftover_process
 def test_broken_task_is_worker_lost(sample_files):
     """A task whose interpreter cannot start reaches the driver as WorkerLost, with the reason."""
     ex = ce.workqueue(workers=1, python="/nonexistent/python", status=False, retries=0)
-    with pytest.raises(ChunkError, match="WorkerLost") as err:
+    with pytest.raises(ce.WorkerLost, match="/nonexistent/python") as err:
         run(ex, sample_files[:1])
-    assert isinstance(err.value, ce.WorkerLost)  # raised as its own type, as well as ChunkError
-    assert "/nonexistent/python" in str(err.value)
+    assert type(err.value) is ce.WorkerLost  # the engine's own error, with the chunk's attributes and note
+    assert err.value.attempts == 1 and err.value.phase == "preprocessing" and err.value.report is ex.report
+    assert "WorkerLost: workqueue" in "\n".join(err.value.__notes__)
     assert ex.report.failed_files() and ex.backend._staging is None
 
 

@@ -195,8 +195,10 @@ def test_whole_engine_killed_then_the_same_call_resumes(sample_files, metadata, 
 
             killer = threading.Thread(target=outage, daemon=True)
             killer.start()
-            with pytest.raises(ce.ChunkError):
+            with pytest.raises(Exception) as err:  # the engine's own error for the chunk that could not run
                 call("dask", str(ck), log, files, dict(metadata), client=client)
+            assert err.value.phase == "processing" and err.value.attempts >= 1  # a chunk failed for good
+            assert "casa_executors: processing of" in "\n".join(err.value.__notes__)
             killer.join(timeout=60)
         finally:
             client.close(timeout=5)

@@ -10,6 +10,7 @@ columns and written as a TTree in 4 clusters, as an RNTuple and as parquet.
 from __future__ import annotations
 
 import pickle
+import traceback
 from pathlib import Path
 
 import awkward as ak
@@ -25,7 +26,7 @@ from coffea.processor.executor import UprootMissTreeError
 from conftest import SAMPLE_PARQUET
 
 import casa_executors
-from casa_executors import ChunkError, Driver, RemoteError
+from casa_executors import Driver, RemoteError
 
 cloudpickle.register_pickle_by_value(__import__(__name__))  # workers need not import this module
 
@@ -182,10 +183,11 @@ def test_coffeas_per_chunk_checkpointer(backend, inputs, expected, tmp_path):
 # -- exceptions keep their type -------------------------------------------------------------------------
 def test_processor_error_keeps_its_type_with_chunk_attempts_and_partial_output(backend, inputs, expected):
     run = runner(backend, retries=1)
-    with pytest.raises(ZeroDivisionError) as caught:
+    with pytest.raises(Exception) as caught:
         run(fileset(inputs["ttree"]), Counting(bad=(500,), error=zero_division), treename="Events")
-    err = caught.value
-    assert isinstance(err, ChunkError) and isinstance(err.__cause__, ZeroDivisionError)  # coffea's wrapping kept
+    err = caught.value  # what coffea's own executors raise: its Exception, caused by the processor's
+    assert type(err) is Exception and type(err.__cause__) is ZeroDivisionError
+    assert str(err.__cause__) == "planted at 500"
     assert err.item.entrystart == 500 and err.attempts == 2 and err.phase == "processing"
     assert err.report is run.executor.report
     notes = "\n".join(err.__notes__)
@@ -197,28 +199,32 @@ def test_processor_error_keeps_its_type_with_chunk_attempts_and_partial_output(b
     assert err.partial_output["nmuons"] == sum(expected["per_chunk"][s] for s in done)
     failed = run.executor.report.failures()
     assert [(r.entrystart, r.attempts) for r in failed if r.attempts] == [(500, 2)]  # others: not run
-    assert type(pickle.loads(pickle.dumps(err))) is type(err)
+    copy = pickle.loads(pickle.dumps(err))  # (pickle keeps no exception's __cause__)
+    assert type(copy) is type(err) and copy.attempts == 2 and copy.item == err.item and copy.args == err.args
 
 
 def test_missing_file_and_tree_raise_what_coffea_raises(backend, inputs, tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
         runner(backend, retries=1)(fileset(tmp_path / "missing.root"), Counting(), treename="Events")
     err = caught.value
-    assert isinstance(err, ChunkError) and err.phase == "preprocessing" and err.attempts == 2
+    assert type(err) is FileNotFoundError and err.phase == "preprocessing" and err.attempts == 2
     assert err.partial_output is None and str(tmp_path / "missing.root") in str(err)
+    assert err.filename == str(tmp_path / "missing.root") and err.errno == 2
     with pytest.raises(UprootMissTreeError) as caught:
         runner(backend)(fileset(inputs["ttree"]), Counting(), treename="NotEvents")
-    assert isinstance(caught.value, ChunkError) and isinstance(caught.value, uproot.exceptions.KeyInFileError)
+    assert type(caught.value) is UprootMissTreeError  # coffea's, caused by uproot's
+    cause = caught.value.__cause__
+    assert type(cause) is uproot.exceptions.KeyInFileError and cause.key == "NotEvents"
 
 
 def test_exceptions_that_do_not_unpickle_keep_their_type(backend, inputs):
-    with pytest.raises(TwoArgError) as caught:
+    with pytest.raises(Exception) as caught:
         runner(backend)(fileset(inputs["ttree"]), Counting(bad=(250,), error=two_arg_error), treename="Events")
     err = caught.value
-    assert isinstance(err, ChunkError) and "planted at 250" in "\n".join([str(err), *err.__notes__])
-    assert isinstance(err.__cause__, TwoArgError)
-    if not backend.in_process:  # it came back as text, rebuilt as its type
-        assert isinstance(err.__cause__, RemoteError) and "worker traceback" in "\n".join(err.__notes__)
+    assert type(err) is Exception and "planted at 250" in "\n".join([str(err), *err.__notes__])
+    assert type(err.__cause__) is TwoArgError and err.__cause__.args == ("planted at 250",)  # rebuilt, no __init__
+    # the worker's traceback came with it, down to the processor
+    assert "process" in [f.name for f in traceback.extract_tb(err.__cause__.__traceback__)]
 
     class LocalError(Exception):  # no type the driver could import: a RemoteError naming it
         pass
@@ -226,13 +232,16 @@ def test_exceptions_that_do_not_unpickle_keep_their_type(backend, inputs):
     def local_error(start):
         return LocalError(f"local at {start}")
 
-    with pytest.raises(ChunkError) as caught:
+    with pytest.raises(Exception) as caught:
         runner(backend)(fileset(inputs["ttree"]), Counting(bad=(250,), error=local_error), treename="Events")
+    assert type(caught.value) is Exception and caught.value.attempts == 1
     cause = caught.value.__cause__
     if backend.in_process:
-        assert isinstance(cause, LocalError)
+        assert type(cause) is LocalError
     else:
-        assert isinstance(cause, RemoteError) and cause.type_name == "LocalError" and "local at 250" in str(cause)
+        assert type(cause) is RemoteError and cause.type_name == "LocalError"
+        assert str(cause) == "LocalError: local at 250"
+        assert "process" in [f.name for f in traceback.extract_tb(cause.__traceback__)]
 
 
 # -- use_result_type: coffea's Ok / Err ---------------------------------------------------------------------
@@ -243,18 +252,18 @@ def test_use_result_type_ok_and_err_like_coffea(backend, inputs, expected, tmp_p
     # a file skipbadfiles covers, in preprocessing: Err, as coffea's executors give
     result = runner(backend, use_result_type=True, skipbadfiles=True)(
         fileset(tmp_path / "missing.root"), Counting(), treename="Events")
-    assert isinstance(result, Err) and isinstance(result.exception, FileNotFoundError)
-    assert isinstance(result.exception, ChunkError)
+    assert isinstance(result, Err) and type(result.exception) is FileNotFoundError
+    assert result.exception.phase == "preprocessing" and result.exception.attempts == 1
     # a chunk skipbadfiles covers, in processing: Err with the output of all the other chunks
     result = runner(backend, use_result_type=True, skipbadfiles=True)(
         fileset(inputs["ttree"]), Counting(bad=(500,), error=os_error), treename="Events")
-    assert isinstance(result, Err) and isinstance(result.exception, ConnectionResetError)
+    assert isinstance(result, Err) and type(result.exception.__cause__) is ConnectionResetError  # coffea's wrapping
     assert result.value["starts"] == {0, 250, 750} and result.value["post"] is True
     # a failure skipbadfiles does not cover propagates (with the partial output), not Err
     with pytest.raises(Exception) as caught:
         runner(backend, use_result_type=True, skipbadfiles=(OSError,))(
             fileset(inputs["ttree"]), Counting(bad=(500,), error=runtime_error), treename="Events")
-    assert isinstance(caught.value, RuntimeError) and isinstance(caught.value.__cause__, RuntimeError)
+    assert type(caught.value) is Exception and type(caught.value.__cause__) is RuntimeError
     assert 500 not in caught.value.partial_output["starts"]
 
 

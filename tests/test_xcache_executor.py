@@ -14,6 +14,7 @@ from coffea.nanoevents import NanoAODSchema
 from xrootd_fixtures import export_dir, require_xrootd
 
 import casa_executors as ce
+from casa_executors.errors import AllEndpointsFailed
 from casa_executors.standins.issuer import LocalIssuer
 from casa_executors.standins.xrootd import XCache, XRootDOrigin
 from casa_executors.xcache.client_env import CLIENT_ENV
@@ -112,9 +113,10 @@ def test_cache_back_serves_the_next_run_of_kept_trees(name, export, no_leftover_
 def test_both_down_and_missing_file_are_clear_errors(export, no_leftover_processes):
     with XRootDOrigin(export) as origin, XCache(origin) as cache:
         missing = origin.url("/store/missing.root")
-        with pytest.raises(ce.ChunkError, match=r"preprocessing of .*//store/missing\.root") as err:
+        with pytest.raises(AllEndpointsFailed, match=r"preprocessing of .*//store/missing\.root") as err:
             run(EXECUTORS["iterative"](cache=cache.endpoint), [missing])
         assert "could not read" in str(err.value) and missing in str(err.value)
+        assert type(err.value) is AllEndpointsFailed and err.value.url == missing and err.value.phase == "preprocessing"
         # skipbadfiles: the missing file is skipped (it is an OSError), the good one read
         ex = EXECUTORS["futures"](cache=cache.endpoint)
         with pytest.warns(UserWarning):
@@ -125,8 +127,9 @@ def test_both_down_and_missing_file_are_clear_errors(export, no_leftover_process
         origin.stop()
         ex = EXECUTORS["iterative"](cache=cache.endpoint)
         pattern = r"could not read root://127\.0\.0\.1:\d+//store/a\.root: xcache:.*origin:"
-        with pytest.raises(ce.ChunkError, match=pattern):
+        with pytest.raises(AllEndpointsFailed, match=pattern) as err:
             run(ex, urls[:1])
+        assert type(err.value) is AllEndpointsFailed and len(err.value.errors) == 2  # the cache's, the origin's
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +151,9 @@ def test_token_protected_origin_through_cache(name, export, issuer, capfd, tmp_p
             token = {"missing": False, "expired": issuer.mint(lifetime=-300),
                      "scope": issuer.mint(scope="storage.read:/elsewhere")}[bad]
             ex = EXECUTORS[name](cache=cache.endpoint, token=token, status=True)
-            with pytest.raises(ce.ChunkError) as err:
+            with pytest.raises(AllEndpointsFailed) as err:  # the worker's own, rebuilt on the driver by futures
                 run(ex, urls)
+            assert type(err.value) is AllEndpointsFailed and err.value.url == urls[0]
             text = str(err.value) + repr(err.value.__cause__) + ex.report.to_json() + str(ex.report)
             assert "could not read" in text and urls[0] in text
             if bad != "missing":
