@@ -22,6 +22,7 @@ from casa_executors.errors import (
     ChunkError,
     ExecutorOptionError,
     RemoteError,
+    UntrustedData,
     WorkerLost,
 )
 from casa_executors.report import Report
@@ -31,7 +32,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailable", "CheckpointMismatch", "ChunkError", "Driver", "ExecutorOptionError",
-    "RemoteError", "Report", "WorkerLost", "create", "dask", "futures", "iterative", "parsl",
+    "RemoteError", "Report", "UntrustedData", "WorkerLost", "create", "dask", "futures", "iterative", "parsl",
     "spark", "unavailable", "workqueue",
 ]
 

@@ -74,3 +74,12 @@ def reference(sample_files):
 
 # one real Slurm, dask-gateway and token-checking XCache per session, shared by the facility tests (tests/facility.py)
 from facility import gateway, served, slurm, slurm_gateway  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory):
+    """Checkpoint keys (signing.py) go under the user's cache folder: the suite's go to a folder of its own."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()

@@ -239,10 +239,10 @@ def die():
     os._exit(3)
 
 
+@pytest.mark.parametrize("backend", [b for b in casa_executors.BACKENDS if b != "iterative"], indirect=True)
 def test_lost_worker_is_a_clear_error(backend, sample_root):
-    """Last on each engine (it loses a worker): the engine's own error, with the chunk's attributes and note."""
-    if backend.in_process:
-        pytest.skip("the chunk would end this process")
+    """Last on each engine (it loses a worker): the engine's own error, with the chunk's attributes and note.
+    Not on iterative: there the chunk would end this process."""
     err = raised(backend, [sample_root], Raising(die, bad=0))
     assert type(err) is errors._import_type(LOST[backend.name])
     text = check_printable(err)
