@@ -78,7 +78,8 @@ class Failing(Analysis):
 
 
 class Busy(Failing):
-    """Never fails; a file named after its PID sits in ``busy`` while a chunk runs, and it is removed only
+    """Never fails; a file named after its PID (holding its Slurm job ID, if any) sits in ``busy`` while a
+    chunk runs, and it is removed only
     under a shared lock of the file ``gate``: whoever holds ``gate`` exclusively (:func:`gate_closed`)
     sees in ``busy`` processes that are all inside an attempt, and stay inside it until the gate opens."""
 
@@ -90,7 +91,8 @@ class Busy(Failing):
     def running(self):
         # marked only once the attempt is in the log: a worker killed while marked has its attempt counted
         mark = os.path.join(self.busy, str(os.getpid()))
-        open(mark, "w").close()
+        with open(mark, "w") as f:
+            f.write(os.environ.get("SLURM_JOB_ID", ""))  # the batch job it runs in, if any
         try:
             yield
         finally:
