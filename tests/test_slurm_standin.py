@@ -64,4 +64,5 @@ def test_bad_configuration_names_the_daemon_and_its_log(tmp_path):
     with pytest.raises(SlurmError) as err:
         broken.start()
     assert "slurmctld exited with code 1" in str(err.value) and "Parse error" in str(err.value)
+    assert "slurmd exited" not in str(err.value)  # not started before the controller answers
     assert broken.dir is None and not broken.pids
