@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 import time
@@ -77,21 +78,35 @@ class Failing(Analysis):
 
 
 class Busy(Failing):
-    """Never fails; a file named after its PID sits in ``busy`` while a chunk runs."""
+    """Never fails; a file named after its PID (holding its Slurm job ID, if any) sits in ``busy`` while a
+    chunk runs, and it is removed only
+    under a shared lock of the file ``gate``: whoever holds ``gate`` exclusively (:func:`gate_closed`)
+    sees in ``busy`` processes that are all inside an attempt, and stay inside it until the gate opens."""
 
-    def __init__(self, log: str, busy: str) -> None:
+    def __init__(self, log: str, busy: str, gate: str) -> None:
         super().__init__(log, bad_starts=set(), sleep=0.3)
-        self.busy = busy
+        self.busy, self.gate = busy, gate
 
     @contextlib.contextmanager
     def running(self):
         # marked only once the attempt is in the log: a worker killed while marked has its attempt counted
         mark = os.path.join(self.busy, str(os.getpid()))
-        open(mark, "w").close()
+        with open(mark, "w") as f:
+            f.write(os.environ.get("SLURM_JOB_ID", ""))  # the batch job it runs in, if any
         try:
             yield
         finally:
-            os.unlink(mark)
+            with open(self.gate) as gate:
+                fcntl.flock(gate, fcntl.LOCK_SH)  # waits while a killer looks at the marks and kills
+                os.unlink(mark)
+
+
+@contextlib.contextmanager
+def gate_closed(gate: str):
+    """No ``Busy`` chunk ends (removes its mark) while inside."""
+    with open(gate) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def alive(p: int | psutil.Process) -> bool:
@@ -283,8 +298,9 @@ def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
     attempted exactly what was lost again: attempts = chunks + lost attempts + lost outputs.
     """
     losses = record_losses(monkeypatch)
-    log, busy = str(tmp_path / "attempts.log"), tmp_path / "busy"
+    log, busy, gate = str(tmp_path / "attempts.log"), tmp_path / "busy", str(tmp_path / "gate")
     open(log, "w").close()
+    open(gate, "w").close()
     busy.mkdir()
     killed: dict[psutil.Process, list[psutil.Process]] = {}  # victim -> its descendants, seen before the kill
 
@@ -295,16 +311,20 @@ def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
             ok = sum(r.status == "ok" for r in p.rows) if p is not None else 0
             if p is not None and ok >= len(p.rows):
                 return  # too late
-            running = [int(m.name) for m in busy.iterdir() if alive(int(m.name))]
-            try:
-                chosen = victims(running) if ok >= 2 and running else []
-            except psutil.Error:  # a process ended meanwhile: look again
-                chosen = []
-            for v in chosen:
-                with contextlib.suppress(psutil.Error):  # gone meanwhile: look again
-                    below = v.children(recursive=True)
-                    v.kill()
-                    killed[v] = below
+            # with the gate closed, a process marked busy is inside its attempt until it is killed: without
+            # it, a Spark worker seen busy could end its chunk and start the next task's (not yet in the
+            # log) before the kill, and the lost attempts would be of chunks never seen started
+            with gate_closed(gate):
+                running = [int(m.name) for m in busy.iterdir() if alive(int(m.name))]
+                try:
+                    chosen = victims(running) if ok >= 2 and running else []
+                except psutil.Error:  # a process ended meanwhile: look again
+                    chosen = []
+                for v in chosen:
+                    with contextlib.suppress(psutil.Error):  # gone meanwhile: look again
+                        below = v.children(recursive=True)
+                        v.kill()
+                        killed[v] = below
             if killed:
                 return
             time.sleep(0.05)
@@ -312,7 +332,7 @@ def check_worker_loss(ex, files, reference, tmp_path: Path, monkeypatch,
     thread = threading.Thread(target=killer, daemon=True)
     t0 = time.time()
     thread.start()
-    out = run(ex, files, Busy(log, str(busy)), chunksize=100)
+    out = run(ex, files, Busy(log, str(busy), gate), chunksize=100)
     thread.join()
     assert killed, "the run ended before a worker could be killed"
     assert same(out, reference)  # nothing lost, nothing counted twice

@@ -104,11 +104,10 @@ def test_wrong_password_and_unreachable_gateway_are_named(gateway, sample_files)
     with pytest.raises(BackendUnavailable, match=r"refused the credentials of user 'alice' \(401 Unauthorized\)"):
         run(ce.dask(gateway=gateway.address, auth=("alice", "not-her-password"), status=False), sample_files)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]  # nothing listens there once the socket is closed
-    nowhere = f"http://127.0.0.1:{closed}"
-    with pytest.raises(BackendUnavailable, match=f"cannot reach the gateway at {nowhere}"):
-        run(ce.dask(gateway=nowhere, auth=("alice", "x"), status=False), sample_files)
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and no other process
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"  # can listen there while we hold it
+        with pytest.raises(BackendUnavailable, match=f"cannot reach the gateway at {nowhere}"):
+            run(ce.dask(gateway=nowhere, auth=("alice", "x"), status=False), sample_files)
     assert time.monotonic() - t0 < 30
     assert "not-her-password" not in repr(ce.dask(gateway=gateway.address, auth=("alice", "not-her-password")))
 

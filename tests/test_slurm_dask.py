@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from analysis import Failing, assert_adl_identical, attempts, run, same
+from analysis import Busy, Failing, alive, assert_adl_identical, attempts, gate_closed, run, same
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics, wait_until
 
 import casa_executors as ce
@@ -107,40 +107,52 @@ def test_eight_adl_queries_on_slurm_jobs(slurm, cluster, jobdir, secrets, served
 def test_scancel_of_a_worker_job_mid_run_loses_no_chunk(slurm, cluster, sample_files, reference, tmp_path):
     from casa_executors.backends.dask import DaskBackend
 
-    log = str(tmp_path / "attempts.log")
+    log, busy, gate = str(tmp_path / "attempts.log"), tmp_path / "busy", str(tmp_path / "gate")
     open(log, "w").close()
+    open(gate, "w").close()
+    busy.mkdir()
     ex = ce.Driver(backend=DaskBackend(cluster=cluster, workers=2, worker_timeout=60), status=False)
     ex.backend.hold()
     cancelled: list[str] = []
+    outlived: list[tuple[int, str]] = []
 
     def cancel_a_busy_job() -> None:
         deadline = time.time() + 60
         while time.time() < deadline and not cancelled:
             p = ex.report.processing
             if p is not None and 2 <= sum(r.status == "ok" for r in p.rows) < len(p.rows):
-                busy = [a for a, keys in ex.backend._client.processing().items() if keys]
-                jobs = job_ids_of_workers(ex.backend._client)
-                if busy and busy[0] in jobs:
-                    slurm.run("scancel", jobs[busy[0]])
-                    cancelled.append(jobs[busy[0]])
+                # with the gate closed a worker marked busy cannot end its chunk: it is cancelled inside it
+                # (a worker seen busy and cancelled a moment later may have no task left to lose)
+                with gate_closed(gate):
+                    marks = {int(m.name): m.read_text() for m in busy.iterdir() if alive(int(m.name))}
+                    victim = next(((pid, job) for pid, job in marks.items() if job), None)
+                    if victim:
+                        pid, job = victim
+                        slurm.run("scancel", job)
+                        cancelled.append(job)
+                        # until it is gone: nothing of the cancelled attempt runs after the gate opens
+                        if not wait_until(lambda pid=pid: not alive(pid), 60):
+                            outlived.append(victim)
             time.sleep(0.05)
 
     try:
         ex.backend._client.wait_for_workers(2, timeout=60)
         killer = threading.Thread(target=cancel_a_busy_job, daemon=True)
         killer.start()
-        out = run(ex, sample_files, Failing(log, bad_starts=set(), sleep=0.6), chunksize=250)
+        out = run(ex, sample_files, Busy(log, str(busy), gate), chunksize=250)
         killer.join()
     finally:
         ex.backend.release()
     assert cancelled, "the run ended before a worker job could be cancelled"
+    assert not outlived, f"(worker PID, job) still running 60 s after scancel: {outlived}"
     assert same(out, reference)  # nothing lost, nothing counted twice
     s = ex.report.summary()
     assert s["processed"] == s["chunks"] == 12 and s["attempts"] > s["chunks"]
     assert all(r.status == "ok" for r in ex.report.rows())
     retried = [r for r in ex.report.rows() if r.attempts > 1]
     assert retried and not any(r.worker.startswith(f"slurm:{cancelled[0]}/") for r in retried)
-    assert len(attempts(log)) == 12
+    tries = attempts(log)
+    assert len(tries) == 12 and max(tries.values()) >= 2, tries  # the cancelled chunk started twice
     assert_no_jobs(slurm)
 
 

@@ -40,11 +40,16 @@ def test_stop_cancels_running_jobs_and_leaves_no_process(tmp_path):
     try:
         own.start()
         daemons = [psutil.Process(p) for p in own.pids.values()]
-        ids = [own.run("sbatch", "--parsable", f"--chdir={tmp_path}", "--wrap", "sleep 300").strip()
-               for _ in range(2)]
-        assert wait_until(lambda: sum(j.state == "RUNNING" for j in own.jobs()) == 2, 20), own.jobs()
+        # each job writes its sleep's PID once the sleep runs: squeue says RUNNING as soon as the controller
+        # has allocated the job, before slurmd has started its step daemon and script
+        ids = [own.run("sbatch", "--parsable", f"--chdir={tmp_path}", "--wrap",
+                       'sleep 300 & echo $! > "sleep.$SLURM_JOB_ID"; wait').strip() for _ in range(2)]
+        pid_files = [tmp_path / f"sleep.{i}" for i in ids]
+        assert wait_until(lambda: all(f.exists() and f.read_text().strip() for f in pid_files), 20), own.jobs()
+        sleeps = {int(f.read_text()) for f in pid_files}
+        assert {j.state for j in own.jobs()} == {"RUNNING"}
         job_procs = own.leftovers()  # the two job scripts, their sleeps and step daemons
-        assert {p.name() for p in job_procs} >= {"sleep"}
+        assert sleeps <= {p.pid for p in job_procs if p.name() == "sleep"}, (sleeps, job_procs)
         workdir = own.dir
     finally:
         own.stop()
@@ -59,4 +64,5 @@ def test_bad_configuration_names_the_daemon_and_its_log(tmp_path):
     with pytest.raises(SlurmError) as err:
         broken.start()
     assert "slurmctld exited with code 1" in str(err.value) and "Parse error" in str(err.value)
+    assert "slurmd exited" not in str(err.value)  # not started before the controller answers
     assert broken.dir is None and not broken.pids

@@ -147,6 +147,9 @@ class LocalSlurm:
             self._layout()
             self._start_munge()
             self._spawn("slurmctld", [_daemon("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+            # slurmd once the controller answers: it registers with it, and a configuration both refuse is
+            # then reported by slurmctld's exit, not by whichever of the two a loaded machine ended first
+            self._wait(lambda: self.run("sinfo", "-h", "-o", "%P") is not None, "slurmctld answering sinfo")
             self._spawn("slurmd", [_daemon("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
             self._wait_idle()
         except BaseException:
@@ -289,16 +292,21 @@ class LocalSlurm:
 
     def _wait(self, ready, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            for name, proc in self._procs.items():
-                if proc.poll() is not None:
-                    raise SlurmError(f"{name} exited with code {proc.returncode} while waiting for {what}\n"
-                                     + self.log_tail())
+        while True:
+            self._check_running(what)
             with contextlib.suppress(SlurmError, subprocess.TimeoutExpired):
                 if ready():
                     return
+            if time.monotonic() >= deadline:
+                self._check_running(what)  # a daemon that exited while a client command waited is named
+                raise SlurmError(f"no {what} after {self.start_timeout:.0f} s\n" + self.log_tail())
             time.sleep(0.1)
-        raise SlurmError(f"no {what} after {self.start_timeout:.0f} s\n" + self.log_tail())
+
+    def _check_running(self, what: str) -> None:
+        for name, proc in self._procs.items():
+            if proc.poll() is not None:
+                raise SlurmError(f"{name} exited with code {proc.returncode} while waiting for {what}\n"
+                                 + self.log_tail())
 
     def _wait_idle(self) -> None:
         self._wait(lambda: self.node_state() == "idle", "idle node in sinfo")
