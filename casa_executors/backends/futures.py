@@ -14,6 +14,8 @@ lost chunks. Workers carry a token in their environment (loky's ``env=``):
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import logging
 import uuid
@@ -39,6 +41,9 @@ def preload() -> None:
     """A worker's initializer: the modules every task needs, imported before the first task."""
     for name in PRELOAD:
         importlib.import_module(name)
+    # a worker exits through the interpreter's full teardown (fork + exec, not a fork server's os._exit):
+    # frozen at exit, its heap (coffea's modules) is skipped by the teardown's cyclic collections
+    atexit.register(gc.freeze)
 
 
 class FuturesBackend(Backend):
@@ -92,6 +97,6 @@ class FuturesBackend(Backend):
             return self._pool.submit(fn, arg)
         except BrokenProcessPool:
             log.info("futures: a worker died and broke the pool; starting a new pool")
-            self._pool.shutdown(wait=False)  # loky has already ended its workers
+            self._pool.shutdown(wait=False)  # its manager thread ends and reaps the workers
             self._new_pool()
             return self._pool.submit(fn, arg)
