@@ -18,6 +18,7 @@ import atexit
 import gc
 import importlib
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PRELOAD = ["coffea.processor", "coffea.nanoevents", "casa_executors.task"]
 TOKEN_VAR = "CASA_FUTURES_POOL"
+LEAK_VAR = "LOKY_MAX_MEMORY_LEAK_SIZE"  # bytes a loky worker may grow by before loky restarts it
+NO_LEAK_GUARD = "1e15"
 STOP_GRACE_S = 5.0  # for a worker still there once the pool is shut down
 
 
@@ -57,9 +60,11 @@ class FuturesBackend(Backend):
     def _new_pool(self) -> None:
         if not self._token:
             self._token = uuid.uuid4().hex
+        # workers keep files and trees between tasks on purpose: loky's leak guard (a worker grown by 300 MB is
+        # restarted, importing coffea again) is set out of reach unless the user set it
+        env = {TOKEN_VAR: self._token, LEAK_VAR: os.environ.get(LEAK_VAR, NO_LEAK_GUARD)}
         # timeout=None: idle workers stay up as long as the pool (loky's default would end them)
-        self._pool = loky.ProcessPoolExecutor(max_workers=self.workers, timeout=None, initializer=preload,
-                                              env={TOKEN_VAR: self._token})
+        self._pool = loky.ProcessPoolExecutor(max_workers=self.workers, timeout=None, initializer=preload, env=env)
 
     def _start(self) -> None:
         self._token = uuid.uuid4().hex
