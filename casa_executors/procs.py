@@ -55,16 +55,25 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def with_environ(name: str, value: str) -> list[psutil.Process]:
-    """Processes whose environment has ``name=value`` (a marker we set on what we start)."""
+def with_environ(name: str, value: str, among: Iterable[psutil.Process] | None = None) -> list[psutil.Process]:
+    """Processes whose environment has ``name=value`` (a marker we set on what we start), among ``among``
+    (every process when None)."""
     found = []
-    for proc in psutil.process_iter():
+    for proc in psutil.process_iter() if among is None else among:
         try:
             if proc.environ().get(name) == value:
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def children(pid: int | None = None) -> list[psutil.Process]:
+    """The direct children of ``pid`` (this process by default)."""
+    try:
+        return psutil.Process(pid).children()
+    except psutil.Error:
+        return []
 
 
 def in_sessions(sids: Iterable[int]) -> list[psutil.Process]:

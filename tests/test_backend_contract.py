@@ -106,11 +106,11 @@ class IterativeKit(Kit):
 
 class FuturesKit(Kit):
     name = "futures"
-    lost_prefix = "BrokenProcessPool: "
+    lost_prefix = "TerminatedWorkerError: "  # loky's BrokenProcessPool for a worker that died
     lost_task = "concurrent.futures.process:BrokenProcessPool"
 
     def stopped(self, backend):
-        return backend._pool is None and backend._server is None
+        return backend._pool is None and not backend.pids()
 
     def victims(self, backend, busy):
         return [psutil.Process(busy[0])]  # a pool process running a chunk (chunks run in the pool processes)

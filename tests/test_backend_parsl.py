@@ -58,6 +58,41 @@ def test_unavailable_names_the_missing_package(monkeypatch):
     assert "parsl" in ParslBackend.unavailable()
 
 
+def test_fresh_copy_of_a_config_has_new_locks_and_changes_nothing_global():
+    """Every start runs a copy of the user's Config (parsl executors start once): its locks are new and
+    unlocked, a lock two objects share stays shared, functions are the same objects, and the copy is made
+    without touching process-wide state (locks still cannot be pickled or deep-copied elsewhere)."""
+    import copy
+    import pickle
+    import threading
+
+    from parsl.config import Config
+    from parsl.executors import HighThroughputExecutor
+    from parsl.providers import LocalProvider
+
+    from casa_executors.backends.parsl import fresh_copy
+
+    def handler(executor, status):
+        return None
+
+    htex = HighThroughputExecutor(label="mine", provider=LocalProvider(), block_error_handler=handler)
+    user = Config(executors=[htex], run_dir="/nonexistent")
+    user.shared_locks = [threading.Lock()] * 2  # one lock, twice
+    user.shared_locks[0].acquire()
+    copied = fresh_copy(user)
+    ex = copied.executors[0]
+    assert ex is not htex and ex.provider is not htex.provider and ex.block_error_handler is handler
+    ex.set_bad_state_and_fail_all(RuntimeError("planted"))  # an Event parsl made in __init__: new in the copy
+    assert ex.bad_state_is_set and not htex.bad_state_is_set
+    first, second = copied.shared_locks
+    assert first is second and first is not user.shared_locks[0] and first.acquire(blocking=False)
+    assert repr(copied.executors[0].provider) == repr(htex.provider)
+    with pytest.raises(TypeError):
+        pickle.dumps(threading.Lock())
+    with pytest.raises(TypeError):
+        copy.deepcopy(threading.Lock())
+
+
 # -- config=: a user's Config ---------------------------------------------------------------------
 
 

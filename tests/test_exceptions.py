@@ -230,7 +230,7 @@ def test_exception_refusing_attributes_is_the_cause_of_a_chunk_error(backend, sa
 
 
 # what a task that ends its worker's process fails with, per engine (as test_backend_contract's kits say)
-LOST = {"futures": "concurrent.futures.process:BrokenProcessPool", "dask": "distributed:KilledWorker",
+LOST = {"futures": "loky.process_executor:TerminatedWorkerError", "dask": "distributed:KilledWorker",
         "parsl": "parsl.executors.high_throughput.errors:WorkerLost", "spark": "casa_executors.errors:WorkerLost",
         "workqueue": "casa_executors.errors:WorkerLost"}
 

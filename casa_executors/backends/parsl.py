@@ -3,8 +3,9 @@ system with ``provider=`` (``workers=N`` or ``adapt=(min, max)``; see ``parsl_pr
 
 Each start builds a DataFlowKernel from a fresh copy of the configuration
 (parsl executors cannot be started twice, and coffea's Runner calls the
-executor twice); each stop cleans it up, which ends the interchange and the
-worker pools. Parsl must not retry (the driver does): retries are forced to 0.
+executor twice), made with pickle's per-pickler hooks (``fresh_copy``: new
+locks, nothing process-wide changed); each stop cleans it up, which ends the
+interchange and the worker pools. Parsl must not retry (the driver does): retries are forced to 0.
 A lost worker pool shows up as ``ManagerLost`` once the interchange misses its
 heartbeats; one failed block does not disable the executor (three in a row do).
 Parsl's strategy starts a new block when a pool died; with ``strategy='none'``
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
+import io
 import logging
 import os
+import pickle
 import shlex
 import shutil
 import sys
 import tempfile
 import threading
+import types
 import uuid
 import warnings
 from collections.abc import Callable
@@ -70,24 +73,51 @@ def _end_leftovers(token: str) -> None:
         procs.terminate(left, grace=2.0)
 
 
-def _fresh_copy(obj: Any) -> Any:
-    """A deep copy of a not-yet-started parsl Config; its locks and events are new ones."""
-    lock, rlock = type(threading.Lock()), type(threading.RLock())
-    fresh: dict[type, Callable[[Any, dict], Any]] = {
-        lock: lambda x, memo: threading.Lock(),
-        rlock: lambda x, memo: threading.RLock(),
-        threading.Condition: lambda x, memo: threading.Condition(),
-        threading.Event: lambda x, memo: threading.Event(),
-    }
-    dispatch = copy._deepcopy_dispatch  # type: ignore[attr-defined]
-    saved = {t: dispatch[t] for t in fresh if t in dispatch}
-    dispatch.update(fresh)
-    try:
-        return copy.deepcopy(obj)
-    finally:
-        for t in fresh:
-            dispatch.pop(t, None)
-        dispatch.update(saved)
+# deep-copied by reference, as copy.deepcopy does: functions, classes and modules
+_SHARED = (types.FunctionType, type, types.ModuleType)
+_FRESH = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+
+class _Copier(pickle.Pickler):
+    """Pickles a not-yet-started parsl object for ``fresh_copy``, through pickle's per-pickler hooks
+    (``persistent_id``, ``reducer_override``): nothing global changes."""
+
+    def __init__(self, file: io.BytesIO, shared: list[Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.shared = shared
+
+    def persistent_id(self, obj: Any) -> int | None:
+        plain_builtin = isinstance(obj, types.BuiltinFunctionType) and (
+            obj.__self__ is None or isinstance(obj.__self__, types.ModuleType))  # not a bound method
+        if isinstance(obj, _SHARED) or plain_builtin:
+            self.shared.append(obj)
+            return len(self.shared) - 1
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        fresh = _FRESH.get(type(obj))
+        return (fresh, ()) if fresh is not None else NotImplemented
+
+
+class _Restorer(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, shared: list[Any]) -> None:
+        super().__init__(file)
+        self.shared = shared
+
+    def persistent_load(self, pid: int) -> Any:
+        return self.shared[pid]
+
+
+def fresh_copy(obj: Any) -> Any:
+    """A deep copy of a not-yet-started parsl Config (parsl executors start once) whose locks are new,
+    unlocked ones: events and conditions come with them, and a lock shared by several objects stays
+    shared in the copy. Functions, classes and modules are the same objects, as ``copy.deepcopy`` keeps
+    them. Within this process only: the bytes never leave it."""
+    shared: list[Any] = []
+    buf = io.BytesIO()
+    _Copier(buf, shared).dump(obj)
+    buf.seek(0)
+    return _Restorer(buf, shared).load()
 
 
 def _chained(app_future: Future) -> Future:
@@ -132,7 +162,7 @@ class ParslBackend(Backend):
             if not isinstance(config, Config):
                 raise ExecutorOptionError(f"parsl: config must be a parsl.config.Config, got {config!r}")
             try:  # copied now, before anyone starts it: every start then gets a fresh copy
-                self._template = _fresh_copy(config)
+                self._template = fresh_copy(config)
             except Exception as exc:
                 raise ExecutorOptionError(
                     f"parsl: cannot copy this Config ({type(exc).__name__}: {exc}); pass one that was never loaded"
@@ -223,7 +253,7 @@ class ParslBackend(Backend):
 
         self._token = uuid.uuid4().hex
         if self._template is not None:
-            config = _fresh_copy(self._template)
+            config = fresh_copy(self._template)
             if self._provider is not None:  # a private run directory (parsl's default: ./runinfo)
                 self._run_dir = config.run_dir = tempfile.mkdtemp(prefix="casa-parsl-")
                 self._first_worker.seen, self._first_worker.failed = False, None
@@ -251,7 +281,7 @@ class ParslBackend(Backend):
 
     def _stop(self) -> None:
         import parsl
-        from parsl.dataflow.dflow import DataFlowKernelLoader
+        from parsl.errors import NoDataFlowKernelError
 
         atexit.unregister(self.stop)
         dfk, self._dfk = self._dfk, None
@@ -260,8 +290,9 @@ class ParslBackend(Backend):
             if dfk is not None:
                 dfk.cleanup()  # shuts the executors down: interchange and worker pools end
         finally:
-            if dfk is not None and DataFlowKernelLoader._dfk is dfk:
-                parsl.clear()
+            with contextlib.suppress(NoDataFlowKernelError):
+                if dfk is not None and parsl.dfk() is dfk:  # someone loaded ours as parsl's current one
+                    parsl.clear()
             _end_leftovers(self._token)  # what a lost pool left behind
             self._remove_run_dir()
 

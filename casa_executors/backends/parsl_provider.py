@@ -121,10 +121,9 @@ class FirstWorker:
     def missing(self, dfk: DataFlowKernel) -> str:
         text = (f"parsl: no worker joined within {self.timeout:g} s "
                 f"(asked {self.kind} for {describe_size(self.workers, self.adapt)})")
-        jobs: list[str] = []
         try:
-            jobs = [str(j) for j in dfk.executors[LABEL]._get_block_and_job_ids()[1] if j]
-        except Exception:  # a private parsl method: without it the message names no job
+            jobs = [str(j) for j in dfk.executors[LABEL].blocks_to_job_id.values() if j]
+        except (KeyError, AttributeError):  # the executor is gone: the message names no job
             jobs = []
         if not jobs:
             return text + "; no block was submitted (see the run directory's parsl.log). " + RAISE
