@@ -19,7 +19,7 @@ Events (frozen dataclasses)
     :class:`CheckpointRestored` (nodes; before anything else),
     :class:`ChunksDone` (task, one :class:`Ok` or :class:`Failed` per node),
     :class:`TaskFailed` (task, error: lost worker, cancelled),
-    :class:`MergeDone` (task, handle), :class:`MergeFailed` (task, why, lost children),
+    :class:`MergeDone` (task, handle), :class:`MergeTaskFailed` (task, why, lost children),
     :class:`MergedHere` (group, handle), :class:`OutputsLost` (nodes, why).
 
 Instructions (frozen dataclasses)
@@ -152,7 +152,7 @@ class MergeDone:
 
 
 @dataclass(frozen=True, slots=True)
-class MergeFailed:
+class MergeTaskFailed:
     """A merge task failed. ``lost``: children whose outputs went with it (then it is not retried:
     the chunks below them run again); ``restored``: nodes the checkpoint holds below those."""
 
@@ -176,7 +176,7 @@ class OutputsLost:
     ``index``) held in the tree, or the root (its fetch failed). ``group``: the :class:`MergeHere`
     that found them (its other children are held again). ``restored``: nodes the checkpoint holds
     below the lost ones (the shell resolves them; empty without a checkpoint). Children of a merge
-    *task* are reported by its :class:`MergeFailed` instead."""
+    *task* are reported by its :class:`MergeTaskFailed` instead."""
 
     nodes: tuple[Any, ...]
     why: str
@@ -184,7 +184,7 @@ class OutputsLost:
     restored: tuple[NodeId, ...] = ()
 
 
-Event = (Tick | WorkersChanged | CheckpointRestored | ChunksDone | TaskFailed | MergeDone | MergeFailed
+Event = (Tick | WorkersChanged | CheckpointRestored | ChunksDone | TaskFailed | MergeDone | MergeTaskFailed
          | MergedHere | OutputsLost)
 
 
@@ -409,7 +409,7 @@ class RunState:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Tick: self._tick, WorkersChanged: self._workers_changed, CheckpointRestored: self._restored,
             ChunksDone: self._chunks_done, TaskFailed: self._task_failed, MergeDone: self._merge_done,
-            MergeFailed: self._merge_failed, MergedHere: self._merged_here, OutputsLost: self._outputs_lost,
+            MergeTaskFailed: self._merge_failed, MergedHere: self._merged_here, OutputsLost: self._outputs_lost,
         }
 
     # -- the interface ---------------------------------------------------------------------------
@@ -439,6 +439,11 @@ class RunState:
         """The nodes a chunk task in flight computes (None: not in flight, e.g. cancelled)."""
         t = self._chunk_tasks.get(task)
         return t.nodes if t is not None else None
+
+    def duplicated(self, task: int) -> bool:
+        """Does a duplicate of chunk task ``task`` (or the task it duplicates) run?"""
+        t = self._chunk_tasks.get(task)
+        return t is not None and t.twin is not None
 
     def attempt(self, level: int, index: int) -> int:
         """The attempt number a task computing node (level, index) makes (1 the first time)."""
@@ -494,7 +499,7 @@ class RunState:
         group = self._merge_tasks.pop(e.task)
         self._put(Node(group.level, group.index, e.handle, group.complete))
 
-    def _merge_failed(self, e: MergeFailed) -> None:
+    def _merge_failed(self, e: MergeTaskFailed) -> None:
         group = self._merge_tasks.pop(e.task)
         if e.lost:
             self._lose(e.lost, e.why, group, e.restored)
