@@ -5,12 +5,17 @@ preprocess files and once to process chunks. It submits tasks to its backend,
 collects them as they complete, retries, merges in a fixed tree, draws the
 progress bar and fills the report. Backends only run tasks.
 
+What to do is decided by the run's rules, :class:`casa_executors.state.RunState`:
+which chunks a task carries, how many are in flight, retries, the merge tree and
+its tail, checkpoints, adaptive chunking, ``skipbadfiles``, lost outputs. ``_Run``
+is the shell around them: it turns finished futures into events and the
+instructions the rules return into submissions, merges, the progress bar and the
+report.
+
 Where outputs live and where the tree's merges run is the placement's business
 (:mod:`casa_executors.outputs`): in this process, in a store the workers share
 (merge tasks on the engine; the checkpoint when there is one), or in the
-engine's memory. The loop below is the same for all: chunk batches and merge
-tasks go to the same engine, ready merges first; a merge whose inputs were lost
-or found corrupt sends the chunks below it back to the queue.
+engine's memory. The rules only see the outputs' handles and sizes.
 """
 
 from __future__ import annotations

@@ -315,6 +315,9 @@ class _Queue:
     def __len__(self) -> int:
         return len(self._front) + (self._stop - self._fresh) + len(self._back)
 
+    def __bool__(self) -> bool:
+        return self._fresh < self._stop or bool(self._front) or bool(self._back)
+
     def popleft(self) -> int:
         if self._front:
             return self._front.popleft()
@@ -403,7 +406,7 @@ class RunState:
         self._here = 0  # MergeHere given, not answered yet
         self._next_task = 0
         self._durations: dict[int, _Durations] = {}  # task size (leaves) -> finished tasks' durations
-        self._ages: dict[int, deque[tuple[float, int]]] = {}  # task size -> (started, task), oldest first
+        self._ages: dict[int, dict[int, float]] = {}  # task size -> {task: started}, oldest first, not duplicated
         self._started = False
         self._out: list[Instruction] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -480,7 +483,7 @@ class RunState:
             self._chunk_tasks.pop(task.twin, None)
             self._out.append(Cancel(task.twin))
         if self.rules.speculate:
-            self._finished_task(task)
+            self._finished_task(e.task, task)
         for (level, index), outcome in zip(task.nodes, e.outcomes):
             self._outcome(level, index, outcome)
 
@@ -488,6 +491,8 @@ class RunState:
         task = self._chunk_tasks.pop(e.task, None)
         if task is None:
             return
+        if self.rules.speculate:
+            self._ages[task.leaves].pop(e.task, None)
         if task.twin is not None:  # the other copy goes on: this one is as if never sent
             self._chunk_tasks[task.twin].twin = None
             return
@@ -524,14 +529,19 @@ class RunState:
 
     # -- chunks ------------------------------------------------------------------------------------
     def _outcome(self, level: int, index: int, outcome: Outcome) -> None:
-        span = self.tree.span(level, index) if level else range(index, index + 1)
-        attempts = self.attempts
-        for i in span:
-            attempts[i] += 1
-        if type(outcome) is Ok:
-            status = self.status
+        if level:
+            span = self.tree.span(level, index)
             for i in span:
-                status[i] = DONE
+                self.attempts[i] += 1
+        else:  # a chunk: the common case, kept short
+            span = range(index, index + 1)
+            self.attempts[index] += 1
+        if type(outcome) is Ok:
+            if level:
+                for i in span:
+                    self.status[i] = DONE
+            else:
+                self.status[index] = DONE
             self.output_bytes += outcome.nbytes
             if self.planner is not None:
                 self.planner.finished(outcome.events, outcome.wall_s, outcome.worker)
@@ -618,7 +628,7 @@ class RunState:
             nodes = tuple(take)
             tasks[task] = _Task(nodes, folds, leaves, self.now)
             if rules.speculate:
-                self._ages.setdefault(leaves, deque()).append((self.now, task))
+                self._ages.setdefault(leaves, {})[task] = self.now
             self._out.append(SubmitChunks(task, nodes, folds))
 
     def _folds(self, take: list[NodeId]) -> tuple[tuple[int, int, int], ...]:
@@ -645,31 +655,31 @@ class RunState:
         return self.planner.todo(leaves) if self.planner is not None else _Queue(leaves)
 
     # -- stragglers --------------------------------------------------------------------------------
-    def _finished_task(self, task: _Task) -> None:
+    def _finished_task(self, key: int, task: _Task) -> None:
         durations = self._durations.get(task.leaves)
         if durations is None:
             durations = self._durations[task.leaves] = _Durations()
         durations.add(self.now - task.started)
-        ages, tasks = self._ages.get(task.leaves), self._chunk_tasks
-        while ages and ages[0][1] not in tasks:  # keep the queue about as long as what runs
-            ages.popleft()
+        self._ages[task.leaves].pop(key, None)
 
     def _speculate(self) -> None:
         rules, tasks = self.rules, self._chunk_tasks
         for leaves, ages in self._ages.items():
             durations = self._durations.get(leaves)
-            if durations is None or durations.count < rules.speculate_after:
+            if not ages or durations is None or durations.count < rules.speculate_after:
                 continue
             threshold = max(rules.speculate_factor * durations.median, rules.speculate_min_s)
-            while ages and len(tasks) + len(self._merge_tasks) < self.window:
-                started, key = ages[0]
+            free = self.window - len(tasks) - len(self._merge_tasks)
+            stragglers = []
+            for key, started in ages.items():  # oldest first
+                if self.now - started <= threshold or len(stragglers) == free:
+                    break  # the others of this size started later
+                stragglers.append(key)
+            for key in stragglers:
+                del ages[key]  # once: a duplicate is not duplicated again
                 task = tasks.get(key)
                 if task is None or task.twin is not None:
-                    ages.popleft()
                     continue
-                if self.now - started <= threshold:
-                    break  # the others of this size started later
-                ages.popleft()
                 twin = self._new_task()
                 duplicate = _Task(task.nodes, task.folds, task.leaves, self.now)
                 task.twin, duplicate.twin = twin, key
