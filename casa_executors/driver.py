@@ -451,6 +451,7 @@ class _Run:
 
     # -- instructions into actions -------------------------------------------------------
     def _carry_out(self, instructions: list[Any]) -> None:
+        self.bar.retries = self.state.retried
         todo = deque(instructions)
         while todo and not self.finished:
             first = todo.popleft()

@@ -531,7 +531,7 @@ class RandomShell(Shell):
                 self.feed(OutputsLost((rng.choice(held),), "preempted"))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), n=st.integers(1, 40), fanin=st.integers(2, 4), batch=st.integers(1, 4),
        window=st.integers(1, 6), retries=st.integers(0, 3), merges_here=st.booleans(),
        tail_bytes=st.sampled_from([None, 100]), speculate=st.booleans(), skip=st.booleans(),
