@@ -534,13 +534,14 @@ class RandomShell(Shell):
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), n=st.integers(1, 40), fanin=st.integers(2, 4), batch=st.integers(1, 4),
        window=st.integers(1, 6), retries=st.integers(0, 3), merges_here=st.booleans(),
-       tail_bytes=st.sampled_from([None, 100]), speculate=st.booleans(), skip=st.booleans(),
+       tail_bytes=st.sampled_from([None, 100]), fallback=st.booleans(), speculate=st.booleans(), skip=st.booleans(),
        p_fail=st.sampled_from([0.0, 0.1, 0.3]), p_lost=st.sampled_from([0.0, 0.05, 0.2]),
        bad=st.sets(st.integers(0, 39), max_size=3))
 def test_every_chunk_ends_once_in_the_output_or_the_report_with_the_bits_of_the_tree(
-        seed, n, fanin, batch, window, retries, merges_here, tail_bytes, speculate, skip, p_fail, p_lost, bad):
+        seed, n, fanin, batch, window, retries, merges_here, tail_bytes, fallback, speculate, skip, p_fail, p_lost,
+        bad):
     rules = Rules(retries=retries, fanin=fanin, batch=batch, window=window, merges_here=merges_here,
-                  tail_bytes=tail_bytes, merge_fallback_here=True, speculate=speculate, speculate_after=2,
+                  tail_bytes=tail_bytes, merge_fallback_here=fallback, speculate=speculate, speculate_after=2,
                   speculate_min_s=0.0, speculate_factor=1.5)
     state = RunState(n, rules, skippable=(lambda e: e == "OSError") if skip else None)
     shell = RandomShell(state, random.Random(seed), p_fail, p_lost, bad)
@@ -563,3 +564,44 @@ def test_every_chunk_ends_once_in_the_output_or_the_report_with_the_bits_of_the_
     for i in range(n):
         expected.add(i, value(i)[1] if i in output else None)
     assert (shell.root.handle[1] if shell.root.handle is not None else None) == expected.result  # same bits
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), lengths=st.lists(st.integers(500, 40_000), min_size=1, max_size=8),
+       files=st.integers(1, 3), target=st.sampled_from([1e-4, 0.05, 1e6]), workers=st.integers(1, 8),
+       retries=st.integers(0, 2), p_fail=st.sampled_from([0.0, 0.2]), p_lost=st.sampled_from([0.0, 0.1]))
+def test_adaptive_tasks_keep_every_chunk_exactly_once(seed, lengths, files, target, workers, retries, p_fail,
+                                                      p_lost):
+    rng = random.Random(seed)
+    items, start = [], {}
+    for length in lengths:
+        name = f"f{rng.randrange(files)}"
+        begin = start.get(name, 0)
+        items.append(WorkItem("d", name, "Events", begin, begin + length, name.encode()))
+        start[name] = begin + length
+    grains = Grains.split(items, 2)
+    n = len(grains.leaves)
+    state = RunState(n, Rules(retries=retries, fanin=2, window=workers, merges_here=False, target_task_s=target),
+                     skippable=lambda e: True, grains=grains)
+    shell = RandomShell(state, rng, p_fail, p_lost, set())
+    shell.feed(Tick(0.0), WorkersChanged(workers))
+    for _ in range(20_000):
+        if shell.root is not None:
+            break
+        shell.step()
+    assert shell.root is not None
+    given_up = [g.index for g in of(GiveUp, shell.log)]
+    output = shell.root.handle[0] if shell.root.handle is not None else ()
+    assert sorted(given_up + list(output)) == list(range(n)) and list(output) == sorted(output)
+    for s in of(SubmitChunks, shell.log):  # a task is one node whose grains are one stretch of one file
+        (node,) = s.nodes
+        span = shell.state.tree.span(*node)
+        assert grains.segment[span.start] == grains.segment[span.stop - 1]
+    assert max(state.failures) <= retries + 1
+
+
+def test_workers_changed_widens_the_window():
+    shell = start(10, window=2)
+    assert len(shell.tasks) == 2
+    out = shell.feed(WorkersChanged(4, window=5))
+    assert len(of(SubmitChunks, out)) == 3 and shell.state.workers == 4
