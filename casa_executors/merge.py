@@ -108,6 +108,10 @@ class MergeTree:
             # nothing to merge: the one output (or none) stands for the parent as it is
             node = Node(group.level, group.index, present[0].handle if present else None, group.complete)
 
+    def drop(self, level: int, index: int) -> Node | None:
+        """Forget a node held in the tree (its output was lost): it can be put again."""
+        return self._held[level].pop(index, None) if level < self.top else None
+
     def put_back(self, nodes: list[Node]) -> None:
         """Children of a group whose merge could not run (a sibling was lost): hold them again."""
         for n in nodes:
