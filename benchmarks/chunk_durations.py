@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = measure(queries, args.chunksize, args.repeat, args.events, args.files)
     doc = {
         "command": "python -m benchmarks.chunk_durations " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, load average {load_before[0]:.1f} before / "
                    f"{os.getloadavg()[0]:.1f} after (shared with other jobs)",
         "backend": "iterative", "chunksize": args.chunksize, "events": args.events, "files": args.files,

@@ -81,8 +81,8 @@ from casa_executors.state import (
     ChunksDone,
     Finish,
     GiveUp,
-    MergeDone,
     MergedHere,
+    MergeDone,
     MergeFailed,
     MergeHere,
     Ok,
@@ -194,8 +194,8 @@ class Out:
 def capacity_bound(joins: list[float], leaves: list[float], work: float, start: float) -> float:
     """The first time ``tau`` by which the workers present between ``start`` and ``tau`` have had ``work``
     worker-seconds (``inf`` if they never do)."""
-    steps = sorted([(max(j, start), 1) for j, l in zip(joins, leaves) if l > max(j, start)]
-                   + [(l, -1) for j, l in zip(joins, leaves) if l > max(j, start) and l != float("inf")])
+    spans = [(max(j, start), gone) for j, gone in zip(joins, leaves) if gone > max(j, start)]
+    steps = sorted([(begin, 1) for begin, _ in spans] + [(gone, -1) for _, gone in spans if gone != float("inf")])
     t, n, done = start, 0, 0.0
     for when, delta in steps:
         if n > 0 and done + n * (when - t) >= work:

@@ -1,0 +1,139 @@
+"""One real engine at scale on this machine, against the facility simulator's prediction.
+
+    python -m benchmarks.dask_at_scale --workers 200 --tasks 20000 --sleep-ms 50 --json bench-out/dask_at_scale.json
+
+A Dask ``LocalCluster(processes=False, n_workers=--workers, threads_per_worker=1)``: hundreds of workers in
+this process, each a thread. The chunks (``--tasks`` work items) only sleep ``--sleep-ms``, so what is measured
+is the engine and our driver, not the CPU. They go through casa_executors' real driver shell
+(``casa_executors.dask(client=...)`` called as coffea's Runner calls it, without Runner): guided batches,
+outputs held on the workers, merges there.
+
+Measured: the engine's round trip (``benchmarks.scaling.round_trip``: a wave of one no-op task per worker, median
+of waves), then one timed call: its makespan, the engine tasks it ran (counted by a scheduler plugin: chunk
+tasks and merges), tasks and chunks per second, the process's CPU (scheduler, workers and driver share it here).
+Then the simulator runs the same settings (the same workers, chunks of exactly ``--sleep-ms``, the measured
+round trip, no faults) and its makespan is set beside the measured one. The cluster is closed in any case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def sleeper(ms: float):
+    """A chunk's work: sleep, return a count (what the driver merges)."""
+
+    def work(item: Any) -> dict:
+        time.sleep(ms / 1000.0)
+        return {"chunks": 1}
+
+    return work
+
+
+class TaskCounter:
+    """A scheduler plugin counting tasks that reached memory (done), by kind."""
+
+    name = "casa-task-counter"
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.first: float | None = None
+        self.last = 0.0
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "processing" and finish in ("memory", "erred"):
+            now = time.perf_counter()
+            self.done += 1
+            self.first = self.first if self.first is not None else now
+            self.last = now
+
+
+def measure(workers: int, chunks: int, sleep_ms: float, waves: int = 10) -> dict:
+    import dask
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    import casa_executors as ce
+    from benchmarks.scaling import round_trip
+
+    class Counter(TaskCounter, SchedulerPlugin):
+        pass
+
+    t0 = time.perf_counter()
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
+                               dashboard_address=None)
+    try:
+        client = Client(cluster, set_as_default=False)
+        try:
+            client.wait_for_workers(workers)
+            start_s = time.perf_counter() - t0
+            counter = Counter()
+            cluster.scheduler.add_plugin(counter)  # processes=False: the scheduler is in this process
+            ex = ce.dask(client=client, status=False)
+            with ex:
+                rt = round_trip(ex.backend, workers, waves)
+                before = counter.done
+                items = list(range(chunks))
+                cpu0, t1 = time.process_time(), time.perf_counter()
+                out, _ = ex(items, sleeper(sleep_ms), None)
+                makespan = time.perf_counter() - t1
+                cpu = time.process_time() - cpu0
+            if out != {"chunks": chunks}:
+                raise AssertionError(f"the run's output is {out!r}, not {{'chunks': {chunks}}}")
+            summary = ex.report.summary()
+            tasks = counter.done - before
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+    ideal = chunks * sleep_ms / 1000.0 / workers
+    return {"workers": workers, "chunks": chunks, "sleep_ms": sleep_ms, "cluster_start_s": start_s,
+            "round_trip_ms": 1000.0 * rt, "makespan_s": makespan, "ideal_s": ideal,
+            "makespan_over_ideal": makespan / ideal, "engine_tasks": tasks,
+            "merge_tasks": summary["merge"].get("merge_tasks", 0), "tasks_per_s": tasks / makespan,
+            "chunks_per_s": chunks / makespan, "process_cpu_s": cpu, "attempts": summary["attempts"]}
+
+
+def predict(workers: int, chunks: int, sleep_ms: float, round_trip_ms: float, seed: int = 1) -> dict:
+    from benchmarks.facility_sim import Settings, simulate
+
+    r = simulate(Settings(workers=workers, chunks=chunks, durations=f"const:{sleep_ms}", round_trip_ms=round_trip_ms,
+                          seed=seed))
+    return {k: r[k] for k in ("makespan_s", "bound_s", "makespan_over_bound", "tasks", "merge_tasks",
+                              "idle_fraction", "driver_us_per_chunk")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.dask_at_scale", description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=200)
+    ap.add_argument("--tasks", type=int, default=20_000, help="work items (chunks) of the call")
+    ap.add_argument("--sleep-ms", type=float, default=50.0)
+    ap.add_argument("--waves", type=int, default=10, help="no-op waves for the round trip (median)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.workers < 1 or args.tasks < 1 or args.sleep_ms < 0:
+        ap.error("--workers and --tasks must be >= 1, --sleep-ms >= 0")
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    real = measure(args.workers, args.tasks, args.sleep_ms, args.waves)
+    sim = predict(args.workers, args.tasks, args.sleep_ms, real["round_trip_ms"])
+    doc = {"command": "python -m benchmarks.dask_at_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "dask": real, "simulated": sim, "makespan_real_over_simulated": real["makespan_s"] / sim["makespan_s"]}
+    print(json.dumps(doc, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
