@@ -8,11 +8,14 @@ is the engine and our driver, not the CPU. They go through casa_executors' real 
 (``casa_executors.dask(client=...)`` called as coffea's Runner calls it, without Runner): guided batches,
 outputs held on the workers, merges there.
 
-Measured: the engine's round trip (``benchmarks.scaling.round_trip``: a wave of one no-op task per worker, median
-of waves), then one timed call: its makespan, the engine tasks it ran (counted by a scheduler plugin: chunk
-tasks and merges), tasks and chunks per second, the process's CPU (scheduler, workers and driver share it here).
-Then the simulator runs the same settings (the same workers, chunks of exactly ``--sleep-ms``, the measured
-round trip, no faults) and its makespan is set beside the measured one. The cluster is closed in any case.
+Measured first, with the engine held: its latency (one no-op task at a time, median of ``--waves`` x 5: what
+the simulator calls the round trip) and its throughput (``benchmarks.scaling.round_trip``'s waves of one no-op
+task per worker, median: workers / that is the tasks a second it starts and collects when busy). Then one timed
+call: its makespan, the engine tasks it ran (counted by a scheduler plugin: chunk tasks and merges), tasks and
+chunks per second, the process's CPU (scheduler, workers and driver share it here). Then the simulator runs the
+same settings (the same workers, chunks of exactly ``--sleep-ms``, the measured latency as its round trip and
+the measured throughput as ``engine_tasks_per_s``; and once with the latency alone; no faults) and its makespan
+is set beside the measured one. The cluster is closed in any case.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 180
 
 
 def sleeper(ms: float):
@@ -68,12 +72,16 @@ def measure(workers: int, chunks: int, sleep_ms: float, waves: int = 10) -> dict
         pass
 
     t0 = time.perf_counter()
-    with dask.config.set({"distributed.worker.profile.enabled": False,
-                          "distributed.scheduler.allowed-failures": 0}):
+    # hundreds of workers share this process's event loop: on a loaded machine the client's first connection
+    # took over dask's default 30 s once (200 workers, load average 17)
+    config = {"distributed.worker.profile.enabled": False, "distributed.scheduler.allowed-failures": 0,
+              "distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s"}
+    with dask.config.set(config):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
                                dashboard_address=None)
     try:
-        client = Client(cluster, set_as_default=False)
+        with dask.config.set(config):
+            client = Client(cluster, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
         try:
             client.wait_for_workers(workers)
             start_s = time.perf_counter() - t0
@@ -81,7 +89,8 @@ def measure(workers: int, chunks: int, sleep_ms: float, waves: int = 10) -> dict
             cluster.scheduler.add_plugin(counter)  # processes=False: the scheduler is in this process
             ex = ce.dask(client=client, status=False)
             with ex:
-                rt = round_trip(ex.backend, workers, waves)
+                latency = round_trip(ex.backend, 1, 5 * waves)
+                wave = round_trip(ex.backend, workers, waves)
                 before = counter.done
                 items = list(range(chunks))
                 cpu0, t1 = time.process_time(), time.perf_counter()
@@ -98,17 +107,19 @@ def measure(workers: int, chunks: int, sleep_ms: float, waves: int = 10) -> dict
         cluster.close()
     ideal = chunks * sleep_ms / 1000.0 / workers
     return {"workers": workers, "chunks": chunks, "sleep_ms": sleep_ms, "cluster_start_s": start_s,
-            "round_trip_ms": 1000.0 * rt, "makespan_s": makespan, "ideal_s": ideal,
+            "round_trip_ms": 1000.0 * latency, "wave_ms": 1000.0 * wave, "engine_tasks_per_s": workers / wave,
+            "makespan_s": makespan, "ideal_s": ideal,
             "makespan_over_ideal": makespan / ideal, "engine_tasks": tasks,
             "merge_tasks": summary["merge"].get("merge_tasks", 0), "tasks_per_s": tasks / makespan,
             "chunks_per_s": chunks / makespan, "process_cpu_s": cpu, "attempts": summary["attempts"]}
 
 
-def predict(workers: int, chunks: int, sleep_ms: float, round_trip_ms: float, seed: int = 1) -> dict:
+def predict(workers: int, chunks: int, sleep_ms: float, round_trip_ms: float, engine_tasks_per_s: float = 0.0,
+            seed: int = 1) -> dict:
     from benchmarks.facility_sim import Settings, simulate
 
     r = simulate(Settings(workers=workers, chunks=chunks, durations=f"const:{sleep_ms}", round_trip_ms=round_trip_ms,
-                          seed=seed))
+                          engine_tasks_per_s=engine_tasks_per_s, output_kb=0.1, seed=seed))  # outputs: a tiny dict
     return {k: r[k] for k in ("makespan_s", "bound_s", "makespan_over_bound", "tasks", "merge_tasks",
                               "idle_fraction", "driver_us_per_chunk")}
 
@@ -125,9 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--workers and --tasks must be >= 1, --sleep-ms >= 0")
     logging.getLogger("distributed").setLevel(logging.ERROR)
     real = measure(args.workers, args.tasks, args.sleep_ms, args.waves)
-    sim = predict(args.workers, args.tasks, args.sleep_ms, real["round_trip_ms"])
+    sim = predict(args.workers, args.tasks, args.sleep_ms, real["round_trip_ms"], real["engine_tasks_per_s"])
+    latency_only = predict(args.workers, args.tasks, args.sleep_ms, real["round_trip_ms"])
     doc = {"command": "python -m benchmarks.dask_at_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "dask": real, "simulated": sim, "makespan_real_over_simulated": real["makespan_s"] / sim["makespan_s"]}
+           "dask": real, "simulated": sim, "simulated_latency_only": latency_only,
+           "makespan_real_over_simulated": real["makespan_s"] / sim["makespan_s"]}
     print(json.dumps(doc, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
