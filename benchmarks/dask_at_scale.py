@@ -74,11 +74,14 @@ def measure(workers: int, chunks: int, sleep_ms: float, waves: int = 10) -> dict
     t0 = time.perf_counter()
     # hundreds of workers share this process's event loop: on a loaded machine the client's first connection
     # took over dask's default 30 s once (200 workers, load average 17)
+    # and missed heartbeats must not remove them (worker-ttl)
     config = {"distributed.worker.profile.enabled": False, "distributed.scheduler.allowed-failures": 0,
-              "distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s"}
+              "distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s", "distributed.scheduler.worker-ttl": None}
     with dask.config.set(config):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
-                               dashboard_address=None)
+        # memory_limit=0: LocalCluster splits the machine's memory between the workers, and every in-process
+        # worker sees the whole process's memory as its own: with 200 they all paused at once (120 MiB each)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, memory_limit=0,
+                               dashboard_address="127.0.0.1:0")  # None still serves on *:8787
     try:
         with dask.config.set(config):
             client = Client(cluster, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
