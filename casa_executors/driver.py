@@ -5,12 +5,17 @@ preprocess files and once to process chunks. It submits tasks to its backend,
 collects them as they complete, retries, merges in a fixed tree, draws the
 progress bar and fills the report. Backends only run tasks.
 
+What to do is decided by the run's rules, :class:`casa_executors.state.RunState`:
+which chunks a task carries, how many are in flight, retries, the merge tree and
+its tail, checkpoints, adaptive chunking, ``skipbadfiles``, lost outputs. ``_Run``
+is the shell around them: it turns finished futures into events and the
+instructions the rules return into submissions, merges, the progress bar and the
+report.
+
 Where outputs live and where the tree's merges run is the placement's business
 (:mod:`casa_executors.outputs`): in this process, in a store the workers share
 (merge tasks on the engine; the checkpoint when there is one), or in the
-engine's memory. The loop below is the same for all: chunk batches and merge
-tasks go to the same engine, ready merges first; a merge whose inputs were lost
-or found corrupt sends the chunks below it back to the queue.
+engine's memory. The rules only see the outputs' handles and sizes.
 """
 
 from __future__ import annotations
@@ -35,17 +40,40 @@ from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase, Runner
 from coffea.util import _exception_chain
 
-from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, Planner, Todo, adaptable
+from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, adaptable
 from casa_executors.backends.base import Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
 from casa_executors.errors import ChunkError, ExecutorOptionError, WorkerLost, chunk_error
 from casa_executors.heap import old_heap_frozen
-from casa_executors.merge import Group, MergeFailed, MergeTree, Node, node_key
-from casa_executors.outputs import Lost, check_merge_option, choose
+from casa_executors.merge import Group, MergeFailed, Node
+from casa_executors.outputs import EnginePlacement, Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
 from casa_executors.report import DONE, Phase, Report
 from casa_executors.source import open_files
+from casa_executors.state import (
+    Cancel,
+    CheckpointRestored,
+    ChunksDone,
+    Failed,
+    Finish,
+    GiveUp,
+    LostTooOften,
+    MergedHere,
+    MergeDone,
+    MergeHere,
+    MergeTaskFailed,
+    Ok,
+    OutputsLost,
+    Requeue,
+    Rules,
+    RunState,
+    SubmitChunks,
+    SubmitMerge,
+    TaskFailed,
+    Tick,
+    WorkersChanged,
+)
 from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, Fold, TaskBatch
 
 NOT_RUN = "NotRun"
@@ -223,22 +251,24 @@ class Driver(ExecutorBase):
 
 
 class _ChunkJob:
-    __slots__ = ("data", "future", "nodes")
+    __slots__ = ("data", "future", "task")
 
-    def __init__(self, future: Future, nodes: list[tuple[int, int]], data: Any) -> None:
-        # the tree nodes its tasks compute, (level, index): chunks are leaves, (0, i)
-        self.future, self.nodes, self.data = future, nodes, data
+    def __init__(self, task: int, future: Future, data: Any) -> None:
+        self.task, self.future, self.data = task, future, data
 
 
 class _MergeJob:
-    __slots__ = ("future", "group")
+    __slots__ = ("future", "group", "task")
 
-    def __init__(self, future: Future, group: Group) -> None:
-        self.future, self.group = future, group
+    def __init__(self, task: int, future: Future, group: Group) -> None:
+        self.task, self.future, self.group = task, future, group
 
 
 class _Run:
-    """The state of one executor call."""
+    """One executor call: the shell around its rules (:class:`casa_executors.state.RunState`).
+
+    It turns finished futures into events, and the instructions the rules return into
+    submissions, merges (through the placement), the progress bar and the report."""
 
     def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any,
                  grains: Grains | None, run_id: str) -> None:
@@ -251,36 +281,21 @@ class _Run:
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
             self.checkpoint.open(phase.items, work, driver.merge_fanin)
-        self.tree = MergeTree(n, driver.merge_fanin)
-        self.merges: deque[Group] = deque()  # ready groups waiting for a slot on the engine
-        self.attempts = [0] * n
-        self.failures = [0] * n  # failed attempts: a chunk fails for good after retries + 1
-        self.losses = [0] * n  # outputs lost after the chunk was done (recomputed up to retries + 1 times)
-        # adaptive chunking: a task is the node the planner picks (else one leaf, a chunk, per task)
-        self.planner = Planner(grains, self.tree, driver.target_task_s, driver.retries) if grains else None
-        self.todo = self._todo(range(n))
-        self.inflight: dict[int, _ChunkJob | _MergeJob] = {}
-        self.chunk_jobs = 0  # of them, chunk batches (the others are merges)
-        self.keys = itertools.count()
+        self.grains = grains
+        self.jobs: dict[int, _ChunkJob | _MergeJob] = {}  # by task id
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.abort: tuple[int, BaseException] | None = None
         self.skipped: list[tuple[int, BaseException]] = []
         self.result: Any = None
         self.finished = False
         self.corrupt: list[str] = []
-        # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise
-        self.batch = driver.chunks_per_task or (1 if self.planner else self.backend.batch_size(n, phase.name))
-        # the backend's batch shrinks with the work left (guided self-scheduling; asked once: an external
-        # cluster's size is a call), a batch fixed by chunks_per_task or the planner does not
-        self.guided = not driver.chunks_per_task and not self.planner
-        self.limit = max(self.backend.max_inflight(), 1)
         # a store placement may make a temporary folder: drive() removes it (or this, on a failure here)
         self.placement = choose(self.backend, phase.name, driver.compression, driver.merge, driver.store,
                                 self.checkpoint)
         if self.placement.name == "driver" and self.backend.in_process:
             self.placement.compression = None  # nothing leaves this process
-        self.window = self.placement.window(self.limit)  # chunk tasks kept submitted
         try:
+            self.state = RunState(n, self._rules(n), self._skippable_error, grains)
             self.bar = ProgressBar(
                 bool(driver.status), driver.desc, driver.unit, n, self.backend.describe()
             )
@@ -288,71 +303,77 @@ class _Run:
             self.placement.close(False)
             raise
 
+    def _rules(self, n: int) -> Rules:
+        driver, backend, placement = self.driver, self.backend, self.placement
+        # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise;
+        # else the backend's batch shrinks with the work left (guided self-scheduling; asked once: an external
+        # cluster's size is a call)
+        batch = driver.chunks_per_task or (1 if self.grains else backend.batch_size(n, self.phase.name))
+        engine = isinstance(placement, EnginePlacement)
+        return Rules(
+            retries=driver.retries, fanin=driver.merge_fanin, batch=batch,
+            guided=not driver.chunks_per_task and not self.grains,
+            window=placement.window(max(backend.max_inflight(), 1)),
+            retry_at_once=backend.in_process,
+            merges_here=placement.merges_here,
+            tail_here=placement.tail_allowed if engine else placement.tail_here,
+            # an engine keeps outputs as objects with compression=None: their sizes are unknown
+            tail_bytes=None if engine and placement.compression is None else placement.tail_bytes,
+            tail_only_small=engine,
+            merge_fallback_here=placement.name == "store",  # the store still has a failed merge's children
+            target_task_s=driver.target_task_s,
+        )
+
+    @property
+    def attempts(self) -> list[int]:
+        return self.state.attempts
+
     def drive(self) -> Any:
         try:
-            self._begin()
+            events: list[Any] = [Tick(time.monotonic()), *self._workers()]
+            if self.checkpoint is not None:
+                events.append(CheckpointRestored(tuple(self._begin())))
+            self._carry_out(self.state.handle_all(events))
             while not self.finished:
-                self._submit_more()
-                if self.finished:
-                    break
-                if not self.inflight:
+                if not self.jobs:
                     raise RuntimeError("casa_executors: the merge tree is incomplete with nothing left to run")
                 try:
                     keys = [self.done.get(timeout=0.25)]
                 except queue.Empty:
                     self.bar.refresh()
+                    self._carry_out(self.state.handle(Tick(time.monotonic())))
                     continue
                 with contextlib.suppress(queue.Empty):  # and whatever else has finished meanwhile
                     while True:
                         keys.append(self.done.get_nowait())
-                jobs = [self.inflight.pop(key) for key in keys]
-                chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
-                self.chunk_jobs -= len(chunks)
-                values = self.placement.collect([job.future for job in chunks])
-                for job, value in zip(chunks, values):
-                    for position, result in enumerate(self._results(value, [i for _, i in job.nodes])):
-                        self._handle(result, job, position)
-                for job in jobs:
-                    if isinstance(job, _MergeJob):
-                        self._merged(job)
+                events = [Tick(time.monotonic()), *self._workers(), *self._events(keys)]
+                self._carry_out(self.state.handle_all(events))
         finally:
             self.bar.close()
-            for job in self.inflight.values():
+            for job in self.jobs.values():
                 with contextlib.suppress(Exception):  # e.g. parsl's AppFuture.cancel raises
                     job.future.cancel()
-            self.inflight.clear()
+            self.jobs.clear()
             # the caller's own thread keeps no file open after a run, but for the processing that follows
             if self.backend.in_process and self.phase.name == "processing":
                 open_files().close()
             self._close()
         return self.result
 
+    def _workers(self) -> list[WorkersChanged]:
+        # adaptive chunking sizes tasks by the workers (asked each time: a cluster grows and shrinks)
+        return [WorkersChanged(self.backend.workers)] if self.grains else []
+
     # -- the start and the end ---------------------------------------------------------
-    def _begin(self) -> None:
-        """With a checkpoint: restore what it holds, run only the other chunks."""
-        if self.checkpoint is None:
-            return
-        restored, todo, leftovers = self.checkpoint.resolve(self.tree)
+    def _begin(self) -> list[tuple[int, int]]:
+        """With a checkpoint: the nodes it holds (the rules run only the other chunks)."""
+        restored, _, leftovers = self.checkpoint.resolve(self.state.tree)
         self.checkpoint.store.remove(leftovers)  # below restored nodes, temporary, partial: a kill's debris
-        self.todo = self._todo(sorted(todo))
         for level, index in restored:
-            span = self.tree.span(level, index)
+            span = self.state.tree.span(level, index)
             self.bar.events += Report.restore(self.phase, span)
             self.bar.refresh(advance=len(span))
-        for level, index in restored:
-            self._put(Node(level, index, node_key(level, index), True))
-
-    def _finish(self) -> None:
-        root = self.tree.root
-        try:
-            self.result = self.placement.fetch(root)
-        except Lost as exc:
-            self.tree.root = None
-            self._lose(exc, None)
-            return
-        self.finished = True
-        if self.checkpoint is not None and root.complete:
-            self.checkpoint.write_manifest(complete=True)
+        return restored
 
     def _close(self) -> None:
         try:
@@ -366,175 +387,179 @@ class _Run:
                     "corrupt": list(self.corrupt), "restarted": self.checkpoint.restarted,
                 }
 
-    # -- the merge tree --------------------------------------------------------------
-    def _put(self, node: Node) -> None:
-        for group in self.tree.put(node):
-            if not self.placement.merges_here:
-                self.merges.append(group)
+    # -- futures into events -------------------------------------------------------------
+    def _events(self, keys: list[int]) -> list[Any]:
+        """The events of finished tasks (chunk tasks first, their results in one collect)."""
+        jobs = [job for job in map(self.jobs.pop, keys, itertools.repeat(None)) if job is not None]
+        chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
+        events = [self._chunks_event(job, value)
+                  for job, value in zip(chunks, self.placement.collect([job.future for job in chunks]))]
+        return [e for e in events if e is not None] + [self._merge_event(job) for job in jobs
+                                                       if isinstance(job, _MergeJob)]
+
+    def _chunks_event(self, job: _ChunkJob, value: Any) -> Any:
+        nodes = self.state.task_nodes(job.task)
+        if nodes is None:
+            return None  # cancelled meanwhile: its duplicate won
+        results = self._results(value, [i for _, i in nodes])
+        if results is not value and self.state.duplicated(job.task):
+            return TaskFailed(job.task, results[0].error.exception())  # the other copy goes on
+        tree, outcomes = self.state.tree, []
+        for position, (r, (level, index)) in enumerate(zip(results, nodes)):
+            span = tree.span(level, index)  # the leaves this task covered: chunk ``index`` when level is 0
+            Report.attempt(self.phase, r, span)
+            if r.merge_error is not None:  # a task's own merge (Fold): as a merge task's failure, not retried
+                raise r.merge_error.exception()
+            if not r.ok:
+                outcomes.append(Failed(r.error.exception()))
+                log.info("%s item %d: attempt %d failed on %s (%s)", self.phase.name, index, r.attempt,
+                         r.worker or self.backend.describe(), r.error.type_name)
                 continue
-            self._merge_here(group)
-        if self.tree.root is not None and not self.finished:
-            self._finish()
+            self.bar.advance(r.events, len(span))
+            handle = None
+            if not r.merged:  # else its output is in the node another result of the batch carries
+                if r.node is not None:
+                    level, index = 1, r.node
+                    self.placement.folded += 1
+                handle = self.placement.leaf(r, job.data, position, level, index)
+            outcomes.append(Ok(handle, r.output_bytes, r.events, r.wall_s, r.worker, r.node, r.merged))
+        return ChunksDone(job.task, tuple(outcomes))
 
-    def _tail(self) -> bool:
-        """The run's last merges: the driver merges them itself.
-        A merge task would cost the engine's round trip (~80 ms a Spark job here, 10-20 ms on Work Queue)
-        for work as serial as it is here. Two cases:
-        - one group ready and nothing else to run: at most one group per level of the tree (each of at
-          most a fan-in of outputs) comes this way, however many chunks the run has;
-        - every chunk is in and the run's outputs are small in all (``Placement.small``): all the groups
-          ready from then on, the few the last chunks completed and the parents of merges still on the
-          engine; what they read is bounded by the outputs' total."""
-        if not self.placement.tail_here or self.todo:
-            return False
-        if len(self.merges) == 1 and not self.inflight:
-            return True
-        return not self.chunk_jobs and self.placement.small
-
-    def _merge_here(self, group: Group) -> None:
-        """Merge ``group`` in this process and put the result in the tree."""
-        try:
-            handle = self.placement.merge_here(group, root=group.level == self.tree.top)
-        except Lost as exc:
-            self._lose(exc, group)
-            return
-        self._put(Node(group.level, group.index, handle, group.complete))
-
-    def _merged(self, job: _MergeJob) -> None:
+    def _merge_event(self, job: _MergeJob) -> Any:
         group = job.group
         try:
             handle = self.placement.merged(group, job.future)
         except Lost as exc:
-            self._lose(exc, group)
-            return
+            return MergeTaskFailed(job.task, str(exc), tuple(exc.nodes), self._resolve(exc))
         except MergeFailed:
             raise
         except BaseException as exc:  # the engine lost the merge task
-            self._merge_failed(group, exc)
-            return
-        self._put(Node(group.level, group.index, handle, group.complete))
+            why = f"a merge task failed on the engine: {type(exc).__name__}: {exc}"
+            lost = Lost(self.placement.lost_children(group), why)
+            return MergeTaskFailed(job.task, why, tuple(lost.nodes), self._resolve(lost))
+        return MergeDone(job.task, handle)
 
-    def _merge_failed(self, group: Group, exc: BaseException) -> None:
-        why = f"a merge task failed on the engine: {type(exc).__name__}: {exc}"
-        lost = self.placement.lost_children(group)
-        if lost:
-            self._lose(Lost(lost, why), group)
-            return
-        group.attempts += 1
-        if group.attempts <= self.driver.retries:
-            self.merges.appendleft(group)
-        elif self.placement.name == "store":  # the store still has the children: merge them here
-            self._merge_here(group)
-        else:
-            self._lose(Lost([c for c in group.children if c.handle is not None], why), group)
-
-    def _lose(self, exc: Lost, group: Group | None) -> None:
-        """Outputs are gone or corrupt: plan their subtrees again (restore what the store has, rerun the rest)."""
-        gone = {(n.level, n.index) for n in exc.nodes}
-        if group is not None:
-            self.tree.put_back([c for c in group.children if (c.level, c.index) not in gone])
+    def _resolve(self, exc: Lost) -> tuple[tuple[int, int], ...]:
+        """Outputs are gone or corrupt: remove the corrupt ones; what the checkpoint still holds below them."""
         if exc.corrupt:
             self.corrupt += exc.corrupt
             self.placement.store.remove(exc.corrupt)
-        for node in exc.nodes:
-            if self.checkpoint is not None:
-                restored, todo, _ = self.checkpoint.resolve(self.tree, node.level, node.index)
-            else:
-                restored, todo = [], list(self.tree.span(node.level, node.index))
-            for i in todo:
-                self._rerun(i, exc)
-            for level, index in restored:
-                self._put(Node(level, index, node_key(level, index), True))
+        if self.checkpoint is None:
+            return ()
+        return tuple(node for lost in exc.nodes
+                     for node in self.checkpoint.resolve(self.state.tree, lost.level, lost.index)[0])
 
-    def _rerun(self, i: int, exc: Lost) -> None:
-        row = self.phase.rows[i]
-        if row.status not in DONE:  # it had failed: it still has no output
-            self._put(Node(0, i, None, False))
-            return
-        self.losses[i] += 1
-        self.bar.refresh(advance=-1)
-        self.bar.events -= row.events
-        if self.losses[i] > self.driver.retries + 1:
-            Report.give_up(self.phase, i, "failed", "WorkerLost", f"its output was lost {self.losses[i]} times: {exc}")
-            self._give_up(i, WorkerLost(f"the output of this chunk was lost {self.losses[i]} times: {exc}"))
-            return
-        log.info("%s item %d: its output was lost (%s); running it again", self.phase.name, i, type(exc).__name__)
-        Report.requeue(self.phase, i)
-        self.todo.appendleft(i)
+    # -- instructions into actions -------------------------------------------------------
+    def _carry_out(self, instructions: list[Any]) -> None:
+        self.bar.retries = self.state.retried
+        todo = deque(instructions)
+        while todo and not self.finished:
+            first = todo.popleft()
+            kind = type(first)
+            if kind in (SubmitChunks, SubmitMerge):  # with those that follow, in one call to the engine
+                same = [first]
+                while todo and type(todo[0]) is kind:
+                    same.append(todo.popleft())
+                (self._submit_chunks if kind is SubmitChunks else self._submit_merges)(same)
+            elif kind is MergeHere:
+                todo += self.state.handle(self._merge_here(first))
+            elif kind is Finish:
+                todo += self._finish(first.root)
+            elif kind is GiveUp:
+                self._give_up(first)
+            elif kind is Requeue:
+                self._requeue(first.index)
+            elif kind is Cancel:
+                job = self.jobs.pop(first.task, None)
+                if job is not None:
+                    with contextlib.suppress(Exception):
+                        job.future.cancel()
 
-    # -- chunks ------------------------------------------------------------------------
-    def _submit_more(self) -> None:
-        if self.abort is not None and self.todo:
-            why = f"not run: the run stopped after {self.describe(*self.abort)}"
-            while self.todo:
-                i = self.todo.popleft()
-                Report.give_up(self.phase, i, "failed", NOT_RUN, why)
-                self._put(Node(0, i, None, False))
-        while self.merges and self._tail():
-            self._merge_here(self.merges.popleft())
-        if self.merges:  # at once: a merge frees what its children hold, and there are few of them
-            groups, calls = list(self.merges), {}
-            self.merges.clear()
-            for group in groups:
-                fn, arg = self.placement.merge_call(group)
-                calls.setdefault(fn, []).append((group, arg))
-            for fn, pairs in calls.items():
-                try:
-                    futures = self.backend.submit_together(fn, [arg for _, arg in pairs])
-                except Exception as exc:  # the engine refused the tasks themselves
-                    futures = [_failed(exc) for _ in pairs]
-                for (group, _), future in zip(pairs, futures):
-                    self._track(_MergeJob(future, group))
-        takes, batches = [], []
-        workers = self.backend.workers if self.planner else 1  # asked once: an external cluster's size is a call
-        batch = math.ceil(self.batch * len(self.todo) / len(self.phase.items)) if self.guided else self.batch
-        while self.todo and len(self.inflight) + len(takes) < self.window:
-            take = []
-            while self.todo and len(take) < batch:
-                take.append(self.planner.next(self.todo, workers) if self.planner else (0, self.todo.popleft()))
-            tasks = [self._task(level, index) for level, index in take]
-            takes.append(take)
-            batches.append(TaskBatch(self.spec, tasks, self.placement.compression, self.driver.router,
-                                     run=self.run_id, folds=[] if self.planner else self._folds(take)))
-        if not batches:
-            return
+    def _submit_chunks(self, submits: list[SubmitChunks]) -> None:
+        batches = [TaskBatch(self.spec, [self._task(level, index) for level, index in s.nodes],
+                             self.placement.compression, self.driver.router, run=self.run_id,
+                             folds=[Fold(*f) for f in s.folds]) for s in submits]
         try:
             submitted = self.placement.submit_chunks(batches)
         except Exception as exc:  # the engine refused the tasks themselves
             submitted = [(_failed(exc), None) for _ in batches]
-        for take, (future, data) in zip(takes, submitted):
-            self._track(_ChunkJob(future, take, data))
+        for s, (future, data) in zip(submits, submitted):
+            self._track(_ChunkJob(s.task, future, data))
 
-    def _folds(self, take: list[tuple[int, int]]) -> list[Fold]:
-        """The runs of a batch that are all the leaves of a level-1 node, in order: its task merges them."""
-        folds, position = [], 0
-        if self.tree.top < 1:  # a single chunk: no node above it
-            return folds
-        while position < len(take):
-            children = self.tree.children(1, take[position][1] // self.tree.fanin)
-            run = take[position:position + len(children)]
-            if len(children) > 1 and [index for _, index in run] == list(children):
-                folds.append(Fold(children.start // self.tree.fanin, position, len(children)))
-                position += len(children)
-            else:
-                position += 1
-        return folds
-
-    def _todo(self, leaves: Any) -> Todo:
-        return self.planner.todo(leaves) if self.planner else Todo(leaves)
+    def _submit_merges(self, submits: list[SubmitMerge]) -> None:
+        calls: dict[Any, list[tuple[SubmitMerge, Any]]] = {}
+        for s in submits:
+            fn, arg = self.placement.merge_call(s.group)
+            calls.setdefault(fn, []).append((s, arg))
+        for fn, pairs in calls.items():
+            try:
+                futures = self.backend.submit_together(fn, [arg for _, arg in pairs])
+            except Exception as exc:  # the engine refused the tasks themselves
+                futures = [_failed(exc) for _ in pairs]
+            for (s, _), future in zip(pairs, futures):
+                self._track(_MergeJob(s.task, future, s.group))
 
     def _task(self, level: int, index: int) -> ChunkTask:
         """The task computing node (level, index): a chunk, or (adaptive chunking) the one range of a
         file its leaves make."""
-        span = self.tree.span(level, index)
-        item = self.phase.range_item(span)
-        return ChunkTask(index, item, max(self.attempts[i] for i in span) + 1, level)
+        item = self.phase.range_item(self.state.tree.span(level, index))
+        return ChunkTask(index, item, self.state.attempt(level, index), level)
 
     def _track(self, job: _ChunkJob | _MergeJob) -> None:
-        key = next(self.keys)
-        self.inflight[key] = job
-        self.chunk_jobs += isinstance(job, _ChunkJob)
-        job.future.add_done_callback(lambda f, key=key: self.done.put(key))
+        self.jobs[job.task] = job
+        job.future.add_done_callback(lambda f, key=job.task: self.done.put(key))
+
+    def _merge_here(self, order: MergeHere) -> Any:
+        """Merge a group in this process: the event saying how it went."""
+        try:
+            handle = self.placement.merge_here(order.group, root=order.root)
+        except Lost as exc:
+            return OutputsLost(tuple(exc.nodes), str(exc), order.group, self._resolve(exc))
+        return MergedHere(order.group, handle)
+
+    def _finish(self, root: Node) -> list[Any]:
+        try:
+            self.result = self.placement.fetch(root)
+        except Lost as exc:
+            return self.state.handle(OutputsLost(tuple(exc.nodes), str(exc), None, self._resolve(exc)))
+        self.finished = True
+        if self.checkpoint is not None and root.complete:
+            self.checkpoint.write_manifest(complete=True)
+        return []
+
+    def _give_up(self, order: GiveUp) -> None:
+        i = order.index
+        if order.reason == "not_run":
+            Report.give_up(self.phase, i, "failed", NOT_RUN, f"not run: the run stopped after "
+                           f"{self.describe(*self.abort)}")
+            return
+        exc = self._exception(order.error)
+        if order.reason == "lost":
+            Report.give_up(self.phase, i, "failed", "WorkerLost",
+                           f"its output was lost {order.error.times} times: {order.error.why}")
+        else:
+            Report.give_up(self.phase, i, "failed")
+        self.bar.failures += 1
+        self.bar.advance()
+        if order.skipped:
+            self.skipped.append((i, exc))
+        elif self.abort is None:
+            self.abort = (i, exc)
+
+    def _requeue(self, i: int) -> None:
+        """Chunk ``i`` was done, but its output was lost."""
+        row = self.phase.rows[i]
+        self.bar.refresh(advance=-1)
+        self.bar.events -= row.events
+        log.info("%s item %d: its output was lost; running it again", self.phase.name, i)
+        Report.requeue(self.phase, i)
+
+    @staticmethod
+    def _exception(error: Any) -> BaseException:
+        return WorkerLost(str(error)) if isinstance(error, LostTooOften) else error
+
+    def _skippable_error(self, error: Any) -> bool:
+        return self._skippable(self._exception(error))
 
     def _results(self, value: Any, indices: list[int]) -> list[ChunkResult]:
         """A batch's results; ``value`` is what its task returned, or the exception it failed with."""
@@ -547,53 +572,6 @@ class _Run:
         except BaseException as exc:
             info = ErrorInfo.capture(exc)  # engine-level: a lost worker, a cancelled task
             return [ChunkResult(i, self.attempts[i] + 1, error=info) for i in indices]
-
-    def _handle(self, r: ChunkResult, job: _ChunkJob, position: int) -> None:
-        level, index = job.nodes[position]
-        span = self.tree.span(level, index)  # the leaves this task covered: chunk ``index`` when level is 0
-        for i in span:
-            self.attempts[i] += 1
-        Report.attempt(self.phase, r, span)
-        if r.merge_error is not None:  # a task's own merge (Fold): as a merge task's failure, not retried
-            raise r.merge_error.exception()
-        if r.ok:
-            if self.planner:
-                self.planner.finished(r.events, r.wall_s, r.worker)
-            self.bar.advance(r.events, len(span))
-            if r.merged:  # its output is in the node another result of the batch carries
-                return
-            if r.node is not None:
-                level, index = 1, r.node
-                self.placement.folded += 1
-            self._put(Node(level, index, self.placement.leaf(r, job.data, position, level, index), True))
-            return
-        exc = r.error.exception()
-        retry, stop = [], []  # a leaf fails for good after retries + 1 failed attempts, alone or in a range
-        for i in span:
-            self.failures[i] += 1
-            (retry if self.failures[i] <= self.driver.retries and self.abort is None else stop).append(i)
-        if self.planner:
-            self.planner.failed(level, span, self.failures)
-        if retry:
-            log.info("%s item %d: attempt %d failed on %s (%s); retrying", self.phase.name, retry[0], r.attempt,
-                     r.worker or self.backend.describe(), r.error.type_name)
-            # in this thread a chunk is retried at once, as coffea's IterativeExecutor does: a run that
-            # stops on it has run exactly the chunks before it; elsewhere the retry goes to the back
-            for i in (reversed(retry) if self.backend.in_process else retry):
-                (self.todo.appendleft if self.backend.in_process else self.todo.append)(i)
-            self.bar.retries += 1
-        for i in stop:
-            Report.give_up(self.phase, i, "failed")
-            self._give_up(i, exc)
-
-    def _give_up(self, i: int, exc: BaseException) -> None:
-        self.bar.failures += 1
-        self.bar.advance()
-        if self._skippable(exc):
-            self.skipped.append((i, exc))
-        elif self.abort is None:
-            self.abort = (i, exc)
-        self._put(Node(0, i, None, False))
 
     def _skippable(self, exc: BaseException) -> bool:
         skip = self.skipbadfiles

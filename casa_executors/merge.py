@@ -66,6 +66,7 @@ class MergeTree:
             self.sizes.append(math.ceil(self.sizes[-1] / fanin))
         self.top = len(self.sizes) - 1
         self._held: list[dict[int, Node]] = [{} for _ in self.sizes]
+        self._count: list[dict[int, int]] = [{} for _ in self.sizes]  # per level: parent -> children held
         self.root: Node | None = None
 
     # -- shape ---------------------------------------------------------------------
@@ -98,8 +99,12 @@ class MergeTree:
             nodes[node.index] = node
             parent = node.index // self.fanin
             members = self.children(node.level + 1, parent)
-            if not all(m in nodes for m in members):
+            count = self._count[node.level]
+            held = count.get(parent, 0) + 1
+            if held < len(members):  # counted, not looked up: a run holds up to millions of nodes
+                count[parent] = held
                 return ready
+            count.pop(parent, None)
             group = Group(node.level + 1, parent, [nodes.pop(m) for m in members])
             present = [c for c in group.children if c.handle is not None]
             if len(present) >= 2:
@@ -110,12 +115,18 @@ class MergeTree:
 
     def drop(self, level: int, index: int) -> Node | None:
         """Forget a node held in the tree (its output was lost): it can be put again."""
-        return self._held[level].pop(index, None) if level < self.top else None
+        node = self._held[level].pop(index, None) if level < self.top else None
+        if node is not None:
+            self._count[level][index // self.fanin] -= 1
+        return node
 
     def put_back(self, nodes: list[Node]) -> None:
         """Children of a group whose merge could not run (a sibling was lost): hold them again."""
         for n in nodes:
-            self._held[n.level][n.index] = n
+            if n.index not in self._held[n.level]:
+                self._held[n.level][n.index] = n
+                count = self._count[n.level]
+                count[n.index // self.fanin] = count.get(n.index // self.fanin, 0) + 1
 
 
 def fold(values: Any) -> Any:

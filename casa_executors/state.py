@@ -19,7 +19,7 @@ Events (frozen dataclasses)
     :class:`CheckpointRestored` (nodes; before anything else),
     :class:`ChunksDone` (task, one :class:`Ok` or :class:`Failed` per node),
     :class:`TaskFailed` (task, error: lost worker, cancelled),
-    :class:`MergeDone` (task, handle), :class:`MergeFailed` (task, why, lost children),
+    :class:`MergeDone` (task, handle), :class:`MergeTaskFailed` (task, why, lost children),
     :class:`MergedHere` (group, handle), :class:`OutputsLost` (nodes, why).
 
 Instructions (frozen dataclasses)
@@ -152,7 +152,7 @@ class MergeDone:
 
 
 @dataclass(frozen=True, slots=True)
-class MergeFailed:
+class MergeTaskFailed:
     """A merge task failed. ``lost``: children whose outputs went with it (then it is not retried:
     the chunks below them run again); ``restored``: nodes the checkpoint holds below those."""
 
@@ -176,7 +176,7 @@ class OutputsLost:
     ``index``) held in the tree, or the root (its fetch failed). ``group``: the :class:`MergeHere`
     that found them (its other children are held again). ``restored``: nodes the checkpoint holds
     below the lost ones (the shell resolves them; empty without a checkpoint). Children of a merge
-    *task* are reported by its :class:`MergeFailed` instead."""
+    *task* are reported by its :class:`MergeTaskFailed` instead."""
 
     nodes: tuple[Any, ...]
     why: str
@@ -184,7 +184,7 @@ class OutputsLost:
     restored: tuple[NodeId, ...] = ()
 
 
-Event = (Tick | WorkersChanged | CheckpointRestored | ChunksDone | TaskFailed | MergeDone | MergeFailed
+Event = (Tick | WorkersChanged | CheckpointRestored | ChunksDone | TaskFailed | MergeDone | MergeTaskFailed
          | MergedHere | OutputsLost)
 
 
@@ -315,6 +315,9 @@ class _Queue:
     def __len__(self) -> int:
         return len(self._front) + (self._stop - self._fresh) + len(self._back)
 
+    def __bool__(self) -> bool:
+        return self._fresh < self._stop or bool(self._front) or bool(self._back)
+
     def popleft(self) -> int:
         if self._front:
             return self._front.popleft()
@@ -403,13 +406,13 @@ class RunState:
         self._here = 0  # MergeHere given, not answered yet
         self._next_task = 0
         self._durations: dict[int, _Durations] = {}  # task size (leaves) -> finished tasks' durations
-        self._ages: dict[int, deque[tuple[float, int]]] = {}  # task size -> (started, task), oldest first
+        self._ages: dict[int, dict[int, float]] = {}  # task size -> {task: started}, oldest first, not duplicated
         self._started = False
         self._out: list[Instruction] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
             Tick: self._tick, WorkersChanged: self._workers_changed, CheckpointRestored: self._restored,
             ChunksDone: self._chunks_done, TaskFailed: self._task_failed, MergeDone: self._merge_done,
-            MergeFailed: self._merge_failed, MergedHere: self._merged_here, OutputsLost: self._outputs_lost,
+            MergeTaskFailed: self._merge_failed, MergedHere: self._merged_here, OutputsLost: self._outputs_lost,
         }
 
     # -- the interface ---------------------------------------------------------------------------
@@ -439,6 +442,11 @@ class RunState:
         """The nodes a chunk task in flight computes (None: not in flight, e.g. cancelled)."""
         t = self._chunk_tasks.get(task)
         return t.nodes if t is not None else None
+
+    def duplicated(self, task: int) -> bool:
+        """Does a duplicate of chunk task ``task`` (or the task it duplicates) run?"""
+        t = self._chunk_tasks.get(task)
+        return t is not None and t.twin is not None
 
     def attempt(self, level: int, index: int) -> int:
         """The attempt number a task computing node (level, index) makes (1 the first time)."""
@@ -475,7 +483,7 @@ class RunState:
             self._chunk_tasks.pop(task.twin, None)
             self._out.append(Cancel(task.twin))
         if self.rules.speculate:
-            self._finished_task(task)
+            self._finished_task(e.task, task)
         for (level, index), outcome in zip(task.nodes, e.outcomes):
             self._outcome(level, index, outcome)
 
@@ -483,6 +491,8 @@ class RunState:
         task = self._chunk_tasks.pop(e.task, None)
         if task is None:
             return
+        if self.rules.speculate:
+            self._ages[task.leaves].pop(e.task, None)
         if task.twin is not None:  # the other copy goes on: this one is as if never sent
             self._chunk_tasks[task.twin].twin = None
             return
@@ -494,7 +504,7 @@ class RunState:
         group = self._merge_tasks.pop(e.task)
         self._put(Node(group.level, group.index, e.handle, group.complete))
 
-    def _merge_failed(self, e: MergeFailed) -> None:
+    def _merge_failed(self, e: MergeTaskFailed) -> None:
         group = self._merge_tasks.pop(e.task)
         if e.lost:
             self._lose(e.lost, e.why, group, e.restored)
@@ -519,14 +529,19 @@ class RunState:
 
     # -- chunks ------------------------------------------------------------------------------------
     def _outcome(self, level: int, index: int, outcome: Outcome) -> None:
-        span = self.tree.span(level, index) if level else range(index, index + 1)
-        attempts = self.attempts
-        for i in span:
-            attempts[i] += 1
-        if type(outcome) is Ok:
-            status = self.status
+        if level:
+            span = self.tree.span(level, index)
             for i in span:
-                status[i] = DONE
+                self.attempts[i] += 1
+        else:  # a chunk: the common case, kept short
+            span = range(index, index + 1)
+            self.attempts[index] += 1
+        if type(outcome) is Ok:
+            if level:
+                for i in span:
+                    self.status[i] = DONE
+            else:
+                self.status[index] = DONE
             self.output_bytes += outcome.nbytes
             if self.planner is not None:
                 self.planner.finished(outcome.events, outcome.wall_s, outcome.worker)
@@ -613,7 +628,7 @@ class RunState:
             nodes = tuple(take)
             tasks[task] = _Task(nodes, folds, leaves, self.now)
             if rules.speculate:
-                self._ages.setdefault(leaves, deque()).append((self.now, task))
+                self._ages.setdefault(leaves, {})[task] = self.now
             self._out.append(SubmitChunks(task, nodes, folds))
 
     def _folds(self, take: list[NodeId]) -> tuple[tuple[int, int, int], ...]:
@@ -640,31 +655,31 @@ class RunState:
         return self.planner.todo(leaves) if self.planner is not None else _Queue(leaves)
 
     # -- stragglers --------------------------------------------------------------------------------
-    def _finished_task(self, task: _Task) -> None:
+    def _finished_task(self, key: int, task: _Task) -> None:
         durations = self._durations.get(task.leaves)
         if durations is None:
             durations = self._durations[task.leaves] = _Durations()
         durations.add(self.now - task.started)
-        ages, tasks = self._ages.get(task.leaves), self._chunk_tasks
-        while ages and ages[0][1] not in tasks:  # keep the queue about as long as what runs
-            ages.popleft()
+        self._ages[task.leaves].pop(key, None)
 
     def _speculate(self) -> None:
         rules, tasks = self.rules, self._chunk_tasks
         for leaves, ages in self._ages.items():
             durations = self._durations.get(leaves)
-            if durations is None or durations.count < rules.speculate_after:
+            if not ages or durations is None or durations.count < rules.speculate_after:
                 continue
             threshold = max(rules.speculate_factor * durations.median, rules.speculate_min_s)
-            while ages and len(tasks) + len(self._merge_tasks) < self.window:
-                started, key = ages[0]
+            free = self.window - len(tasks) - len(self._merge_tasks)
+            stragglers = []
+            for key, started in ages.items():  # oldest first
+                if self.now - started <= threshold or len(stragglers) == free:
+                    break  # the others of this size started later
+                stragglers.append(key)
+            for key in stragglers:
+                del ages[key]  # once: a duplicate is not duplicated again
                 task = tasks.get(key)
                 if task is None or task.twin is not None:
-                    ages.popleft()
                     continue
-                if self.now - started <= threshold:
-                    break  # the others of this size started later
-                ages.popleft()
                 twin = self._new_task()
                 duplicate = _Task(task.nodes, task.folds, task.leaves, self.now)
                 task.twin, duplicate.twin = twin, key

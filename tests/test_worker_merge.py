@@ -62,7 +62,7 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
             assert m["folded"] == (0 if per_task == 1 else 6), m
             if merges == "workers":  # the last merges (small outputs: all once every chunk is in) here
                 assert m["merge_tasks"] + m["merged_here"] == merge_tasks, (per_task, m)
-                assert m["merged_here"] >= 1, (per_task, m)  # how many depends on when chunks end (_tail)
+                assert m["merged_here"] >= 1, (per_task, m)  # how many depends on when chunks end (RunState._tail)
                 assert m["bytes_to_driver"] > 0
                 # merge="workers": every merge on the engine, the last ones too; the driver reads the root only
                 ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=per_task,
@@ -125,7 +125,7 @@ class SlowMerging(Analysis):
 
 @pytest.mark.parametrize("small", [True, False])
 def test_once_every_chunk_is_in_small_outputs_merge_in_the_driver(small, sample_files, reference, monkeypatch):
-    """driver._tail: once the run's last chunk output is in and the outputs are small in all, every merge
+    """state.RunState._tail: once the run's last chunk output is in and the outputs are small in all, every merge
     left runs here (a merge task would cost a round trip for work as serial as it is then); above
     ``tail_bytes`` only a group ready alone with nothing else running comes here, one per level at most."""
     from casa_executors.backends.futures import FuturesBackend
