@@ -83,8 +83,8 @@ from casa_executors.state import (
     GiveUp,
     MergedHere,
     MergeDone,
-    MergeFailed,
     MergeHere,
+    MergeTaskFailed,
     Ok,
     Requeue,
     Rules,
@@ -405,7 +405,7 @@ class Facility:
             del self.tasks[task]
             return
         info = self.tasks.pop(task)
-        event = (MergeFailed(task, why) if info[0] == "m" else TaskFailed(task, ConnectionError(why)))
+        event = (MergeTaskFailed(task, why) if info[0] == "m" else TaskFailed(task, ConnectionError(why)))
         self.report(task, event)
 
     def set_present(self, w: int, present: bool) -> None:
