@@ -64,6 +64,7 @@ PRELOAD = ("casa_executors.task", "coffea.processor", "coffea.nanoevents", "upro
 # The fast path: bash and util-linux's flock only, no Python start. Arguments: the worker's PID
 # (the task shell's $PPID), IN, OUT; CASA_WQ_KEY names the servers of this Python and PYTHONPATH.
 SHELL_CLIENT = r"""# casa_executors Work Queue client: hand this task to its slot's warm server (see worker.py)
+export LC_ALL=C  # `read` takes bytes, not characters that a timeout could cut
 command -v flock >/dev/null 2>&1 || exit 3
 d="${PWD%/*}/casa-$UID-$1-${CASA_WQ_KEY:?}"
 [ -d "$d" ] && [ -O "$d" ] && [ ! -L "$d" ] || exit 3
@@ -75,21 +76,29 @@ for ((s = 0; s < 64; s++)); do
     up || exit 3  # the slot is ours but has no server: the Python client starts one
     exec 3<>"$d/$s.req" 4<>"$d/$s.rep" || exit 3
     id="$$.$RANDOM$RANDOM"
-    printf '%s\t%s\t%s\t%s\n' "$id" "$PWD" "$2" "$3" >&3
+    # one write (under PIPE_BUF); the leading newline ends any line a writer killed mid-way left behind
+    printf '\n%s\t%s\t%s\t%s\n' "$id" "$PWD" "$2" "$3" >&3
+    line=
     while :; do
-        if read -r -t 2 -u 4 rid reply; then
+        # `read -t` checks its deadline before each byte it takes from a pipe: when it times out
+        # mid-line, what it took is in $part and the rest comes with the next read
+        IFS= read -r -t @POLL_S@ -u 4 part
+        got=$?
+        line+=$part
+        if [ $got = 0 ]; then
+            rid=${line%% *} reply=${line#* } line=
             [ "$rid" = "$id" ] || continue  # a reply to a task aborted meanwhile
             [ "$reply" = ok ] && exit 0
             echo "casa_wq_client: server $s answered: $reply" >&2
             exit 1
-        elif ! up; then
+        elif [ $got -le 128 ] || ! up; then  # > 128: timed out
             echo "casa_wq_client: server $s died" >&2
             exit 1
         fi
     done
 done
 exit 3
-"""
+""".replace("@POLL_S@", format(POLL_S, "g"))
 
 
 def server_key(python: str, pythonpath: str) -> str:
@@ -184,7 +193,8 @@ def ask(directory: str, slot: int, src: str, dst: str) -> str:
     rep = os.open(base + ".rep", os.O_RDWR)  # never blocks; liveness comes from the .alive lock
     try:
         rid = f"{os.getpid()}.{time.monotonic_ns()}"
-        os.write(req, "\t".join((rid, os.getcwd(), src, dst)).encode() + b"\n")
+        # one write; the leading newline ends any line a writer killed mid-way left behind
+        os.write(req, b"\n" + "\t".join((rid, os.getcwd(), src, dst)).encode() + b"\n")
         data = b""
         while True:
             if not select.select([rep], [], [], POLL_S)[0]:
