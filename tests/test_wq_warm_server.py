@@ -42,23 +42,59 @@ def wait_for(condition, what: str, timeout: float = 90.0) -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A real warm server on slot 0 of a worker whose PID is ours, and the task sandbox beside it."""
-    workspace = tmp_path / "worker-1"
-    sandbox = workspace / "t.1"
-    sandbox.mkdir(parents=True)
-    directory = workspace / f"casa-{os.getuid()}-{os.getpid()}-{KEY}"
-    assert wq_task._own_dir(str(directory))
-    proc = subprocess.Popen([sys.executable, wq_task.__file__, "--serve", str(directory), "0", str(os.getpid())],
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)
-    try:
+def start_server(tmp_path):
+    """Starts a real warm server on slot 0 of a worker of PID ``worker_pid``: (its directory, the task
+    sandbox beside it, the server's Popen). Killed at the end."""
+    started = []
+
+    def start(worker_pid: int):
+        workspace = tmp_path / "worker-1"
+        sandbox = workspace / "t.1"
+        sandbox.mkdir(parents=True)
+        directory = workspace / f"casa-{os.getuid()}-{worker_pid}-{KEY}"
+        assert wq_task._own_dir(str(directory))
+        proc = subprocess.Popen([sys.executable, wq_task.__file__, "--serve", str(directory), "0", str(worker_pid)],
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL)
+        started.append(proc)
         wait_for(lambda: proc.poll() is not None or wq_task._alive(str(directory / "0.alive")), "the server to be up")
         assert proc.poll() is None, "the server exited at start"
-        yield directory, sandbox
-    finally:
+        return directory, sandbox, proc
+
+    yield start
+    for proc in started:
         proc.kill()
         proc.wait(30)
+
+
+@pytest.fixture
+def server(start_server):
+    """A real warm server of a worker whose PID is ours: (its directory, the task sandbox)."""
+    directory, sandbox, _ = start_server(os.getpid())
+    return directory, sandbox
+
+
+def shell_client(sandbox: Path, worker_pid: int) -> subprocess.Popen:
+    """The real shell client, as a task's command runs it, handing in.pkl to the server."""
+    return subprocess.Popen(["bash", "-c", wq_task.SHELL_CLIENT, "bash", str(worker_pid), "in.pkl", "out.pkl"],
+                            cwd=sandbox, env=dict(os.environ, CASA_WQ_KEY=KEY), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def blocking_task(sandbox: Path) -> Path:
+    """in.pkl: a task that blocks until the returned FIFO is written and closed, and returns what was written."""
+    gate = sandbox / "gate"
+    os.mkfifo(gate)
+    (sandbox / "in.pkl").write_bytes(cloudpickle.dumps((Path.read_bytes, gate)))
+    return gate
+
+
+def open_gate(gate: Path) -> int | None:
+    """The gate's write end once the task has it open (the server is running the task), else None."""
+    try:
+        return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return None
 
 
 def in_syscall(pid: int, number: int) -> bool:
@@ -81,22 +117,15 @@ def test_a_reply_that_arrives_as_the_shell_clients_read_times_out_is_not_lost(se
     if platform.machine() not in PSELECT6:
         pytest.skip(f"no pselect6 number known for {platform.machine()}")
     directory, sandbox = server
-    gate = sandbox / "gate"
-    os.mkfifo(gate)
-    (sandbox / "in.pkl").write_bytes(cloudpickle.dumps((Path.read_bytes, gate)))  # the task blocks on the gate
-    client = subprocess.Popen(["bash", "-c", wq_task.SHELL_CLIENT, "bash", str(os.getpid()), "in.pkl", "out.pkl"],
-                              cwd=sandbox, env=dict(os.environ, CASA_WQ_KEY=KEY), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gate = blocking_task(sandbox)
+    client = shell_client(sandbox, os.getpid())
     rep = os.open(directory / "0.rep", os.O_RDWR | os.O_NONBLOCK)  # to see the reply arrive, never to read it
     writer = -1
     try:
-        def gate_open() -> bool:  # the server is running our task once it has the gate open
+        def gate_open() -> bool:
             nonlocal writer
-            try:
-                writer = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # ENXIO: no reader yet
-                return False
-            return True
+            writer = open_gate(gate) or -1
+            return writer >= 0
 
         wait_for(gate_open, "the server to run the task")
         wait_for(lambda: in_syscall(client.pid, PSELECT6[platform.machine()]), "the client to wait for its reply")
@@ -124,3 +153,30 @@ def test_a_reply_that_arrives_as_the_shell_clients_read_times_out_is_not_lost(se
             os.kill(client.pid, signal.SIGCONT)
             client.kill()
             client.wait(30)
+
+
+def test_the_server_and_its_client_go_as_soon_as_the_worker_does(start_server):
+    """The worker is SIGKILLed while its server runs a task for the shell client: the server exits at
+    once, even though the worker is an unreaped zombie (``kill(pid, 0)`` finds it: the server used to
+    poll that, and lived on until the zombie was reaped), and the client with it (its reply FIFO ends)."""
+    worker = subprocess.Popen(["sleep", "600"])
+    try:
+        directory, sandbox, server = start_server(worker.pid)
+        gate = blocking_task(sandbox)
+        client = shell_client(sandbox, worker.pid)
+        try:
+            wait_for(lambda: open_gate(gate) is not None, "the server to run the task")
+            os.kill(worker.pid, signal.SIGKILL)  # and not reaped until the end
+            wait_for(lambda: Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z",
+                     "the worker to be a zombie")
+            server.wait(60)  # a failure bound only: the server exits on the worker's exit, whatever the time
+            _, err = client.communicate(timeout=60)
+            assert client.returncode == 1 and b"server 0 died" in err, err.decode()
+            assert not wq_task._alive(str(directory / "0.alive"))
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(30)
+    finally:
+        worker.kill()
+        worker.wait(30)
