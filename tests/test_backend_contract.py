@@ -244,10 +244,13 @@ class WorkQueueKit(Kit):
         assert backend.resent > self.resent  # Work Queue wanted to re-send it; the driver did instead
         killed = {p.pid for p in info["killed"]}
         assert len(backend.worker_pids()) == 2 and not killed & set(backend.worker_pids())
-        deadline = psutil.time.time() + 1
-        while procs.in_sessions(killed) and psutil.time.time() < deadline:
+        # its task and its warm server go with it, each on an event (the server's pidfd of its worker, the
+        # client's reply FIFO ending, the Python client's parent-death signal), not on a poll: the deadline
+        # is a failure bound only (test_wq_warm_server.py shows each step)
+        deadline = psutil.time.time() + 30
+        while (left := procs.in_sessions(killed)) and psutil.time.time() < deadline:
             psutil.time.sleep(0.1)
-        assert not procs.in_sessions(killed)  # its task and its warm server went with it
+        assert not left, [(p.pid, procs.cmdline(p.pid)) for p in left]
 
 
 def session_of(pid: int) -> int | None:

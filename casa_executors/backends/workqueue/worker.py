@@ -33,7 +33,7 @@ be reused, no FIFO open that could block).
 
 The server stays in the worker's session (whoever stops the worker's session
 stops it), leaves the task's process group (a task abort does not kill it), and
-exits within a second of its worker, or after ``IDLE_S`` without work.
+exits as soon as its worker does, or after ``IDLE_S`` without work.
 
 The manager ships this file with each task (cached on the worker) as
 ``casa_wq_worker.py``, so the client never imports the ``casa_executors``
@@ -64,6 +64,7 @@ PRELOAD = ("casa_executors.task", "coffea.processor", "coffea.nanoevents", "upro
 # The fast path: bash and util-linux's flock only, no Python start. Arguments: the worker's PID
 # (the task shell's $PPID), IN, OUT; CASA_WQ_KEY names the servers of this Python and PYTHONPATH.
 SHELL_CLIENT = r"""# casa_executors Work Queue client: hand this task to its slot's warm server (see worker.py)
+export LC_ALL=C  # `read` takes bytes, not characters that a timeout could cut
 command -v flock >/dev/null 2>&1 || exit 3
 d="${PWD%/*}/casa-$UID-$1-${CASA_WQ_KEY:?}"
 [ -d "$d" ] && [ -O "$d" ] && [ ! -L "$d" ] || exit 3
@@ -74,22 +75,31 @@ for ((s = 0; s < 64; s++)); do
     if ! flock -n 9; then exec 9>&-; continue; fi
     up || exit 3  # the slot is ours but has no server: the Python client starts one
     exec 3<>"$d/$s.req" 4<>"$d/$s.rep" || exit 3
+    exec 5<"$d/$s.rep" 4>&- || exit 3  # keep the read end only: the server's death ends the file at once
     id="$$.$RANDOM$RANDOM"
-    printf '%s\t%s\t%s\t%s\n' "$id" "$PWD" "$2" "$3" >&3
+    # one write (under PIPE_BUF); the leading newline ends any line a writer killed mid-way left behind
+    printf '\n%s\t%s\t%s\t%s\n' "$id" "$PWD" "$2" "$3" >&3
+    line=
     while :; do
-        if read -r -t 2 -u 4 rid reply; then
+        # `read -t` checks its deadline before each byte it takes from a pipe: when it times out
+        # mid-line, what it took is in $part and the rest comes with the next read
+        IFS= read -r -t @POLL_S@ -u 5 part
+        got=$?
+        line+=$part
+        if [ $got = 0 ]; then
+            rid=${line%% *} reply=${line#* } line=
             [ "$rid" = "$id" ] || continue  # a reply to a task aborted meanwhile
             [ "$reply" = ok ] && exit 0
             echo "casa_wq_client: server $s answered: $reply" >&2
             exit 1
-        elif ! up; then
+        elif [ $got -le 128 ] || ! up; then  # > 128: timed out; else the end of the file
             echo "casa_wq_client: server $s died" >&2
             exit 1
         fi
     done
 done
 exit 3
-"""
+""".replace("@POLL_S@", format(POLL_S, "g"))
 
 
 def server_key(python: str, pythonpath: str) -> str:
@@ -181,17 +191,23 @@ def ask(directory: str, slot: int, src: str, dst: str) -> str:
     """Hand (cwd, src, dst) to the live server of ``slot``; its reply, or why there is none."""
     base = os.path.join(directory, str(slot))
     req = os.open(base + ".req", os.O_RDWR)
-    rep = os.open(base + ".rep", os.O_RDWR)  # never blocks; liveness comes from the .alive lock
+    both = os.open(base + ".rep", os.O_RDWR)  # never blocks, and then neither does opening the read end
+    rep = os.open(base + ".rep", os.O_RDONLY)
+    os.close(both)  # the server is the writer left: its death ends the file (else the .alive lock tells)
     try:
         rid = f"{os.getpid()}.{time.monotonic_ns()}"
-        os.write(req, "\t".join((rid, os.getcwd(), src, dst)).encode() + b"\n")
+        # one write; the leading newline ends any line a writer killed mid-way left behind
+        os.write(req, b"\n" + "\t".join((rid, os.getcwd(), src, dst)).encode() + b"\n")
         data = b""
         while True:
             if not select.select([rep], [], [], POLL_S)[0]:
                 if not _alive(base + ".alive"):
                     return "error the server died"
                 continue
-            data += os.read(rep, 65536)
+            got = os.read(rep, 65536)
+            if not got:
+                return "error the server died"
+            data += got
             *lines, data = data.split(b"\n")
             for line in lines:
                 got, _, reply = line.decode(errors="replace").partition(" ")
@@ -233,16 +249,38 @@ def run_on_server(src: str, dst: str, worker_pid: int) -> bool | None:
 # -- the server -------------------------------------------------------------------------------------
 
 
+def _worker_exit_waiter(worker_pid: int):
+    """A function ``wait(seconds) -> bool``: has the worker exited (waiting up to ``seconds`` for it)?
+
+    A pidfd becomes readable the moment the worker exits, even while it is an unreaped zombie, which
+    ``kill(pid, 0)`` still finds; without pidfds (Linux < 5.3), a poll that also counts a zombie as gone.
+    """
+    try:
+        pidfd = os.pidfd_open(worker_pid)
+    except ProcessLookupError:
+        return lambda seconds: True
+    except (AttributeError, OSError):  # no pidfd_open here: poll
+        def polled(seconds: float) -> bool:
+            time.sleep(seconds)
+            try:
+                os.kill(worker_pid, 0)
+                with open(f"/proc/{worker_pid}/stat", "rb") as f:
+                    return f.read().rpartition(b")")[2].split()[0] == b"Z"
+            except ProcessLookupError:
+                return True
+            except OSError:  # another user's worker, no /proc: alive as far as we can tell
+                return False
+
+        return polled
+    return lambda seconds: bool(select.select([pidfd], [], [], seconds)[0])
+
+
 def _watch(worker_pid: int, idle_since: list[float], slot_lock: str) -> None:
     """Exit with the worker, or when idle too long (and no client holds the slot: none is mid-request)."""
+    worker_exited = _worker_exit_waiter(worker_pid)
     while True:
-        time.sleep(0.5)
-        try:
-            os.kill(worker_pid, 0)
-        except ProcessLookupError:
+        if worker_exited(0.5):
             os._exit(0)
-        except PermissionError:
-            pass
         if idle_since[0] and time.time() - idle_since[0] > IDLE_S:
             lock = open(slot_lock, "a")
             try:
