@@ -121,6 +121,18 @@ class Backend(ABC):
             per_task -= 1  # rounding up left a worker without a task (4 chunks, 3 workers, a task each)
         return min(per_task, self.max_chunks_per_task) if self.max_chunks_per_task else per_task
 
+    def guided_per_task(self, n_chunks: int) -> bool:
+        """Whether the guided batch is worked out again for every task rather than once per round of
+        submissions: when even tasks of ``max_chunks_per_task`` chunks are more than ``tasks_per_worker``
+        a worker. Then one round queues several waves of equal tasks at the engine and the last wave runs
+        part-full while the other workers idle (the facility simulator, ``python -m
+        benchmarks.facility_sim``, shows it); shrinking each task with the work left fills it.
+        Shorter runs keep one batch a round: more, smaller tasks would cost engine round trips that weigh
+        more than the imbalance there."""
+        workers = max(self.max_inflight() // 2, 1)
+        cap = self.max_chunks_per_task
+        return cap is not None and n_chunks > cap * workers * self.tasks_per_worker
+
     def max_inflight(self) -> int:
         """How many tasks the driver keeps submitted at once."""
         return 2 * self.workers
