@@ -166,6 +166,9 @@ class PackedException:
     traceback: dict | None  # tblib.Traceback(...).as_dict()
     link: str = ""  # how the next element of the chain hangs from this one: "cause" or "context"
     dropped: tuple[str, ...] = ()  # attributes left behind: they did not pickle
+    # its arguments and attributes went as they are: no resource stood in for by an Unsent, none left
+    # behind (the object itself then pickles, whatever reducers are installed: ErrorInfo.capture)
+    whole: bool = True
 
 
 # BaseException's own slots, copied explicitly (or deliberately not: args is given to __new__)
@@ -320,28 +323,38 @@ class _Pickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO, resources: tuple[type, ...]) -> None:
         super().__init__(file)
         self._resources = resources
+        self.left = 0  # resources sent as an Unsent
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, self._resources):
             unsent = Unsent.of(obj)
+            self.left += 1
             return (Unsent, (unsent.type_name, unsent.names))
         return super().reducer_override(obj)
 
 
 def _dumps(obj: Any) -> bytes:
+    return _dumps_counting(obj)[0]
+
+
+def _dumps_counting(obj: Any) -> tuple[bytes, int]:
+    """The pickle of ``obj``, and how many resources in it were sent as an :class:`Unsent`."""
     out = io.BytesIO()
-    _Pickler(out, _resources()).dump(obj)
-    return out.getvalue()
+    pickler = _Pickler(out, _resources())
+    pickler.dump(obj)
+    return out.getvalue(), pickler.left
 
 
-def _payload(exc: BaseException, secrets: Sequence[Any]) -> tuple[bytes | None, tuple[str, ...]]:
+def _payload(exc: BaseException, secrets: Sequence[Any]) -> tuple[bytes | None, tuple[str, ...], bool]:
     """The pickle of ``(args, state)``; an argument that does not pickle is sent as :class:`Unsent`,
-    an attribute that does not is left out and named."""
+    an attribute that does not is left out and named; and whether all went as they are."""
     args, state = exc.args, _state(exc)
     try:
-        blob = _dumps((args, state))
+        blob, left = _dumps_counting((args, state))
         dropped: tuple[str, ...] = ()
+        whole = left == 0
     except Exception:
+        whole = False
         args = tuple(_or_unsent(a) for a in args)
         kept, left = {}, []
         for name, value in state.items():
@@ -353,15 +366,15 @@ def _payload(exc: BaseException, secrets: Sequence[Any]) -> tuple[bytes | None, 
         try:
             blob, state, dropped = _dumps((args, kept)), kept, tuple(left)
         except Exception:
-            return None, ()
+            return None, (), False
     if secrets and _mentions(blob, secrets):
         try:
             blob = _dumps(_scrub((args, state), secrets))
         except Exception:
-            return None, ()
+            return None, (), whole
         if _mentions(blob, secrets):  # inside an object: do not send it at all
-            return None, ()
-    return blob, dropped
+            return None, (), whole
+    return blob, dropped, whole
 
 
 def _or_unsent(value: Any) -> Any:
@@ -378,14 +391,14 @@ def pack(exc: BaseException, secrets: Sequence[Any] = ()) -> list[PackedExceptio
     out = []
     for element, link in chain_of(exc):
         kind = type(element)
-        payload, dropped = _payload(element, secrets)
+        payload, dropped, whole = _payload(element, secrets)
         tb = None
         if element.__traceback__ is not None:
             with contextlib.suppress(Exception):
                 tb = tblib.Traceback(element.__traceback__).as_dict()
                 tb = _scrub(tb, secrets) if secrets else tb  # (file names, function names)
         out.append(PackedException(kind.__name__, type_path(kind), redact(text(element), secrets), payload, tb,
-                                   link, dropped))
+                                   link, dropped, whole))
     return out
 
 

@@ -107,14 +107,17 @@ class ErrorInfo:
 
     @classmethod
     def capture(cls, exc: BaseException, secrets: Sequence[str] = (), live: bool = False) -> ErrorInfo:
-        """``live``: the ErrorInfo stays in this process, keep the exception object itself (unless it
-        mentions a secret: then the driver too gets it rebuilt from its redacted copy)."""
+        """``live``: the ErrorInfo stays in this process, keep the exception object itself, unless it
+        mentions a secret, or its chain holds what cannot leave this process (a lock, an open file,
+        an uproot file or basket, an attribute that does not pickle): then the driver too gets it
+        rebuilt from its copy, as from a worker, and the exception it raises pickles (tblib's reducers,
+        which parsl and distributed install on import, pickle every ``__cause__`` and ``__context__``)."""
         try:
             full = "".join(traceback.format_exception(exc))
         except Exception:  # traceback copes with a broken __str__; this is for anything stranger
             full = describe(exc)
         chain = pack(exc, secrets)
-        keep = live and not any(s and s in full for s in secrets)
+        keep = live and not any(s and s in full for s in secrets) and all(p.whole for p in chain)
         return cls(type(exc).__name__, redact(text(exc), secrets), redact(full, secrets), chain,
                    exc if keep else None)
 

@@ -310,6 +310,48 @@ def test_resources_stay_on_the_worker_and_what_does_not_pickle_is_named():
     assert "did not pickle were left on the worker: lines" in "\n".join(back.__notes__)
 
 
+def test_in_process_exception_holding_a_resource_is_rebuilt_and_pickles_with_its_chain():
+    """tblib's reducers (parsl and distributed install them for every exception type on import) pickle
+    ``__cause__``: an in-process exception whose cause holds a lock must not be kept as it is."""
+    import copyreg
+    import io
+    import threading
+    import types
+
+    from tblib import pickling_support
+
+    cause = Needy("with a lock", 7)
+    cause.lock = threading.Lock()
+    try:
+        try:
+            raise cause
+        except Needy as inner:
+            raise Exception("Failed processing file") from inner
+    except Exception as raised_exc:
+        live = raised_exc
+        info = ErrorInfo.capture(live, live=True)
+        plain = ErrorInfo.capture(Exception("no resource"), live=True)
+    assert plain.live is not None  # nothing left behind: the object itself
+    assert info.live is None
+    err = info.exception()
+    assert type(err.__cause__) is Needy and type(err.__cause__.lock) is errors.Unsent
+
+    def tblib_dumps(obj):  # as pickle.dumps after pickling_support.install(), without changing copyreg
+        out = io.BytesIO()
+        pickler = pickle.Pickler(out)
+        pickler.dispatch_table = copyreg.dispatch_table.copy()
+        for kind in (Exception, Needy):
+            pickler.dispatch_table[kind] = pickling_support.pickle_exception
+        pickler.dispatch_table[types.TracebackType] = pickling_support.pickle_traceback
+        pickler.dump(obj)
+        return out.getvalue()
+
+    with pytest.raises(TypeError, match="lock"):
+        tblib_dumps(live)  # the object itself does not pickle so
+    back = pickle.loads(tblib_dumps(err))
+    assert type(back.__cause__) is Needy and back.__cause__.code == 7
+
+
 def test_secrets_are_redacted_from_text_arguments_and_attributes():
     secret = "s3cr3t-t0ken-value"
     exc = Needy(f"https://cache/?authz={secret}", 1)
