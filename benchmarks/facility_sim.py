@@ -152,7 +152,7 @@ def rules_for(s: Settings) -> Rules:
     window = 4 * backend.max_inflight()  # EnginePlacement.window
     assert EnginePlacement.window(None, backend.max_inflight()) == window  # type: ignore[arg-type]
     return Rules(retries=s.retries, fanin=s.fanin, batch=backend.batch_size(s.chunks), guided=True,
-                 guided_per_task=backend.guided_per_task(s.chunks), window=window,
+                 guided_split=backend.guided_split(s.chunks), window=window,
                  merges_here=False, tail_here=True, tail_only_small=True,
                  speculate=s.speculate, speculate_factor=s.speculate_factor, speculate_min_s=s.speculate_min_s,
                  speculate_after=s.speculate_after)

@@ -305,7 +305,7 @@ class _Run:
         return Rules(
             retries=driver.retries, fanin=driver.merge_fanin, batch=batch,
             guided=not driver.chunks_per_task and not self.grains,
-            guided_per_task=not driver.chunks_per_task and not self.grains and backend.guided_per_task(n),
+            guided_split=None if driver.chunks_per_task or self.grains else backend.guided_split(n),
             window=placement.window(max(backend.max_inflight(), 1)),
             retry_at_once=backend.in_process,
             merges_here=placement.merges_here,

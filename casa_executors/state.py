@@ -278,7 +278,9 @@ class Rules:
     fanin: int = 8
     batch: int = 1  # chunks a task (the first one, when guided)
     guided: bool = False
-    guided_per_task: bool = False  # guided: the batch is worked out again for every task, not once a round
+    # guided: a task takes at most 1/guided_split of the chunks left, worked out for every task (guided
+    # self-scheduling); None: the batch is worked out once a round of submissions
+    guided_split: int | None = None
     window: int = 1  # tasks in flight (merge tasks included)
     retry_at_once: bool = False
     merges_here: bool = True
@@ -607,11 +609,11 @@ class RunState:
     def _submit_chunks(self) -> None:
         rules, todo, planner = self.rules, self.todo, self.planner
         batch = math.ceil(rules.batch * len(todo) / self.n) if rules.guided else rules.batch
-        per_task = rules.guided and rules.guided_per_task
+        split = rules.guided_split if rules.guided else None
         status, tasks, merge_tasks = self.status, self._chunk_tasks, self._merge_tasks
         while todo and len(tasks) + len(merge_tasks) < self.window:
-            if per_task:
-                batch = math.ceil(rules.batch * len(todo) / self.n)
+            if split:
+                batch = min(rules.batch, -(-len(todo) // split))
             if planner is not None:
                 take = [planner.next(todo, self.workers)]
                 leaves = 0

@@ -151,19 +151,20 @@ def test_guided_batches_shrink_with_the_work_left():
     assert sum(sizes) == 100 and shell.root.handle[0] == tuple(range(100))
 
 
-def test_guided_per_task_shrinks_within_one_round_of_submissions():
+def test_guided_split_shrinks_tasks_within_one_round_of_submissions():
     """A deep window takes the whole run in one round: once a round, every task is of the first size
     (the last wave part-full); worked out again per task, the round's last tasks are the smallest."""
     once = start(100, window=100, batch=10, guided=True)
     assert [len(s.nodes) for s in of(SubmitChunks, once.log)] == [10] * 10
-    per_task = start(100, window=100, batch=10, guided=True, guided_per_task=True)
+    per_task = start(100, window=100, batch=10, guided=True, guided_split=4)
     sizes = [len(s.nodes) for s in of(SubmitChunks, per_task.log)]
-    assert sizes[0] == 10 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True) and sum(sizes) == 100
+    assert sizes[:7] == [10] * 7 and sizes[7] == 8 and sizes[-1] == 1  # 10 until a task is a quarter of what is left
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) == 100
     per_task.run_all()
     assert per_task.root.handle[0] == tuple(range(100))
 
 
-def test_backends_work_the_batch_out_per_task_only_when_tasks_are_at_their_cap():
+def test_backends_split_guided_per_task_only_when_tasks_are_at_their_cap():
     from casa_executors.backends.base import Backend
 
     class Sized(Backend):
@@ -173,9 +174,9 @@ def test_backends_work_the_batch_out_per_task_only_when_tasks_are_at_their_cap()
             raise AssertionError("runs nothing")
 
     small, facility = Sized(2), Sized(10_000)
-    assert not small.guided_per_task(40) and small.batch_size(40) == 10  # four tasks of 10 on 2 workers
-    assert facility.batch_size(1_000_000) == 32 and facility.guided_per_task(1_000_000)
-    assert not facility.guided_per_task(32 * 10_000 * facility.tasks_per_worker)
+    assert small.guided_split(40) is None and small.batch_size(40) == 10  # four tasks of 10 on 2 workers
+    assert facility.batch_size(1_000_000) == 32 and facility.guided_split(1_000_000) == 20_000
+    assert facility.guided_split(32 * 10_000 * facility.tasks_per_worker) is None
 
 
 def test_a_batch_holding_all_leaves_of_a_node_folds_them():

@@ -121,17 +121,19 @@ class Backend(ABC):
             per_task -= 1  # rounding up left a worker without a task (4 chunks, 3 workers, a task each)
         return min(per_task, self.max_chunks_per_task) if self.max_chunks_per_task else per_task
 
-    def guided_per_task(self, n_chunks: int) -> bool:
-        """Whether the guided batch is worked out again for every task rather than once per round of
-        submissions: when even tasks of ``max_chunks_per_task`` chunks are more than ``tasks_per_worker``
-        a worker. Then one round queues several waves of equal tasks at the engine and the last wave runs
-        part-full while the other workers idle (the facility simulator, ``python -m
-        benchmarks.facility_sim``, shows it); shrinking each task with the work left fills it.
-        Shorter runs keep one batch a round: more, smaller tasks would cost engine round trips that weigh
-        more than the imbalance there."""
+    def guided_split(self, n_chunks: int) -> int | None:
+        """Guided self-scheduling task by task, for runs whose tasks start at their cap: a task then takes
+        at most 1/(``tasks_per_worker`` x workers) of the chunks left (that number is returned), so tasks
+        keep ``max_chunks_per_task`` chunks until the work left is that many tasks a worker, then shrink to
+        single chunks; no core waits on a long last task. Worked out once a round instead, one round
+        queued the whole run at the engine as waves of equal tasks and ran the last wave part-full
+        (``python -m benchmarks.facility_sim``).
+        None for shorter runs: they keep ``batch_size`` for a whole round, as more, smaller tasks would
+        cost more in engine round trips than they win back in balance."""
         workers = max(self.max_inflight() // 2, 1)
         cap = self.max_chunks_per_task
-        return cap is not None and n_chunks > cap * workers * self.tasks_per_worker
+        tasks = workers * self.tasks_per_worker
+        return tasks if cap is not None and n_chunks > cap * tasks else None
 
     def max_inflight(self) -> int:
         """How many tasks the driver keeps submitted at once."""
