@@ -5,7 +5,7 @@ task carries, how many tasks are in flight, retries, the merge tree and where
 its merges run, checkpoints, adaptive chunking, ``skipbadfiles``, recomputing
 lost outputs, duplicating stragglers — and does nothing else: no engine, thread,
 clock, progress bar or I/O. The driver's loop (:mod:`casa_executors.driver`) and
-the facility simulator (``benchmarks/facility_sim.py``) are shells around it:
+the facility simulator (``casa_benchmarks/facility_sim.py``) are shells around it:
 they turn what happens into events, feed them to :meth:`RunState.handle`, and
 carry out the instructions it returns. Modelled on distributed's
 ``WorkerState.handle_stimulus``.

@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 what=${1:-test}
 shift || true
 case "$what" in
-  bench) exec .venv/bin/python -m benchmarks.adl run --json bench-out/adl.json --plots bench-out "$@" ;;
+  bench) exec .venv/bin/python -m casa_benchmarks.adl run --json bench-out/adl.json --plots bench-out "$@" ;;
   test) exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@" ;;
   *) echo "usage: scripts/run.sh bench|test [args]" >&2; exit 2 ;;
 esac

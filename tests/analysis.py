@@ -176,7 +176,7 @@ _ITERATIVE_ADL: dict = {}
 def assert_adl_identical(backend, files, chunksize: int = 500, **driver_opts) -> None:
     """All eight ADL queries on ``backend`` are bit-identical to iterative, with one attempt per chunk."""
     import casa_executors
-    from benchmarks.adl.queries import QUERIES
+    from casa_benchmarks.adl.queries import QUERIES
 
     cache: dict = {}  # preprocessing is tested elsewhere; one run fills it for the eight
     for q, cls in QUERIES.items():

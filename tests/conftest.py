@@ -28,7 +28,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The real 1000-event CMS sample as a NanoAOD-like ROOT file."""
-    from benchmarks.adl.sample import write_root
+    from casa_benchmarks.adl.sample import write_root
 
     out = tmp_path_factory.mktemp("sample") / "Run2012B_SingleMu-1000.root"
     write_root(str(SAMPLE_PARQUET), str(out))

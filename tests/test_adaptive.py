@@ -119,7 +119,7 @@ def test_grains_align_items_with_the_tree_and_processed_names_the_users_items():
 def fixed_adl(sample_files) -> tuple[dict, dict]:
     """Every ADL query with fixed chunks of 50 (futures, 2 workers: bit-identical to iterative, tested
     elsewhere), and coffea's metadata cache."""
-    from benchmarks.adl.queries import QUERIES
+    from casa_benchmarks.adl.queries import QUERIES
 
     cache: dict = {}
     with ce.futures(workers=2, status=False) as ex:
@@ -132,7 +132,7 @@ def fixed_adl(sample_files) -> tuple[dict, dict]:
 def test_adl_queries_identical_to_fixed_chunks_with_fewer_tasks(name, queries, fanin, sample_files, fixed_adl,
                                                                  no_leftover_processes):
     """Fixed chunks of 50 against target_task_s (merge tree: binary by default, and fan-in 8)."""
-    from benchmarks.adl.queries import QUERIES
+    from casa_benchmarks.adl.queries import QUERIES
 
     require_engine(name)
     want, cache = fixed_adl
@@ -151,7 +151,7 @@ def test_adl_queries_identical_to_fixed_chunks_with_fewer_tasks(name, queries, f
 
 @pytest.fixture(scope="module")
 def long_files(tmp_path_factory) -> list[str]:
-    from benchmarks.adl.generate import generate
+    from casa_benchmarks.adl.generate import generate
 
     return generate(tmp_path_factory.mktemp("long"), 32_000, files=2, seed=3, batch=16_000).files
 

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.adl run``: rows, identity checks, JSON, plots, data sources."""
+"""``python -m casa_benchmarks.adl run``: rows, identity checks, JSON, plots, data sources."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.adl import cli, runner
-from benchmarks.adl.dataset import default_dataset, serve
+from casa_benchmarks.adl import cli, runner
+from casa_benchmarks.adl.dataset import default_dataset, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
 

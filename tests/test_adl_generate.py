@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import uproot
 
-from benchmarks.adl.generate import generate
-from benchmarks.adl.schema import branch_dtypes
-from benchmarks.adl.synth import multiplicities
+from casa_benchmarks.adl.generate import generate
+from casa_benchmarks.adl.schema import branch_dtypes
+from casa_benchmarks.adl.synth import multiplicities
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
@@ -97,7 +97,7 @@ def test_query_fractions_close_to_full_file(dataset):
     """Selected fractions of Q4, Q5, Q7, Q8 (events) near the full-file ones."""
     from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
 
-    from benchmarks.adl.queries import QUERIES
+    from casa_benchmarks.adl.queries import QUERIES
 
     ev = NanoEventsFactory.from_root({dataset[0]: "Events"}, schemaclass=NanoAODSchema, mode="virtual").events()
     n = len(ev)
@@ -110,7 +110,7 @@ def test_query_fractions_close_to_full_file(dataset):
 def test_cli_generate_json(tmp_path):
     out = tmp_path / "json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.adl", "generate", "--events", "5000", "--files", "2", "--seed", "3",
+        [sys.executable, "-m", "casa_benchmarks.adl", "generate", "--events", "5000", "--files", "2", "--seed", "3",
          "--out", str(tmp_path / "data"), "--json", str(out), "--compression", "zlib"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )

@@ -11,12 +11,12 @@ import pytest
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
-from benchmarks.adl import runner
-from benchmarks.adl.binning import BINNING
-from benchmarks.adl.kernels import trijet_closest
-from benchmarks.adl.queries import HISTOGRAMS, QUERIES, make_hist
-from benchmarks.adl.reference import QUERY_FUNCS, read_events, reference_counts
-from benchmarks.adl.reference import q6 as reference_q6
+from casa_benchmarks.adl import runner
+from casa_benchmarks.adl.binning import BINNING
+from casa_benchmarks.adl.kernels import trijet_closest
+from casa_benchmarks.adl.queries import HISTOGRAMS, QUERIES, make_hist
+from casa_benchmarks.adl.reference import QUERY_FUNCS, read_events, reference_counts
+from casa_benchmarks.adl.reference import q6 as reference_q6
 
 pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
 

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.against_rdf: ours and RDataFrame timed in turn, outputs checked against RDataFrame's."""
+"""Smoke test of casa_benchmarks.against_rdf: ours and RDataFrame timed in turn, outputs checked against RDataFrame's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
 @pytest.mark.timeout(300)
 def test_against_rdf_runs_every_contender_and_checks_outputs(tmp_path, no_leftover_processes):
     pytest.importorskip("ROOT", reason="PyPI package 'root' is not installed")
-    from benchmarks import against_rdf
+    from casa_benchmarks import against_rdf
 
     out = tmp_path / "against_rdf.json"
     result = against_rdf.main(["--events", "20000", "--files", "2", "--chunksizes", "5000,10000", "--queries", "1,8",

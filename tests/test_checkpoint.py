@@ -57,7 +57,7 @@ def distinct_files(tmp_path_factory) -> list[Path]:
     """Three files of the real sample, each written anew: three file UUIDs (coffea's checkpointer keys on them)."""
     from conftest import SAMPLE_PARQUET
 
-    from benchmarks.adl.sample import write_root
+    from casa_benchmarks.adl.sample import write_root
 
     d = tmp_path_factory.mktemp("distinct")
     return [Path(write_root(str(SAMPLE_PARQUET), str(d / f"{n}.root"))) for n in "abc"]

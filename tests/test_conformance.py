@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import casa_executors
-from benchmarks.adl import cli
+from casa_benchmarks.adl import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:Branch Photon_:RuntimeWarning")
 

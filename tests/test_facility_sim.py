@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from benchmarks.facility_sim import Facility, Out, Settings, capacity_bound, main, simulate
+from casa_benchmarks.facility_sim import Facility, Out, Settings, capacity_bound, main, simulate
 
 KEYS = ("workers", "chunks", "driver_us_per_chunk", "rss_mb", "makespan_over_bound", "makespan_s", "bound_s",
         "idle_fraction", "series")
@@ -65,7 +65,7 @@ def test_bad_settings_are_named():
 
 
 def test_dask_at_scale_smoke():
-    from benchmarks.dask_at_scale import measure, predict
+    from casa_benchmarks.dask_at_scale import measure, predict
 
     before = threading.active_count()
     real = measure(workers=50, chunks=500, sleep_ms=5.0, waves=2)  # raises if the output is not 500 chunks

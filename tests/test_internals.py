@@ -23,8 +23,8 @@ from uproot.behaviors.TBranch import TBranch
 from uproot.models.TBasket import Model_TBasket
 
 import casa_executors
-from benchmarks.adl.generate import generate
-from benchmarks.adl.queries import HISTOGRAMS, QUERIES
+from casa_benchmarks.adl.generate import generate
+from casa_benchmarks.adl.queries import HISTOGRAMS, QUERIES
 from casa_executors import internals, nanoforms
 from casa_executors.errors import ExecutorOptionError
 from casa_executors.task import ChunkTask, TaskBatch, run_batch

@@ -52,7 +52,7 @@ def test_file_rewritten_between_runs_is_read_anew(tmp_path, sample_files):
     """Sources are kept within a run only, TTrees by UUID: the same path, another file, in the next run."""
     from conftest import SAMPLE_PARQUET
 
-    from benchmarks.adl.sample import write_root
+    from casa_benchmarks.adl.sample import write_root
 
     path = tmp_path / "x.root"
     shutil.copy(sample_files[0], path)

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.scaling: the ceiling, iterative and futures (against coffea's FuturesExecutor)
+"""Smoke test of casa_benchmarks.scaling: the ceiling, iterative and futures (against coffea's FuturesExecutor)
 on a small generated dataset, once each, with the engine's round trip and the bound it sets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import scaling
+from casa_benchmarks import scaling
 
 
 @pytest.mark.timeout(300)

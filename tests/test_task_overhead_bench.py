@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.task_overhead: iterative and futures on ~100 tiny chunks, once each."""
+"""Smoke test of casa_benchmarks.task_overhead: iterative and futures on ~100 tiny chunks, once each."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from benchmarks import task_overhead
+from casa_benchmarks import task_overhead
 
 log = logging.getLogger(__name__)
 

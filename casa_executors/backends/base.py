@@ -127,7 +127,7 @@ class Backend(ABC):
         keep ``max_chunks_per_task`` chunks until the work left is that many tasks a worker, then shrink to
         single chunks; no core waits on a long last task. Worked out once a round instead, one round
         queued the whole run at the engine as waves of equal tasks and ran the last wave part-full
-        (``python -m benchmarks.facility_sim``).
+        (``python -m casa_benchmarks.facility_sim``).
         None for shorter runs: they keep ``batch_size`` for a whole round, as more, smaller tasks would
         cost more in engine round trips than they win back in balance."""
         workers = max(self.max_inflight() // 2, 1)

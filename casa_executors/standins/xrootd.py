@@ -1,4 +1,4 @@
-"""Real xrootd origin and XCache servers on 127.0.0.1 for tests and benchmarks.
+"""Real xrootd origin and XCache servers on 127.0.0.1 for tests and casa_benchmarks.
 
 Each instance gets its own temp dir (config, adminpath, pidpath, logs),
 is ready when its log says ``xrootd NAME@host:PORT initialization completed``

@@ -1,1 +1,0 @@
-"""Benchmarks for casa_executors (see ``benchmarks.adl``)."""

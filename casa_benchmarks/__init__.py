@@ -1,0 +1,1 @@
+"""Benchmarks for casa_executors (see ``casa_benchmarks.adl``)."""
