@@ -32,7 +32,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 from coffea.processor import accumulate
@@ -47,6 +47,7 @@ from casa_executors.heap import old_heap_frozen
 from casa_executors.internals import exception_chain as _exception_chain
 from casa_executors.internals import runner_raises_returned, unwrap_runner_retries
 from casa_executors.merge import Group, MergeFailed, Node
+from casa_executors.options import make_router
 from casa_executors.outputs import EnginePlacement, Lost, check_merge_option, choose
 from casa_executors.progress import ProgressBar
 from casa_executors.report import DONE, Phase, Report
@@ -75,6 +76,9 @@ from casa_executors.state import (
     WorkersChanged,
 )
 from casa_executors.task import ChunkResult, ChunkTask, ErrorInfo, Fold, TaskBatch
+
+if TYPE_CHECKING:
+    from casa_executors.xcache.router import CacheRouter
 
 NOT_RUN = "NotRun"
 log = logging.getLogger(__name__)
@@ -145,19 +149,8 @@ class Driver(ExecutorBase):
                                    or not math.isfinite(target) or target <= 0):
             raise ExecutorOptionError(f"target_task_s must be a positive number of seconds (or None), got {target!r}")
 
-    def _make_router(self):
-        if self.cache is None:
-            if self.token not in (None, False):
-                raise ExecutorOptionError("token= is only used with cache=; give cache= too")
-            return None
-        from casa_executors.xcache.router import CacheRouter
-        from casa_executors.xcache.tokens import discover_token
-
-        token = discover_token(self.token) if self.token is not False else None
-        try:
-            return CacheRouter(self.cache, mode=self.cache_mode, token=token, spares=self.cache_spares)
-        except ValueError as exc:
-            raise ExecutorOptionError(str(exc)) from None
+    def _make_router(self) -> CacheRouter | None:
+        return make_router(self.cache, self.cache_mode, self.token, self.cache_spares)
 
     # `with executor:` keeps the engine up across several Runner calls
     def __enter__(self) -> Driver:

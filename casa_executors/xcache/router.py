@@ -12,7 +12,7 @@ import bisect
 import hashlib
 from collections.abc import Iterable
 from typing import Literal
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .tokens import Token, authz_query, redact
 
@@ -36,13 +36,38 @@ def split_xrootd_url(url: str) -> tuple[str, str, str, str] | None:
     return scheme.lower(), hostport, "/" + path.lstrip("/"), query
 
 
+def check_endpoint(cache: object) -> str | None:
+    """None if ``cache`` is an XCache endpoint (``root://host[:port]``, ``roots://``, ``xroot://``, ``xroots://``,
+    or ``host[:port]``), else what is wrong with it."""
+    if not isinstance(cache, str) or not cache.strip():
+        return "an endpoint is a string, root://host[:port] or host[:port]"
+    scheme, sep, rest = cache.strip().partition("://")
+    if not sep:
+        scheme, rest = "root", scheme.rstrip("/")
+        if "/" in rest:
+            return "give root://host[:port] or host[:port]"
+    elif scheme.lower() not in XROOTD_SCHEMES:
+        return f"the scheme must be one of {', '.join(s + '://' for s in XROOTD_SCHEMES)}, not {scheme}://"
+    parts = urlsplit(f"{scheme}://{rest.rstrip('/')}")
+    try:
+        port = parts.port
+    except ValueError:
+        return "its port must be a number from 1 to 65535"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "its port must be a number from 1 to 65535"
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return "an endpoint is a host and a port, without a path"
+    return None
+
+
 def _normalize_endpoint(cache: str) -> str:
+    why = check_endpoint(cache)
+    if why is not None:
+        raise ValueError(f"not an xrootd endpoint: {cache!r} ({why})")
     cache = cache.strip().rstrip("/")
-    if "://" not in cache:
-        cache = "root://" + cache
-    if split_xrootd_url(cache + "//x") is None:
-        raise ValueError(f"not an xrootd endpoint: {cache!r}")
-    return cache
+    return cache if "://" in cache else "root://" + cache
 
 
 def _strip_authz(query: str) -> str:
