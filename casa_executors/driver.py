@@ -48,7 +48,7 @@ from casa_executors.internals import exception_chain as _exception_chain
 from casa_executors.internals import runner_raises_returned, unwrap_runner_retries
 from casa_executors.merge import Group, MergeFailed, Node
 from casa_executors.options import make_router
-from casa_executors.outputs import EnginePlacement, Lost, check_merge_option, choose
+from casa_executors.outputs import EnginePlacement, Lost, StorePlacement, check_merge_option, choose
 from casa_executors.progress import ProgressBar
 from casa_executors.report import DONE, Phase, Report
 from casa_executors.source import open_files
@@ -152,6 +152,12 @@ class Driver(ExecutorBase):
     def _make_router(self) -> CacheRouter | None:
         return make_router(self.cache, self.cache_mode, self.token, self.cache_spares)
 
+    @property
+    def fanin(self) -> int:
+        """``merge_fanin`` as ``__post_init__`` settled it."""
+        assert self.merge_fanin is not None
+        return self.merge_fanin
+
     # `with executor:` keeps the engine up across several Runner calls
     def __enter__(self) -> Driver:
         self.backend.hold()
@@ -173,7 +179,7 @@ class Driver(ExecutorBase):
             return accumulator, 0
         grains = None
         if name == "processing" and self.target_task_s is not None and adaptable(items):
-            grains = Grains.split(items, self.merge_fanin)  # the leaves of the tree: tasks are its nodes
+            grains = Grains.split(items, self.fanin)  # the leaves of the tree: tasks are its nodes
         t0 = time.perf_counter()
         with old_heap_frozen(), self.backend.session():  # full GC passes skip the user's heap meanwhile
             # begun once the engine is up: an external cluster's size is known only when connected
@@ -265,7 +271,7 @@ class _Run:
         self.checkpoint: Checkpoint | None = None
         if driver.checkpoint is not None and phase.name == "processing":
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
-            self.checkpoint.open(phase.items, work, driver.merge_fanin)
+            self.checkpoint.open(phase.items, work, driver.fanin)
         self.grains = grains
         self.jobs: dict[int, _ChunkJob | _MergeJob] = {}  # by task id
         self.done: queue.SimpleQueue = queue.SimpleQueue()
@@ -296,13 +302,13 @@ class _Run:
         batch = driver.chunks_per_task or (1 if self.grains else backend.batch_size(n, self.phase.name))
         engine = isinstance(placement, EnginePlacement)
         return Rules(
-            retries=driver.retries, fanin=driver.merge_fanin, batch=batch,
+            retries=driver.retries, fanin=driver.fanin, batch=batch,
             guided=not driver.chunks_per_task and not self.grains,
             guided_split=None if driver.chunks_per_task or self.grains else backend.guided_split(n),
             window=placement.window(max(backend.max_inflight(), 1)),
             retry_at_once=backend.in_process,
             merges_here=placement.merges_here,
-            tail_here=placement.tail_allowed if engine else placement.tail_here,
+            tail_here=placement.tail_allowed if isinstance(placement, EnginePlacement) else placement.tail_here,
             # an engine keeps outputs as objects with compression=None: their sizes are unknown
             tail_bytes=None if engine and placement.compression is None else placement.tail_bytes,
             tail_only_small=engine,
@@ -318,7 +324,7 @@ class _Run:
         try:
             events: list[Any] = [Tick(time.monotonic()), *self._workers()]
             if self.checkpoint is not None:
-                events.append(CheckpointRestored(tuple(self._begin())))
+                events.append(CheckpointRestored(tuple(self._begin(self.checkpoint))))
             self._carry_out(self.state.handle_all(events))
             while not self.finished:
                 if not self.jobs:
@@ -351,10 +357,10 @@ class _Run:
         return [WorkersChanged(self.backend.workers)] if self.grains else []
 
     # -- the start and the end ---------------------------------------------------------
-    def _begin(self) -> list[tuple[int, int]]:
+    def _begin(self, checkpoint: Checkpoint) -> list[tuple[int, int]]:
         """With a checkpoint: the nodes it holds (the rules run only the other chunks)."""
-        restored, _, leftovers = self.checkpoint.resolve(self.state.tree)
-        self.checkpoint.store.remove(leftovers)  # below restored nodes, temporary, partial: a kill's debris
+        restored, _, leftovers = checkpoint.resolve(self.state.tree)
+        checkpoint.store.remove(leftovers)  # below restored nodes, temporary, partial: a kill's debris
         for level, index in restored:
             span = self.state.tree.span(level, index)
             self.bar.events += Report.restore(self.phase, span)
@@ -389,14 +395,14 @@ class _Run:
             return None  # cancelled meanwhile: its duplicate won
         results = self._results(value, [i for _, i in nodes])
         if results is not value and self.state.duplicated(job.task):
-            return TaskFailed(job.task, results[0].error.exception())  # the other copy goes on
-        tree, outcomes = self.state.tree, []
+            return TaskFailed(job.task, _exception_of(results[0]))  # the other copy goes on
+        tree, outcomes = self.state.tree, list[Ok | Failed]()
         for position, (r, (level, index)) in enumerate(zip(results, nodes)):
             span = tree.span(level, index)  # the leaves this task covered: chunk ``index`` when level is 0
             Report.attempt(self.phase, r, span)
             if r.merge_error is not None:  # a task's own merge (Fold): as a merge task's failure, not retried
                 raise r.merge_error.exception()
-            if not r.ok:
+            if r.error is not None:
                 outcomes.append(Failed(r.error.exception()))
                 log.info("%s item %d: attempt %d failed on %s (%s)", self.phase.name, index, r.attempt,
                          r.worker or self.backend.describe(), r.error.type_name)
@@ -427,7 +433,7 @@ class _Run:
 
     def _resolve(self, exc: Lost) -> tuple[tuple[int, int], ...]:
         """Outputs are gone or corrupt: remove the corrupt ones; what the checkpoint still holds below them."""
-        if exc.corrupt:
+        if exc.corrupt and isinstance(self.placement, StorePlacement):  # only a store's outputs can be corrupt
             self.corrupt += exc.corrupt
             self.placement.store.remove(exc.corrupt)
         if self.checkpoint is None:
@@ -494,7 +500,8 @@ class _Run:
 
     def _track(self, job: _ChunkJob | _MergeJob) -> None:
         self.jobs[job.task] = job
-        job.future.add_done_callback(lambda f, key=job.task: self.done.put(key))
+        key = job.task
+        job.future.add_done_callback(lambda _: self.done.put(key))
 
     def _merge_here(self, order: MergeHere) -> Any:
         """Merge a group in this process: the event saying how it went."""
@@ -517,6 +524,7 @@ class _Run:
     def _give_up(self, order: GiveUp) -> None:
         i = order.index
         if order.reason == "not_run":
+            assert self.abort is not None  # the item that stopped the run
             Report.give_up(self.phase, i, "failed", NOT_RUN, f"not run: the run stopped after "
                            f"{self.describe(*self.abort)}")
             return
@@ -578,7 +586,8 @@ class _Run:
         """The failure of item ``index`` (default: the one that stopped the run): the exception its last
         attempt raised, itself, with the chunk's attributes (``errors.CHUNK_ATTRIBUTES``) and a note
         naming the chunk, its attempts and where to look (``errors.annotate``)."""
-        if index is None:
+        if index is None or exc is None:
+            assert self.abort is not None  # no item given: the one that stopped the run
             index, exc = self.abort
         leaves, row = self.phase.range_of(index)  # adaptive chunking: the range that ran as one task
         item = self.phase.range_item(leaves)
@@ -613,3 +622,9 @@ def _failed(exc: BaseException) -> Future:
     future: Future = Future()
     future.set_exception(exc)
     return future
+
+
+def _exception_of(result: ChunkResult) -> BaseException:
+    """The exception of a failed result."""
+    assert result.error is not None
+    return result.error.exception()

@@ -356,15 +356,16 @@ def _payload(exc: BaseException, secrets: Sequence[Any]) -> tuple[bytes | None, 
     except Exception:
         whole = False
         args = tuple(_or_unsent(a) for a in args)
-        kept, left = {}, []
+        kept: dict[str, Any] = {}
+        refused: list[str] = []
         for name, value in state.items():
             try:
                 _dumps(value)
                 kept[name] = value
             except Exception:
-                left.append(name)
+                refused.append(name)
         try:
-            blob, state, dropped = _dumps((args, kept)), kept, tuple(left)
+            blob, state, dropped = _dumps((args, kept)), kept, tuple(refused)
         except Exception:
             return None, (), False
     if secrets and _mentions(blob, secrets):

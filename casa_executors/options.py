@@ -111,6 +111,17 @@ DRIVER_DOCS: dict[str, tuple[str, str]] = {
                   "environment of this process or of a worker does the same."),
 }
 
+# Driver's fields that are not options: what the factories fill in, what coffea's Runner sets per call, state
+DRIVER_INTERNAL: dict[str, str] = {
+    "backend": "the factory builds it from its own parameters",
+    "report": "the executor's report (executor.report), made with it",
+    "router": "built from cache=, cache_mode=, token= and cache_spares=",
+    "desc": "the progress bar's label, set by coffea's Runner for each call",
+    "unit": "the progress bar's unit, set by coffea's Runner for each call",
+    "function_name": "coffea's, unused here",
+    "_file_runs": "state Runner's copies of the executor share",
+}
+
 # parameters several backends share, formatted into their docstrings
 SCALING_DOCS: dict[str, tuple[str, str]] = {
     "adapt": ("tuple of (int, int), optional",

@@ -94,7 +94,7 @@ class Phase:
     def groups(self) -> list[range]:
         """The leaves of each row, in order."""
         n = len(self.rows)
-        if self.runs is None:
+        if self.runs is None or self.segment is None:
             return [range(i, i + 1) for i in range(n)]
         runs, rows, segment = self.runs, self.rows, self.segment
         out, start = [], 0
@@ -191,9 +191,10 @@ class Report:
                     row.endpoints = tuple(result.endpoints)
                 if result.failovers:
                     row.failovers = (*row.failovers, *result.failovers)
-            if result.ok:
+            if result.error is None:
                 row.status = "ok"
-                row.events = result.events if len(leaves) == 1 else row.entrystop - row.entrystart
+                # more than one leaf: chunks of a file joined, which have entry ranges
+                row.events = result.events if len(leaves) == 1 else (row.entrystop or 0) - (row.entrystart or 0)
                 row.error_type = row.error = ""
             else:
                 row.error_type, row.error = result.error.type_name, result.error.message
