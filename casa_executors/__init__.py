@@ -126,8 +126,10 @@ def iterative(*, workers: int = 1, **options: Unpack[DriverOptions]) -> Driver:
 """ + _RETURNS + """
     Examples
     --------
-    >>> ex = casa_executors.futures(workers=2)
-    >>> out = processor.Runner(executor=ex, schema=NanoAODSchema)(fileset, MyProcessor())
+    ::
+
+        ex = casa_executors.futures(workers=2)
+        out = processor.Runner(executor=ex, schema=NanoAODSchema)(fileset, MyProcessor())
 """)
 def futures(*, workers: int | None = None, **options: Unpack[DriverOptions]) -> Driver:
     return _build("futures", locals())
@@ -173,9 +175,11 @@ def futures(*, workers: int | None = None, **options: Unpack[DriverOptions]) -> 
 """ + _RETURNS + """
     Examples
     --------
-    >>> ex = casa_executors.dask(workers=2)
-    >>> ex = casa_executors.dask(address="tls://host:8786", secrets_dir="/etc/cmsaf-secrets")
-    >>> ex = casa_executors.dask(cluster=SLURMCluster(cores=1, memory="2GB"), adapt=(0, 100))
+    ::
+
+        ex = casa_executors.dask(workers=2)
+        ex = casa_executors.dask(address="tls://host:8786", secrets_dir="/etc/cmsaf-secrets")
+        ex = casa_executors.dask(cluster=SLURMCluster(cores=1, memory="2GB"), adapt=(0, 100))
 """)
 def dask(
     *,
@@ -216,8 +220,10 @@ def dask(
 """ + _RETURNS + """
     Examples
     --------
-    >>> ex = casa_executors.parsl(workers=2)
-    >>> ex = casa_executors.parsl(provider=SlurmProvider(partition="debug"), adapt=(0, 10))
+    ::
+
+        ex = casa_executors.parsl(workers=2)
+        ex = casa_executors.parsl(provider=SlurmProvider(partition="debug"), adapt=(0, 10))
 """)
 def parsl(
     *,
@@ -248,7 +254,9 @@ def parsl(
 """ + _RETURNS + """
     Examples
     --------
-    >>> ex = casa_executors.spark(master="local[2]")
+    ::
+
+        ex = casa_executors.spark(master="local[2]")
 """)
 def spark(
     *,
@@ -295,8 +303,10 @@ def spark(
 """ + _RETURNS + """
     Examples
     --------
-    >>> ex = casa_executors.workqueue(workers=2)
-    >>> ex = casa_executors.workqueue(submit="slurm", adapt=(0, 50), host="0.0.0.0")
+    ::
+
+        ex = casa_executors.workqueue(workers=2)
+        ex = casa_executors.workqueue(submit="slurm", adapt=(0, 50), host="0.0.0.0")
 """)
 def workqueue(
     *,

@@ -89,6 +89,12 @@ _RUNNER_RAISES_RETURNED = runner_raises_returned()
 
 @dataclass
 class Driver(ExecutorBase):
+    """A coffea executor (``processor.Runner(executor=...)``) that runs its tasks on ``backend``.
+
+    Build it with a factory, ``casa_executors.futures(...)``, ``dask(...)`` and the others: their ``help()``
+    documents every option (the fields below that are options are :class:`casa_executors.options.DriverOptions`).
+    """
+
     backend: Backend = field(default_factory=IterativeBackend)
     retries: int = 3
     recoverable: bool = False

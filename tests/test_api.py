@@ -102,6 +102,18 @@ def test_help_shows_every_option_with_its_doc(name):
     assert "Returns" in text and "Driver" in text
 
 
+def test_jupyter_shows_every_option():
+    """What Shift-Tab in a notebook shows: IPython's inspector of the factory."""
+    from IPython.core.oinspect import Inspector
+
+    takes_theme = "theme_name" in inspect.signature(Inspector).parameters
+    inspector = Inspector(theme_name="nocolor") if takes_theme else Inspector()
+    info = inspector.info(ce.dask, oname="casa_executors.dask")
+    for option in options_of("dask"):
+        assert f"{option}:" in info["definition"]
+        assert f"{option} : " in info["docstring"]
+
+
 def test_create_takes_the_same_options_as_the_factories():
     ex = ce.create("futures", workers=2, retries=1, merge="driver", status=False)
     assert isinstance(ex, Driver) and ex.backend.workers == 2 and ex.retries == 1 and ex.merge == "driver"
@@ -116,7 +128,7 @@ def test_create_takes_the_same_options_as_the_factories():
 @pytest.mark.parametrize("name", ce.BACKENDS)
 def test_coffeas_own_option_names_say_what_to_use_instead(name):
     for option in COFFEA_NAMES:
-        message = error_of(lambda: ce.create(name, **{option: 1}))
+        message = error_of(lambda option=option: ce.create(name, **{option: 1}))
         assert message.startswith(f"{name}(): {option!r} is coffea's option, not one of ours: ")
         assert message.endswith(COFFEA_ADVICE[option])
     assert "merge_fanin=" in error_of(lambda: ce.create(name, treereduction=4))
@@ -144,7 +156,8 @@ def test_options_coffea_and_we_share_are_taken(name):
 @pytest.mark.parametrize("name", ce.BACKENDS)
 def test_unknown_options_are_answered_with_public_names_only(name):
     public = set(options_of(name))
-    assert error_of(lambda: ce.create(name, wrokers=2)) == f"{name}(): unknown option 'wrokers' (did you mean 'workers'?)"
+    typo = error_of(lambda: ce.create(name, wrokers=2))
+    assert typo == f"{name}(): unknown option 'wrokers' (did you mean 'workers'?)"
     for option in ["zzz", "_file_run", "routr", "backnd", "reprot", *PRIVATE]:
         if option in COFFEA_ADVICE:
             continue
