@@ -1,16 +1,17 @@
-"""The docs site: `mkdocs build --strict` passes (broken links, missing pages, API reference that does not
-resolve all fail it), and every ```python block of docs/*.md and README.md runs.
+"""The docs site: `mkdocs build --strict` passes (broken links and anchors, pages missing from the nav, an
+API reference that does not resolve all fail it), and every ```python block of docs/*.md and README.md runs.
 
 A page's blocks run in order in one namespace (as a reader pastes them into one session), in a temporary
 working directory, with two names given: ``fileset`` (the repository's 1000-event CMS sample as a ROOT
-file) and ``MyProcessor`` (the README's quick-start processor). A block that needs what CI does not have (a
-site's Slurm, a gateway at a real address, a remote XCache) is preceded by a marker line that says why:
+file) and ``MyProcessor`` (the README's quick-start processor). A marker line right before a block (at the
+start of the line) says, with a reason, that the block
 
-    <!-- docs-test: skip (a site's Slurm and its partition names) -->
+    <!-- docs-test: skip (needs a site's Slurm and its partitions) -->   is not run: CI has no such facility
+    <!-- docs-test: slow (starts a JVM and a SparkContext) -->          starts an engine that takes seconds
 
-(at the start of the line).
-
-Blocks with that marker are listed by `test_the_blocks_not_run_are_few_and_say_why`.
+A page with a slow block runs, all of it, in `test_slow_code_blocks_run` (marked slow, run by the full
+suite); the other pages in `test_code_blocks_run`, which stays fast. Skipped blocks are few and listed by
+`test_the_blocks_not_run_are_few_and_say_why`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.S | re.M)
-SKIP = re.compile(r"<!-- docs-test: skip \((?P<why>[^)]+)\) -->\s*$")
+MARKER = re.compile(r"^<!-- docs-test: (?P<kind>skip|slow) \((?P<why>[^)]+)\) -->\s*$")
 MAX_SKIPPED = 8  # facility-only examples; a page of them means the page is not tested
 
 MY_PROCESSOR = '''
@@ -48,15 +49,24 @@ class MyProcessor(processor.ProcessorABC):
 '''
 
 
-def blocks(page: Path) -> list[tuple[int, str, str | None]]:
-    """(line, code, why skipped or None) of each ```python block of ``page``."""
+def marked(page: Path) -> list[tuple[int, str, str | None, str | None]]:
+    """(line, code, marker kind or None, its reason) of each ```python block of ``page``."""
     text = page.read_text()
     out = []
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        skip = SKIP.search(before)
-        out.append((text.count("\n", 0, m.start()) + 1, m.group(1), skip.group("why") if skip else None))
+        mark = MARKER.search(before)
+        out.append((text.count("\n", 0, m.start()) + 1, m.group(1), *(mark.group("kind", "why") if mark else (None, None))))
     return out
+
+
+def blocks(page: Path) -> list[tuple[int, str, str | None]]:
+    """(line, code, why skipped or None) of each ```python block of ``page``."""
+    return [(line, code, why if kind == "skip" else None) for line, code, kind, why in marked(page)]
+
+
+def slow(page: Path) -> bool:
+    return any(kind == "slow" for _, _, kind, _ in marked(page))
 
 
 def with_code(pages: list[Path]) -> list[Path]:
@@ -105,8 +115,7 @@ def test_every_page_is_in_the_nav():
     assert {p.name for p in DOCS.glob("*.md")} <= listed, "pages missing from mkdocs.yml's nav"
 
 
-@pytest.mark.parametrize("page", with_code(PAGES), ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_processes):
+def run_page(page: Path, fileset: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem.replace('-', '_')}", "fileset": fileset}
     exec(compile(MY_PROCESSOR, "<MyProcessor>", "exec"), namespace)
@@ -122,12 +131,23 @@ def test_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_proce
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if not slow(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_processes):
+    run_page(page, fileset, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if slow(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_slow_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_processes):
+    run_page(page, fileset, tmp_path, monkeypatch)
+
+
 def test_the_blocks_not_run_are_few_and_say_why():
     skipped = [(p.name, line, why) for p in PAGES for line, _, why in blocks(p) if why is not None]
-    assert all(len(why) > 10 for _, _, why in skipped), skipped
+    assert all(len(why) > 10 for p in PAGES for _, _, kind, why in marked(p) if kind), "a marker needs a reason"
     assert len(skipped) <= MAX_SKIPPED, f"{len(skipped)} blocks not run: {skipped}"
     # the marker must sit right before a block: one that lost its block would silently skip nothing
     for page in PAGES:
         text = page.read_text()
         markers = len(re.findall(r"^<!-- docs-test:", text, re.M))
-        assert markers == sum(why is not None for _, _, why in blocks(page)), f"{page.name}: a marker without a block"
+        assert markers == sum(kind is not None for _, _, kind, _ in marked(page)), f"{page.name}: a marker without a block"
