@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 MARKER = re.compile(r"^<!-- docs-test: (?P<kind>skip|slow) \((?P<why>[^)]+)\) -->\s*$")
 MAX_SKIPPED = 8  # facility-only examples; a page of them means the page is not tested
@@ -56,7 +56,8 @@ def marked(page: Path) -> list[tuple[int, str, str | None, str | None]]:
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         mark = MARKER.search(before)
-        out.append((text.count("\n", 0, m.start()) + 1, m.group(1), *(mark.group("kind", "why") if mark else (None, None))))
+        kind, why = mark.group("kind", "why") if mark else (None, None)
+        out.append((text.count("\n", 0, m.start()) + 1, m.group(1), kind, why))
     return out
 
 
@@ -97,24 +98,6 @@ def test_the_site_builds_in_strict_mode(tmp_path):
     assert (site / "driver-rules" / "index.html").is_file()
 
 
-def test_every_page_is_in_the_nav():
-    import yaml
-
-    class Loader(yaml.SafeLoader):  # mkdocs.yml has !!python/name tags (material's emoji functions)
-        pass
-
-    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
-    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
-
-    def files(nav):
-        for entry in nav:
-            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
-            yield from (files(value) if isinstance(value, list) else [value])
-
-    listed = set(files(config["nav"]))
-    assert {p.name for p in DOCS.glob("*.md")} <= listed, "pages missing from mkdocs.yml's nav"
-
-
 def run_page(page: Path, fileset: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem.replace('-', '_')}", "fileset": fileset}
@@ -131,13 +114,17 @@ def run_page(page: Path, fileset: dict, tmp_path: Path, monkeypatch) -> None:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if not slow(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+def page_id(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if not slow(p)], ids=page_id)
 def test_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_processes):
     run_page(page, fileset, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if slow(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("page", [p for p in with_code(PAGES) if slow(p)], ids=page_id)
 def test_slow_code_blocks_run(page, fileset, tmp_path, monkeypatch, no_leftover_processes):
     run_page(page, fileset, tmp_path, monkeypatch)
 
@@ -150,4 +137,5 @@ def test_the_blocks_not_run_are_few_and_say_why():
     for page in PAGES:
         text = page.read_text()
         markers = len(re.findall(r"^<!-- docs-test:", text, re.M))
-        assert markers == sum(kind is not None for _, _, kind, _ in marked(page)), f"{page.name}: a marker without a block"
+        blocks_marked = sum(kind is not None for _, _, kind, _ in marked(page))
+        assert markers == blocks_marked, f"{page.name}: a marker without a block"
