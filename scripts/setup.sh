@@ -21,6 +21,6 @@ fi
 stamp=.venv/.casa-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[all,test]"
+  .venv/bin/python -m pip install -q -e ".[all,test,docs]"  # docs: the site tests/test_docs.py builds
   touch "$stamp"
 fi

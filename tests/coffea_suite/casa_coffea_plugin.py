@@ -37,7 +37,7 @@ REMOTE = ("dask", "parsl", "spark", "workqueue")
 PARALLEL = ("futures", *REMOTE)
 SANDBOXED = ("workqueue",)  # tasks run in a directory of their own
 
-# (test id pattern, backends it cannot apply to, why): the README lists the same
+# (test id pattern, backends it cannot apply to, why): docs/testing.md lists the same
 NOT_APPLICABLE: list[tuple[str, tuple[str, ...], str]] = [
     ("tests/test_local_executors.py::test_futures_mergepool_forms*", casa_executors.BACKENDS,
      "tests FuturesExecutor's own merging/mergepool options (and that ex.mergepool is the object given); "
