@@ -191,6 +191,7 @@ class Driver(ExecutorBase):
                 merged = run.drive()
             finally:
                 phase.wall_s = time.perf_counter() - t0
+                phase.ended = time.time()
         if name == "preprocessing":
             self._file_runs.append(run_id)
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):

@@ -23,6 +23,9 @@ from casa_executors.adaptive import cover
 from casa_executors.task import ChunkResult
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
     from casa_executors.adaptive import Grains
 
 
@@ -45,6 +48,25 @@ class ChunkRow:
     failovers: tuple[str, ...] = ()
     error_type: str = ""
     error: str = ""
+    started: float = 0.0  # wall clock (time.time() on the worker) when its first attempt began
+    ended: float = 0.0  # and when its last attempt ended
+    peak_rss: int = 0  # the worker process's peak resident memory (bytes) when it ended (task.peak_rss)
+    peak_rss_rise: int = 0  # how much its attempts raised that peak: > 0, this chunk set a new high
+
+
+@dataclass(slots=True)
+class Span:
+    """One attempt of a row, as it ran on a worker: what :meth:`Report.timeline` draws."""
+
+    index: int  # the row's first leaf (Phase.rows)
+    attempt: int
+    worker: str
+    host: str
+    started: float
+    ended: float
+    ok: bool
+    events: int = 0
+    peak_rss: int = 0
 
 
 @dataclass
@@ -56,7 +78,8 @@ class Phase:
     workers: int
     items: list[Any]
     rows: list[ChunkRow]
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # wall clock, once the engine is up
+    ended: float = 0.0  # wall clock, when the driver had the output (or gave up)
     wall_s: float = 0.0
     merge: dict[str, Any] = field(default_factory=dict)  # where outputs lived and merged (outputs.py)
     checkpoint: dict[str, Any] | None = None  # location, run key, corrupt files found
@@ -65,6 +88,8 @@ class Phase:
     runs: list[int] | None = None
     segment: list[int] | None = None
     _next_run: int = 0
+    spans: list[Span] = field(default_factory=list)  # every attempt, in the order they came back
+    progress: dict[str, Any] = field(default_factory=dict)  # on_progress: calls and their cost (live.py)
 
     @classmethod
     def of(cls, name: str, backend: str, workers: int, items: list[Any], grains: Grains | None = None) -> Phase:
@@ -135,6 +160,8 @@ class Phase:
             events=sum(r.events for r in rows), bytes_read=sum(r.bytes_read for r in rows),
             endpoints=next((r.endpoints for r in rows if r.endpoints), ()),
             failovers=tuple(f for r in rows for f in r.failovers), error_type=first.error_type, error=first.error,
+            started=min((r.started for r in rows if r.started), default=0.0), ended=max(r.ended for r in rows),
+            peak_rss=max(r.peak_rss for r in rows), peak_rss_rise=sum(r.peak_rss_rise for r in rows),
         )
 
 
@@ -179,11 +206,19 @@ class Report:
         if leaves is None:
             leaves = range(result.index, result.index + 1)
         phase.mark(leaves)
+        if result.started:  # else the engine lost the task: no time was measured
+            phase.spans.append(Span(leaves.start, result.attempt, result.worker, result.host, result.started,
+                                    result.ended, result.ok, result.events, result.peak_rss))
         for n, i in enumerate(leaves):
             row = phase.rows[i]
             row.attempts += 1
             row.worker, row.host = result.worker, result.host
+            if result.started:
+                row.started = min(row.started, result.started) if row.started else result.started
+                row.ended = max(row.ended, result.ended)
+                row.peak_rss = max(row.peak_rss, result.peak_rss)
             if n == 0:
+                row.peak_rss_rise += result.peak_rss_rise
                 row.wall_s += result.wall_s
                 row.cpu_s += result.cpu_s
                 row.bytes_read += result.bytes_read
@@ -288,6 +323,39 @@ class Report:
                 for r in self.failures()
             ],
         }
+
+    def to_pandas(self, attempts: bool = False) -> pd.DataFrame:
+        """The processing rows as a DataFrame, one row per chunk (with adaptive chunking: per range that ran
+        as one task), with every :class:`ChunkRow` field as a column. ``started``/``ended`` are UTC
+        timestamps (``NaT`` for a chunk that never ran), taken on the worker with ``time.time()``: they are
+        comparable across hosts as far as their clocks agree (NTP: milliseconds). ``peak_rss`` is the
+        worker process's peak resident memory in bytes (``getrusage`` ``ru_maxrss``) when the chunk ended;
+        ``peak_rss_rise`` how much the chunk raised it.
+
+        ``attempts=True``: one row per attempt instead (worker, host, start, end, ok, events, peak_rss),
+        failed attempts included: what :meth:`timeline` draws."""
+        import pandas as pd
+
+        if attempts:
+            spans = self.processing.spans if self.processing else []
+            frame = pd.DataFrame([asdict(s) for s in spans], columns=[f.name for f in dataclasses.fields(Span)])
+        else:
+            frame = pd.DataFrame([asdict(r) for r in self.rows()], columns=[f.name for f in dataclasses.fields(ChunkRow)])
+        for column in ("started", "ended"):
+            frame[column] = pd.to_datetime(frame[column].where(frame[column] > 0), unit="s", utc=True)
+        return frame
+
+    def timeline(self, color: str = "outcome", ax: Any = None, title: str | None = None) -> Figure:
+        """A matplotlib figure of the processing run: one row per worker, one bar per attempt of a chunk
+        from its start to its end, as Dask's task stream shows tasks. ``color``: ``"outcome"`` (computed,
+        failed) or ``"dataset"``. ``ax``: draw into this Axes instead of a new figure. The x axis is seconds
+        from the start of the run's processing; a dashed line marks when the driver had the output.
+        See :func:`casa_executors.timeline.draw`."""
+        from casa_executors.timeline import draw
+
+        if self.processing is None:
+            raise ValueError("the report has no processing run to draw yet")
+        return draw(self.processing, color=color, ax=ax, title=title)
 
     def to_json(self, path: str | None = None) -> str:
         data = {
