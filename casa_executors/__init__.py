@@ -25,14 +25,18 @@ from casa_executors.errors import (
     UntrustedData,
     WorkerLost,
 )
+from casa_executors.live import Progress
+from casa_executors.logs import log_to_stderr
 from casa_executors.report import Report
 
-# engine events are logged (casa_executors.*), silent unless the application configures logging
+# engine events are logged (casa_executors.*), silent unless the application configures logging or calls
+# casa_executors.log_to_stderr()
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailable", "CheckpointMismatch", "ChunkError", "Driver", "ExecutorOptionError",
-    "RemoteError", "Report", "UntrustedData", "WorkerLost", "create", "dask", "futures", "iterative", "parsl",
+    "RemoteError", "Report", "UntrustedData", "WorkerLost", "create", "dask", "futures", "iterative", "log_to_stderr",
+    "parsl", "Progress",
     "spark", "unavailable", "workqueue",
 ]
 

@@ -317,6 +317,7 @@ class Report:
             "served_by": served,
             "merge": dict(p.merge) if p else {},
             "checkpoint": dict(p.checkpoint) if p and p.checkpoint else None,
+            "progress": dict(p.progress) if p and p.progress else None,  # on_progress: calls and their cost
             "failures": [
                 {"file": r.filename, "entries": [r.entrystart, r.entrystop], "attempts": r.attempts,
                  "error_type": r.error_type, "error": r.error}
