@@ -33,9 +33,10 @@ class Progress:
     """What an ``on_progress`` callback receives.
 
     ``output``: the processor's output merged over the ``chunks_in_output`` chunks that have arrived
-    so far (before ``postprocess``; ``None`` until one has). It is a copy the callback may keep or
-    change; its floating-point sums may differ from the final output's in the last bits (it adds in
-    arrival order, the run in its fixed tree). ``chunks_done``: chunks computed or restored from a
+    so far (before ``postprocess``; ``None`` until one has). It is the driver's own copy, kept and added
+    to between calls: read it (plot it, copy it), and what the callback changes in it shows in later
+    calls, never in the run's output. Its floating-point sums may differ from the final output's in the
+    last bits (it adds in arrival order, the run in its fixed tree). ``chunks_done``: chunks computed or restored from a
     checkpoint; ``failed``: chunks given up; ``final``: the run has ended and this is the last call.
     """
 
