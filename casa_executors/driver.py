@@ -200,9 +200,10 @@ class Driver(ExecutorBase):
             finally:
                 phase.wall_s = time.perf_counter() - t0
                 phase.ended = time.time()
-                if run.live is not None:
-                    phase.progress = run.live.info()
                 log.info("%s: %s in %.2f s", name, run.counts_text(), phase.wall_s)
+        if run.live is not None:  # the last call, once the run's clock has stopped: its drawing is not the run's
+            run.progress(final=True)
+            phase.progress = run.live.info()
         if name == "preprocessing":
             self._file_runs.append(run_id)
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
@@ -350,15 +351,14 @@ class _Run:
                 except queue.Empty:
                     self.bar.refresh()
                     self._carry_out(self.state.handle(Tick(time.monotonic())))
-                    self._progress()
+                    self.progress()
                     continue
                 with contextlib.suppress(queue.Empty):  # and whatever else has finished meanwhile
                     while True:
                         keys.append(self.done.get_nowait())
                 events = [Tick(time.monotonic()), *self._workers(), *self._events(keys)]
                 self._carry_out(self.state.handle_all(events))
-                self._progress()
-            self._progress(final=True)
+                self.progress()
         finally:
             self.bar.close()
             for job in self.jobs.values():
@@ -381,7 +381,7 @@ class _Run:
         done, failed = self.counts()
         return f"{done}/{len(self.phase.rows)} done" + (f", {failed} failed" if failed else "")
 
-    def _progress(self, final: bool = False) -> None:
+    def progress(self, final: bool = False) -> None:
         """Call on_progress if it is due (or the run has ended)."""
         live = self.live
         if live is None or not (final or live.due()):
