@@ -13,17 +13,42 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from casa_executors.report import Phase
+    from casa_executors.report import Phase, Span
 
 OUTCOME_COLORS = {"computed": "#4878d0", "failed": "#d65f5f"}
 MAX_LABELLED_WORKERS = 40  # more rows than this: no worker names, only their count
 
 
 def draw(phase: Phase, color: str = "outcome", ax: Axes | None = None, title: str | None = None) -> Figure:
+    """One run (:meth:`Report.timeline`): bars coloured by ``color``, ``"outcome"`` or ``"dataset"``."""
     if color not in ("outcome", "dataset"):
         raise ValueError(f"color must be 'outcome' or 'dataset', got {color!r}")
-    spans = phase.spans
-    workers = _workers_in_order(spans)
+    if color == "outcome":
+        keyed = [("computed" if s.ok else "failed", s) for s in phase.spans]
+    else:
+        keyed = [(phase.rows[s.index].dataset or "(no dataset)", s) for s in phase.spans]
+    return _draw(keyed, phase.started, [phase.ended] if phase.ended else [], color == "outcome", ax,
+                 title if title is not None else _title(phase),
+                 "seconds since processing began (dashed: the output was complete)")
+
+
+def draw_runs(runs: dict[str, Phase], ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Several runs of one executor on one time axis (e.g. a benchmark's queries), a colour per run
+    (its key in ``runs``); failed attempts are hatched. A dashed line marks the end of each run."""
+    phases = [p for p in runs.values() if p is not None]
+    if not phases:
+        raise ValueError("no run to draw")
+    keyed = [(label, s) for label, p in runs.items() if p is not None for s in p.spans]
+    origin = min(p.started for p in phases)
+    backends = ", ".join(dict.fromkeys(p.backend for p in phases))
+    return _draw(keyed, origin, [p.ended for p in phases if p.ended], False, ax,
+                 title if title is not None else f"{backends}: {len(phases)} runs, {len(keyed):,} chunk attempts",
+                 "seconds since the first run's processing began (dashed: a run's output was complete)")
+
+
+def _draw(keyed: list[tuple[str, Span]], origin: float, ends: list[float], by_outcome: bool, ax: Axes | None,
+          title: str, xlabel: str) -> Figure:
+    workers = _workers_in_order([s for _, s in keyed])
     if ax is None:
         from matplotlib.figure import Figure
 
@@ -32,36 +57,36 @@ def draw(phase: Phase, color: str = "outcome", ax: Axes | None = None, title: st
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    origin = phase.started
     row = {w: k for k, w in enumerate(workers)}
-    datasets = [phase.rows[s.index].dataset for s in spans]
-    groups: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
-    for s, dataset in zip(spans, datasets):
-        key = ("failed" if not s.ok else "computed") if color == "outcome" else (dataset or "(no dataset)")
-        groups[(key, row[s.worker])].append((s.started - origin, max(s.ended - s.started, 0.0)))
-    colors = _colors(color, sorted({key for key, _ in groups}))
-    for (key, k), bars in groups.items():
-        # thin white edges: back-to-back chunks of one worker stay apart
-        ax.broken_barh(bars, (k - 0.4, 0.8), facecolors=colors[key], edgecolor="white", linewidth=0.4)
+    groups: dict[tuple[str, bool, int], list[tuple[float, float]]] = defaultdict(list)
+    for key, s in keyed:
+        groups[(key, s.ok, row[s.worker])].append((s.started - origin, max(s.ended - s.started, 0.0)))
+    keys = list(dict.fromkeys(key for key, _ in keyed))
+    colors = _colors(by_outcome, keys)
+    counts: dict[str, int] = defaultdict(int)
+    for (key, ok, k), bars in groups.items():
+        counts[key] += len(bars)
+        # thin white edges: back-to-back chunks of one worker stay apart; a failed attempt of a run is hatched
+        ax.broken_barh(bars, (k - 0.4, 0.8), facecolors=colors[key], edgecolor="white", linewidth=0.4,
+                       hatch=None if ok or by_outcome else "////")
     from matplotlib.patches import Patch
 
-    counts = defaultdict(int)
-    for (key, _), bars in groups.items():
-        counts[key] += len(bars)
-    ax.legend(handles=[Patch(color=colors[k], label=f"{k} ({counts[k]})") for k in colors],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize="small")
-    if phase.ended:
-        ax.axvline(phase.ended - origin, color="0.3", linestyle="--", linewidth=1)
+    handles = [Patch(facecolor=colors[k], label=f"{k} ({counts[k]})") for k in colors]
+    if not by_outcome and any(not s.ok for _, s in keyed):
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="////", label="failed attempt"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize="small")
+    for end in ends:
+        ax.axvline(end - origin, color="0.3", linestyle="--", linewidth=1)
     ax.set_ylim(len(workers) - 0.5, -0.5)  # the first worker to start on top
     if len(workers) <= MAX_LABELLED_WORKERS:
         ax.set_yticks(range(len(workers)), [_short(w) for w in workers], fontsize="small")
     else:
         ax.set_yticks([])
     ax.set_ylabel(f"{len(workers)} workers")
-    ax.set_xlabel("seconds since processing began (dashed: the output was complete)")
+    ax.set_xlabel(xlabel)
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title if title is not None else _title(phase), fontsize="medium")
+    ax.set_title(title, fontsize="medium")
     return fig
 
 
@@ -73,8 +98,8 @@ def _workers_in_order(spans: list[Any]) -> list[str]:
     return sorted(first, key=lambda w: (first[w], w))
 
 
-def _colors(color: str, keys: list[str]) -> dict[str, str]:
-    if color == "outcome":
+def _colors(by_outcome: bool, keys: list[str]) -> dict[str, Any]:
+    if by_outcome:
         return {k: OUTCOME_COLORS[k] for k in ("computed", "failed") if k in keys}
     from matplotlib import colormaps
 

@@ -85,9 +85,26 @@ def test_timeline_draws_one_row_per_worker_and_a_bar_per_attempt(failing_run, tm
     fig.savefig(tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 5000
     by_dataset = report.timeline(color="dataset")
-    assert [t.get_text() for t in by_dataset.axes[0].get_legend().get_texts()] == ["SingleMu (15)"]
+    assert [t.get_text() for t in by_dataset.axes[0].get_legend().get_texts()] == ["SingleMu (15)",
+                                                                                  "failed attempt"]
     with pytest.raises(ValueError, match="color must be"):
         report.timeline(color="rainbow")
+
+
+def test_several_runs_on_one_time_axis(failing_run, sample_files):
+    from casa_executors.timeline import draw_runs
+
+    ex = _executor("iterative")
+    run(ex, sample_files, chunksize=CHUNKSIZE)
+    first, second = failing_run[0].processing, ex.report.processing
+    fig = draw_runs({"futures run": first, "iterative run": second})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["futures run (15)", "iterative run (12)",
+                                                                   "failed attempt"]
+    assert len(ax.get_yticklabels()) == len({s.worker for s in first.spans} | {s.worker for s in second.spans})
+    # the second run starts later on the same axis
+    lefts = [min(x for x, _ in c.get_paths()[0].vertices) for c in ax.collections]
+    assert max(lefts) >= second.started - first.started - 1e-6
 
 
 def test_timeline_needs_a_run():
