@@ -48,17 +48,22 @@ class ChunkRow:
     failovers: tuple[str, ...] = ()
     error_type: str = ""
     error: str = ""
-    started: float = 0.0  # wall clock (time.time() on the worker) when its first attempt began
-    ended: float = 0.0  # and when its last attempt ended
-    peak_rss: int = 0  # the worker process's peak resident memory (bytes) when it ended (task.peak_rss)
-    peak_rss_rise: int = 0  # how much its attempts raised that peak: > 0, this chunk set a new high
+    # its last attempt (the one whose output is in the result, when it is ok): wall clock on the worker
+    # (time.time()) when it began and ended, the worker process's peak resident memory (bytes) when it
+    # ended (task.peak_rss), and how much the attempt raised it (> 0: this chunk set a new high)
+    started: float = 0.0
+    ended: float = 0.0
+    peak_rss: int = 0
+    peak_rss_rise: int = 0
 
 
 @dataclass(slots=True)
 class Span:
-    """One attempt of a row, as it ran on a worker: what :meth:`Report.timeline` draws."""
+    """One attempt of a chunk (a range, with adaptive chunking), as it ran on a worker: what
+    :meth:`Report.timeline` draws. Kept for failed attempts (:attr:`Phase.failed`); a row has its
+    last attempt's (:meth:`Phase.spans`)."""
 
-    index: int  # the row's first leaf (Phase.rows)
+    index: int  # the row (Phase.ranges)
     attempt: int
     worker: str
     host: str
@@ -88,7 +93,8 @@ class Phase:
     runs: list[int] | None = None
     segment: list[int] | None = None
     _next_run: int = 0
-    spans: list[Span] = field(default_factory=list)  # every attempt, in the order they came back
+    # failed attempts (few): the row of a chunk keeps only its last attempt's times; index: its first leaf
+    failed: list[Span] = field(default_factory=list)
     progress: dict[str, Any] = field(default_factory=dict)  # on_progress: calls and their cost (live.py)
 
     @classmethod
@@ -144,6 +150,16 @@ class Phase:
                 return leaves, self._joined(k, leaves)
         raise IndexError(leaf)
 
+    def spans(self) -> list[Span]:
+        """Every attempt that ran, by start: each computed row's last (successful) one, and the failed ones."""
+        rows = self.ranges()
+        out = [Span(r.index, r.attempts, r.worker, r.host, r.started, r.ended, True, r.events, r.peak_rss)
+               for r in rows if r.status == "ok" and r.started]
+        if self.failed:
+            row_of = {leaf: k for k, leaves in enumerate(self.groups()) for leaf in leaves}
+            out += [dataclasses.replace(s, index=row_of[s.index]) for s in self.failed]
+        return sorted(out, key=lambda s: (s.started, s.index))
+
     def range_item(self, leaves: range) -> Any:
         """The work item of a row: what to run again to compute it."""
         return cover(self.items, leaves)
@@ -161,7 +177,7 @@ class Phase:
             endpoints=next((r.endpoints for r in rows if r.endpoints), ()),
             failovers=tuple(f for r in rows for f in r.failovers), error_type=first.error_type, error=first.error,
             started=min((r.started for r in rows if r.started), default=0.0), ended=max(r.ended for r in rows),
-            peak_rss=max(r.peak_rss for r in rows), peak_rss_rise=sum(r.peak_rss_rise for r in rows),
+            peak_rss=max(r.peak_rss for r in rows), peak_rss_rise=max(r.peak_rss_rise for r in rows),
         )
 
 
@@ -206,19 +222,16 @@ class Report:
         if leaves is None:
             leaves = range(result.index, result.index + 1)
         phase.mark(leaves)
-        if result.started:  # else the engine lost the task: no time was measured
-            phase.spans.append(Span(leaves.start, result.attempt, result.worker, result.host, result.started,
-                                    result.ended, result.ok, result.events, result.peak_rss))
+        if result.started and not result.ok:  # (no start: the engine lost the task, nothing was measured)
+            phase.failed.append(Span(leaves.start, result.attempt, result.worker, result.host, result.started,
+                                     result.ended, False, 0, result.peak_rss))
         for n, i in enumerate(leaves):
             row = phase.rows[i]
             row.attempts += 1
             row.worker, row.host = result.worker, result.host
-            if result.started:
-                row.started = min(row.started, result.started) if row.started else result.started
-                row.ended = max(row.ended, result.ended)
-                row.peak_rss = max(row.peak_rss, result.peak_rss)
+            row.started, row.ended = result.started, result.ended
+            row.peak_rss, row.peak_rss_rise = result.peak_rss, result.peak_rss_rise
             if n == 0:
-                row.peak_rss_rise += result.peak_rss_rise
                 row.wall_s += result.wall_s
                 row.cpu_s += result.cpu_s
                 row.bytes_read += result.bytes_read
@@ -331,14 +344,15 @@ class Report:
         timestamps (``NaT`` for a chunk that never ran), taken on the worker with ``time.time()``: they are
         comparable across hosts as far as their clocks agree (NTP: milliseconds). ``peak_rss`` is the
         worker process's peak resident memory in bytes (``getrusage`` ``ru_maxrss``) when the chunk ended;
-        ``peak_rss_rise`` how much the chunk raised it.
+        ``peak_rss_rise`` how much the chunk raised it. These are of the chunk's last attempt (the one
+        whose output is in the result, when it succeeded).
 
-        ``attempts=True``: one row per attempt instead (worker, host, start, end, ok, events, peak_rss),
-        failed attempts included: what :meth:`timeline` draws."""
+        ``attempts=True``: one row per attempt that ran instead (row index, worker, host, start, end, ok,
+        events, peak_rss), failed attempts included: what :meth:`timeline` draws."""
         import pandas as pd
 
         if attempts:
-            spans = self.processing.spans if self.processing else []
+            spans = self.processing.spans() if self.processing else []
             frame = pd.DataFrame([asdict(s) for s in spans], columns=[f.name for f in dataclasses.fields(Span)])
         else:
             frame = pd.DataFrame([asdict(r) for r in self.rows()], columns=[f.name for f in dataclasses.fields(ChunkRow)])

@@ -23,10 +23,12 @@ def draw(phase: Phase, color: str = "outcome", ax: Axes | None = None, title: st
     """One run (:meth:`Report.timeline`): bars coloured by ``color``, ``"outcome"`` or ``"dataset"``."""
     if color not in ("outcome", "dataset"):
         raise ValueError(f"color must be 'outcome' or 'dataset', got {color!r}")
+    spans = phase.spans()
     if color == "outcome":
-        keyed = [("computed" if s.ok else "failed", s) for s in phase.spans]
+        keyed = [("computed" if s.ok else "failed", s) for s in spans]
     else:
-        keyed = [(phase.rows[s.index].dataset or "(no dataset)", s) for s in phase.spans]
+        rows = phase.ranges()
+        keyed = [(rows[s.index].dataset or "(no dataset)", s) for s in spans]
     return _draw(keyed, phase.started, [phase.ended] if phase.ended else [], color == "outcome", ax,
                  title if title is not None else _title(phase),
                  "seconds since processing began (dashed: the output was complete)")
@@ -38,7 +40,7 @@ def draw_runs(runs: dict[str, Phase], ax: Axes | None = None, title: str | None 
     phases = [p for p in runs.values() if p is not None]
     if not phases:
         raise ValueError("no run to draw")
-    keyed = [(label, s) for label, p in runs.items() if p is not None for s in p.spans]
+    keyed = [(label, s) for label, p in runs.items() if p is not None for s in p.spans()]
     origin = min(p.started for p in phases)
     backends = ", ".join(dict.fromkeys(p.backend for p in phases))
     return _draw(keyed, origin, [p.ended for p in phases if p.ended], False, ax,

@@ -45,10 +45,11 @@ def test_rows_have_times_worker_host_and_peak_memory(failing_run, reference):
         assert r.peak_rss > 10 << 20  # a worker that imported coffea holds far more than 10 MB
     retried = [r for r in rows if r.entrystart == 250]
     assert len(retried) == 3 and all(r.attempts == 2 for r in retried)
-    # a retried chunk's start is its first attempt's, its end its last one's
-    spans = [s for s in report.processing.spans if s.index == retried[0].index]
-    assert [s.ok for s in sorted(spans, key=lambda s: s.attempt)] == [False, True]
-    assert retried[0].started == min(s.started for s in spans) and retried[0].ended == max(s.ended for s in spans)
+    # a retried chunk's row has its last (successful) attempt's times; the failed one ran before it
+    spans = sorted((s for s in report.processing.spans() if s.index == retried[0].index), key=lambda s: s.attempt)
+    assert [(s.attempt, s.ok) for s in spans] == [(1, False), (2, True)]
+    assert (retried[0].started, retried[0].ended) == (spans[1].started, spans[1].ended)
+    assert spans[0].ended <= spans[1].started
 
 
 def test_to_pandas(failing_run):
@@ -76,7 +77,7 @@ def test_timeline_draws_one_row_per_worker_and_a_bar_per_attempt(failing_run, tm
     fig = report.timeline()
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
-    workers = sorted({s.worker for s in report.processing.spans})
+    workers = sorted({s.worker for s in report.processing.spans()})
     assert sorted(t.get_text() for t in ax.get_yticklabels()) == sorted(workers)
     bars = sum(len(c.get_paths()) for c in ax.collections)
     assert bars == 15  # 12 chunks, 3 failed attempts
@@ -101,7 +102,7 @@ def test_several_runs_on_one_time_axis(failing_run, sample_files):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["futures run (15)", "iterative run (12)",
                                                                    "failed attempt"]
-    assert len(ax.get_yticklabels()) == len({s.worker for s in first.spans} | {s.worker for s in second.spans})
+    assert len(ax.get_yticklabels()) == len({s.worker for s in first.spans()} | {s.worker for s in second.spans()})
     # the second run starts later on the same axis
     lefts = [min(x for x, _ in c.get_paths()[0].vertices) for c in ax.collections]
     assert max(lefts) >= second.started - first.started - 1e-6
@@ -226,6 +227,35 @@ def test_on_progress_with_retries_counts_each_chunk_once(sample_files, reference
     assert same(out, reference)
     p = last["p"]
     assert p.final and p.chunks_in_output == 12 and p.output["events"].value == 3000
+
+
+def test_on_progress_has_what_a_checkpoint_restored(sample_files, reference, tmp_path):
+    ex = _executor("futures", checkpoint=str(tmp_path / "ck"))
+    with ex:
+        run(ex, sample_files, chunksize=CHUNKSIZE)
+    last = {}
+    again = _executor("futures", checkpoint=str(tmp_path / "ck"), on_progress=lambda p: last.update(p=p),
+                      progress_interval=3600)
+    with again:
+        out = run(again, sample_files, chunksize=CHUNKSIZE)
+    assert same(out, reference) and again.report.summary()["restored"] == 12
+    p = last["p"]
+    assert p.final and p.chunks_in_output == 12 and p.chunks_done == 12
+    assert np.array_equal(p.output["met"].values(flow=True), reference["met"].values(flow=True))
+
+
+def test_on_progress_on_dask_reads_outputs_from_worker_memory(sample_files, reference):
+    from analysis import require_engine
+
+    require_engine("dask")
+    last = {}
+    ex = _executor("dask", workers=2, on_progress=lambda p: last.update(p=p), progress_interval=0)
+    with ex:
+        out = run(ex, sample_files, chunksize=CHUNKSIZE)
+    assert same(out, reference) and ex.report.summary()["merge"]["outputs"] == "engine"
+    p = last["p"]
+    assert p.final and p.chunks_in_output == 12
+    assert np.array_equal(p.output["met"].values(flow=True), reference["met"].values(flow=True))
 
 
 def test_on_progress_errors_are_reported_and_the_run_goes_on(sample_files, reference, caplog):

@@ -68,7 +68,7 @@ def timeline_figure(backend: str, rows: list[Row], out: Path) -> Path:
     worker, a colour per query; the gaps between queries are the benchmark's own work between them."""
     from casa_executors.timeline import draw_runs
 
-    runs = {f"Q{r.query}": r.phase for r in rows if r.backend == backend and r.phase is not None and r.phase.spans}
+    runs = {f"Q{r.query}": r.phase for r in rows if r.backend == backend and r.phase is not None and r.phase.spans()}
     if not runs:
         return out
     fig = draw_runs(runs, title=f"{backend}: the chunks of {len(runs)} ADL queries, one row per worker")
