@@ -403,7 +403,8 @@ class _Run:
             self.bar.events += Report.restore(self.phase, span)
             self.bar.refresh(advance=len(span))
             if self.live is not None:
-                self.live.add(span, lambda key=node_key(level, index): self.placement.peek(key))
+                key = node_key(level, index)
+                self.live.add(span, lambda key=key: self.placement.peek(key))
         return restored
 
     def _close(self) -> None:

@@ -355,7 +355,8 @@ class Report:
             spans = self.processing.spans() if self.processing else []
             frame = pd.DataFrame([asdict(s) for s in spans], columns=[f.name for f in dataclasses.fields(Span)])
         else:
-            frame = pd.DataFrame([asdict(r) for r in self.rows()], columns=[f.name for f in dataclasses.fields(ChunkRow)])
+            frame = pd.DataFrame([asdict(r) for r in self.rows()],
+                                 columns=[f.name for f in dataclasses.fields(ChunkRow)])
         for column in ("started", "ended"):
             frame[column] = pd.to_datetime(frame[column].where(frame[column] > 0), unit="s", utc=True)
         return frame

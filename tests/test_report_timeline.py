@@ -177,7 +177,7 @@ def test_on_progress_sees_the_output_fill(backend, sample_files, reference):
     # the partial output only grows, holds what has arrived, and ends as the full output
     done = [d for d, *_ in seen]
     assert done == sorted(done) and seen[-1][:2] == (12, 12)
-    for _, in_output, met, events, _ in seen:
+    for _, in_output, met, _, _ in seen:
         assert met == in_output * CHUNKSIZE
     assert seen[-1][3] == 3000
     if backend == "iterative":  # every chunk comes back on its own, with progress_interval=0 a call each
