@@ -23,6 +23,8 @@ from casa_executors.errors import (
     UntrustedData,
     WorkerLost,
 )
+from casa_executors.live import Progress
+from casa_executors.logs import log_to_stderr
 from casa_executors.options import FACTORIES, DriverOptions, check_driver_options, factory
 from casa_executors.report import Report
 
@@ -31,13 +33,15 @@ if TYPE_CHECKING:
     from parsl.config import Config
     from pyspark.sql import SparkSession
 
-# engine events are logged (casa_executors.*), silent unless the application configures logging
+# engine events are logged (casa_executors.*), silent unless the application configures logging or calls
+# casa_executors.log_to_stderr()
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailable", "CheckpointMismatch", "ChunkError", "Driver", "DriverOptions",
     "ExecutorOptionError",
-    "RemoteError", "Report", "UntrustedData", "WorkerLost", "create", "dask", "futures", "iterative", "parsl",
+    "Progress", "RemoteError", "Report", "UntrustedData", "WorkerLost", "create", "dask", "futures", "iterative",
+    "log_to_stderr", "parsl",
     "spark", "unavailable", "workqueue",
 ]
 

@@ -21,6 +21,7 @@ engine's memory. The rules only see the outputs' handles and sizes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,7 +47,8 @@ from casa_executors.errors import ExecutorOptionError, WorkerLost, annotate, des
 from casa_executors.heap import old_heap_frozen
 from casa_executors.internals import exception_chain as _exception_chain
 from casa_executors.internals import runner_raises_returned, unwrap_runner_retries
-from casa_executors.merge import Group, MergeFailed, Node
+from casa_executors.live import LiveOutput, ProgressCallback, check_progress_options
+from casa_executors.merge import Group, MergeFailed, Node, node_key
 from casa_executors.options import make_router
 from casa_executors.outputs import EnginePlacement, Lost, StorePlacement, check_merge_option, choose
 from casa_executors.progress import ProgressBar
@@ -114,6 +116,11 @@ class Driver(ExecutorBase):
     # False: no optimisation that rests on coffea/uproot internals (kept TTrees, NanoEvents forms, kept baskets),
     # on the driver and the workers; so does CASA_EXECUTORS_INTERNALS=0 in either's environment (internals.py)
     internals: bool = True
+    # a function called with a casa_executors.Progress (the merged partial output and counts) while the
+    # processing runs, from the driver's thread, at most every progress_interval seconds and once at the end;
+    # off (None) by default: the partial output costs a copy and an extra add per chunk (casa_executors.live)
+    on_progress: ProgressCallback | None = field(default=None, repr=False)
+    progress_interval: float = 1.0
     # the run id of a preprocessing call not yet followed by processing; Runner's copies of this executor
     # share the list, so the processing of the same Runner call reads the files preprocessing opened
     _file_runs: list[str] = field(default_factory=list, repr=False)
@@ -150,6 +157,7 @@ class Driver(ExecutorBase):
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)
+        check_progress_options(self.on_progress, self.progress_interval)
         target = self.target_task_s
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                    or not math.isfinite(target) or target <= 0):
@@ -191,11 +199,17 @@ class Driver(ExecutorBase):
             # begun once the engine is up: an external cluster's size is known only when connected
             phase = self.report.begin(name, self.backend.name, self.backend.workers,
                                       grains.leaves if grains else items, grains)
-            run = _Run(self, phase, work, skipbadfiles, grains, run_id)
+            run = _Run(self, phase, work, skipbadfiles, grains, run_id, from_runner=work is not function)
+            log.info("%s: %d items on %s", name, len(phase.items), self.backend.describe())
             try:
                 merged = run.drive()
             finally:
                 phase.wall_s = time.perf_counter() - t0
+                phase.ended = time.time()
+                log.info("%s: %s in %.2f s", name, run.counts_text(), phase.wall_s)
+        if run.live is not None:  # the last call, once the run's clock has stopped: its drawing is not the run's
+            run.progress(final=True)
+            phase.progress = run.live.info()
         if name == "preprocessing":
             self._file_runs.append(run_id)
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
@@ -268,8 +282,11 @@ class _Run:
     submissions, merges (through the placement), the progress bar and the report."""
 
     def __init__(self, driver: Driver, phase: Phase, work: Any, skipbadfiles: Any,
-                 grains: Grains | None, run_id: str) -> None:
+                 grains: Grains | None, run_id: str, from_runner: bool = False) -> None:
         self.driver, self.phase, self.skipbadfiles = driver, phase, skipbadfiles
+        # on_progress: the partial output of the processing (preprocessing's is file metadata)
+        self.live = (LiveOutput(driver.on_progress, driver.progress_interval, len(phase.items), unwrap=from_runner)
+                     if driver.on_progress is not None and phase.name == "processing" else None)
         self.backend = driver.backend
         n = len(phase.items)
         self.spec = work if self.backend.in_process else cloudpickle.dumps(work)
@@ -340,12 +357,14 @@ class _Run:
                 except queue.Empty:
                     self.bar.refresh()
                     self._carry_out(self.state.handle(Tick(time.monotonic())))
+                    self.progress()
                     continue
                 with contextlib.suppress(queue.Empty):  # and whatever else has finished meanwhile
                     while True:
                         keys.append(self.done.get_nowait())
                 events = [Tick(time.monotonic()), *self._workers(), *self._events(keys)]
                 self._carry_out(self.state.handle_all(events))
+                self.progress()
         finally:
             self.bar.close()
             for job in self.jobs.values():
@@ -357,6 +376,24 @@ class _Run:
                 open_files().close()
             self._close()
         return self.result
+
+    def counts(self) -> tuple[int, int]:
+        """Items done (computed or restored) and failed so far."""
+        rows = self.phase.rows
+        done = sum(1 for r in rows if r.status in DONE)
+        return done, sum(1 for r in rows if r.status == "failed")
+
+    def counts_text(self) -> str:
+        done, failed = self.counts()
+        return f"{done}/{len(self.phase.rows)} done" + (f", {failed} failed" if failed else "")
+
+    def progress(self, final: bool = False) -> None:
+        """Call on_progress if it is due (or the run has ended)."""
+        live = self.live
+        if live is None or not (final or live.due()):
+            return
+        done, failed = self.counts()
+        live.call(done, len(self.phase.rows), failed, self.bar.events, final)
 
     def _workers(self) -> list[WorkersChanged]:
         # adaptive chunking sizes tasks by the workers (asked each time: a cluster grows and shrinks)
@@ -371,6 +408,9 @@ class _Run:
             span = self.state.tree.span(level, index)
             self.bar.events += Report.restore(self.phase, span)
             self.bar.refresh(advance=len(span))
+            if self.live is not None:
+                key = node_key(level, index)
+                self.live.add(span, functools.partial(self.placement.peek, key))
         return restored
 
     def _close(self) -> None:
@@ -420,6 +460,8 @@ class _Run:
                     level, index = 1, r.node
                     self.placement.folded += 1
                 handle = self.placement.leaf(r, job.data, position, level, index)
+                if self.live is not None:
+                    self.live.add(tree.span(level, index), functools.partial(self.placement.peek, handle))
             outcomes.append(Ok(handle, r.output_bytes, r.events, r.wall_s, r.worker, r.node, r.merged))
         return ChunksDone(job.task, tuple(outcomes))
 

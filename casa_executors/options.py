@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ForwardRef, Literal, TypedDict, TypeVar
 from casa_executors.errors import ExecutorOptionError
 
 if TYPE_CHECKING:
+    from casa_executors.live import ProgressCallback
     from casa_executors.xcache.router import CacheRouter
     from casa_executors.xcache.tokens import Token
 
@@ -52,6 +53,8 @@ class DriverOptions(TypedDict, total=False):
     cache_spares: int
     token: Token | str | os.PathLike[str] | Literal[False] | None
     internals: bool
+    on_progress: ProgressCallback | None
+    progress_interval: float
 
 
 # name -> (type as the docs show it, what it does). The order is the docstrings'.
@@ -109,6 +112,13 @@ DRIVER_DOCS: dict[str, tuple[str, str]] = {
                   "False: none of the speed-ups that rest on coffea's or uproot's internals (kept TTrees, "
                   "NanoEvents forms, kept baskets); the same output. ``CASA_EXECUTORS_INTERNALS=0`` in the "
                   "environment of this process or of a worker does the same."),
+    "on_progress": ("callable, optional",
+                    "Called with a ``casa_executors.Progress`` while the processing runs: ``output`` (the "
+                    "processor's output merged over the chunks that have arrived), the counts, and ``final`` on "
+                    "the last call. From the driver's thread, so keep it short; an exception in it is logged and "
+                    "warned about, and the callback is not called again. The run's output is the same with or "
+                    "without it."),
+    "progress_interval": ("float, default 1.0", "At most this many seconds between two ``on_progress`` calls."),
 }
 
 # Driver's fields that are not options: what the factories fill in, what coffea's Runner sets per call, state

@@ -123,6 +123,11 @@ class Placement:
             self.bytes_to_driver += len(result.output)
         return decompress(result.output)
 
+    def peek(self, handle: Any) -> Any:
+        """The output behind a node's handle, read without taking it from the tree (for ``on_progress``,
+        :mod:`casa_executors.live`): the caller must not change it."""
+        return handle
+
     # merges
     def merge_here(self, group: Group, root: bool = False) -> Any:
         """Merge ``group`` in this process; ``root``: it is the tree's top, whose output the run returns."""
@@ -176,6 +181,9 @@ class StorePlacement(Placement):
     def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
         self.output_bytes += result.output_bytes
         return node_key(level, index)  # where the worker wrote it (task._place)
+
+    def peek(self, handle: Any) -> Any:
+        return self.store.read_output(handle)[0] if handle is not None else None  # its tag checked first
 
     def _task(self, group: Group) -> StoredMerge:
         complete = group.complete
@@ -295,6 +303,13 @@ class EnginePlacement(Placement):
     def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
         self.output_bytes += result.output_bytes
         return (data, position)
+
+    def peek(self, handle: Any) -> Any:
+        if handle is None or isinstance(handle, Here):
+            return handle.value if handle is not None else None
+        future, position = handle if isinstance(handle, tuple) else (handle, None)
+        value = future.result()  # a batch's results (a leaf) or a merged node
+        return decompress(value[position].output if position is not None else value)
 
     def merge_call(self, group: Group) -> tuple[Any, Any]:
         self.merge_tasks += 1

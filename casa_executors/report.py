@@ -23,6 +23,9 @@ from casa_executors.adaptive import cover
 from casa_executors.task import ChunkResult
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
     from casa_executors.adaptive import Grains
 
 
@@ -45,6 +48,30 @@ class ChunkRow:
     failovers: tuple[str, ...] = ()
     error_type: str = ""
     error: str = ""
+    # its last attempt (the one whose output is in the result, when it is ok): wall clock on the worker
+    # (time.time()) when it began and ended, the worker process's peak resident memory (bytes) when it
+    # ended (task.peak_rss), and how much the attempt raised it (> 0: this chunk set a new high)
+    started: float = 0.0
+    ended: float = 0.0
+    peak_rss: int = 0
+    peak_rss_rise: int = 0
+
+
+@dataclass(slots=True)
+class Span:
+    """One attempt of a chunk (a range, with adaptive chunking), as it ran on a worker: what
+    :meth:`Report.timeline` draws. Kept for failed attempts (:attr:`Phase.failed`); a row has its
+    last attempt's (:meth:`Phase.spans`)."""
+
+    index: int  # the row (Phase.ranges)
+    attempt: int
+    worker: str
+    host: str
+    started: float
+    ended: float
+    ok: bool
+    events: int = 0
+    peak_rss: int = 0
 
 
 @dataclass
@@ -56,7 +83,8 @@ class Phase:
     workers: int
     items: list[Any]
     rows: list[ChunkRow]
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # wall clock, once the engine is up
+    ended: float = 0.0  # wall clock, when the driver had the output (or gave up)
     wall_s: float = 0.0
     merge: dict[str, Any] = field(default_factory=dict)  # where outputs lived and merged (outputs.py)
     checkpoint: dict[str, Any] | None = None  # location, run key, corrupt files found
@@ -65,6 +93,9 @@ class Phase:
     runs: list[int] | None = None
     segment: list[int] | None = None
     _next_run: int = 0
+    # failed attempts (few): the row of a chunk keeps only its last attempt's times; index: its first leaf
+    failed: list[Span] = field(default_factory=list)
+    progress: dict[str, Any] = field(default_factory=dict)  # on_progress: calls and their cost (live.py)
 
     @classmethod
     def of(cls, name: str, backend: str, workers: int, items: list[Any], grains: Grains | None = None) -> Phase:
@@ -119,6 +150,16 @@ class Phase:
                 return leaves, self._joined(k, leaves)
         raise IndexError(leaf)
 
+    def spans(self) -> list[Span]:
+        """Every attempt that ran, by start: each computed row's last (successful) one, and the failed ones."""
+        rows = self.ranges()
+        out = [Span(r.index, r.attempts, r.worker, r.host, r.started, r.ended, True, r.events, r.peak_rss)
+               for r in rows if r.status == "ok" and r.started]
+        if self.failed:
+            row_of = {leaf: k for k, leaves in enumerate(self.groups()) for leaf in leaves}
+            out += [dataclasses.replace(s, index=row_of[s.index]) for s in self.failed]
+        return sorted(out, key=lambda s: (s.started, s.index))
+
     def range_item(self, leaves: range) -> Any:
         """The work item of a row: what to run again to compute it."""
         return cover(self.items, leaves)
@@ -135,6 +176,8 @@ class Phase:
             events=sum(r.events for r in rows), bytes_read=sum(r.bytes_read for r in rows),
             endpoints=next((r.endpoints for r in rows if r.endpoints), ()),
             failovers=tuple(f for r in rows for f in r.failovers), error_type=first.error_type, error=first.error,
+            started=min((r.started for r in rows if r.started), default=0.0), ended=max(r.ended for r in rows),
+            peak_rss=max(r.peak_rss for r in rows), peak_rss_rise=max(r.peak_rss_rise for r in rows),
         )
 
 
@@ -179,10 +222,15 @@ class Report:
         if leaves is None:
             leaves = range(result.index, result.index + 1)
         phase.mark(leaves)
+        if result.started and not result.ok:  # (no start: the engine lost the task, nothing was measured)
+            phase.failed.append(Span(leaves.start, result.attempt, result.worker, result.host, result.started,
+                                     result.ended, False, 0, result.peak_rss))
         for n, i in enumerate(leaves):
             row = phase.rows[i]
             row.attempts += 1
             row.worker, row.host = result.worker, result.host
+            row.started, row.ended = result.started, result.ended
+            row.peak_rss, row.peak_rss_rise = result.peak_rss, result.peak_rss_rise
             if n == 0:
                 row.wall_s += result.wall_s
                 row.cpu_s += result.cpu_s
@@ -283,12 +331,48 @@ class Report:
             "served_by": served,
             "merge": dict(p.merge) if p else {},
             "checkpoint": dict(p.checkpoint) if p and p.checkpoint else None,
+            "progress": dict(p.progress) if p and p.progress else None,  # on_progress: calls and their cost
             "failures": [
                 {"file": r.filename, "entries": [r.entrystart, r.entrystop], "attempts": r.attempts,
                  "error_type": r.error_type, "error": r.error}
                 for r in self.failures()
             ],
         }
+
+    def to_pandas(self, attempts: bool = False) -> pd.DataFrame:
+        """The processing rows as a DataFrame, one row per chunk (with adaptive chunking: per range that ran
+        as one task), with every :class:`ChunkRow` field as a column. ``started``/``ended`` are UTC
+        timestamps (``NaT`` for a chunk that never ran), taken on the worker with ``time.time()``: they are
+        comparable across hosts as far as their clocks agree (NTP: milliseconds). ``peak_rss`` is the
+        worker process's peak resident memory in bytes (``getrusage`` ``ru_maxrss``) when the chunk ended;
+        ``peak_rss_rise`` how much the chunk raised it. These are of the chunk's last attempt (the one
+        whose output is in the result, when it succeeded).
+
+        ``attempts=True``: one row per attempt that ran instead (row index, worker, host, start, end, ok,
+        events, peak_rss), failed attempts included: what :meth:`timeline` draws."""
+        import pandas as pd
+
+        if attempts:
+            spans = self.processing.spans() if self.processing else []
+            frame = pd.DataFrame([asdict(s) for s in spans], columns=[f.name for f in dataclasses.fields(Span)])
+        else:
+            frame = pd.DataFrame([asdict(r) for r in self.rows()],
+                                 columns=[f.name for f in dataclasses.fields(ChunkRow)])
+        for column in ("started", "ended"):
+            frame[column] = pd.to_datetime(frame[column].where(frame[column] > 0), unit="s", utc=True)
+        return frame
+
+    def timeline(self, color: str = "outcome", ax: Any = None, title: str | None = None) -> Figure:
+        """A matplotlib figure of the processing run: one row per worker, one bar per attempt of a chunk
+        from its start to its end, as Dask's task stream shows tasks. ``color``: ``"outcome"`` (computed,
+        failed) or ``"dataset"``. ``ax``: draw into this Axes instead of a new figure. The x axis is seconds
+        from the start of the run's processing; a dashed line marks when the driver had the output.
+        See :func:`casa_executors.timeline.draw`."""
+        from casa_executors.timeline import draw
+
+        if self.processing is None:
+            raise ValueError("the report has no processing run to draw yet")
+        return draw(self.processing, color=color, ax=ax, title=title)
 
     def to_json(self, path: str | None = None) -> str:
         data = {

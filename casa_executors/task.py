@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import sys
 import time
@@ -131,13 +132,17 @@ class ChunkResult:
     output_bytes: int = 0  # size of the encoded output, wherever it went
     worker: str = ""
     host: str = ""
-    started: float = 0.0
+    started: float = 0.0  # wall clock (time.time(), comparable across hosts) when the chunk began
+    ended: float = 0.0  # and when it ended
     wall_s: float = 0.0
     cpu_s: float = 0.0
     events: int = 0
     bytes_read: int = 0
     endpoints: list[str] = field(default_factory=list)
     failovers: list[str] = field(default_factory=list)
+    # the worker process's peak resident memory (bytes) when the chunk ended, and how much the chunk raised it
+    peak_rss: int = 0
+    peak_rss_rise: int = 0
     node: int | None = None  # the output is node (1, node) of the tree: this task's chunks of it, merged (Fold)
     merged: bool = False  # the output went into the node another result of this batch carries
     merge_error: ErrorInfo | None = None  # the chunks ran, but their outputs could not be added together
@@ -191,6 +196,20 @@ def decompress(payload: Any) -> Any:
     return decode(payload) if isinstance(payload, bytes) else payload
 
 
+# ru_maxrss is in KiB on Linux, in bytes on macOS
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (``getrusage``'s ``ru_maxrss``).
+
+    The high-water mark, not a sample: it sees a spike inside a chunk that a reading of the current
+    RSS at its end (psutil) would miss, it is what a batch system's or Dask nanny's memory limit acts
+    on, and it costs one system call. It only grows over a process's life, so a chunk's own peak
+    shows as the rise it caused (``ChunkResult.peak_rss_rise``); threads of one process share it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+
+
 def _events(item: Any) -> int:
     start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
     return stop - start if start is not None and stop is not None else 0
@@ -201,6 +220,7 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch,
     """Run one task; its output is stored or encoded into the result, or with ``keep`` returned as it is."""
     io = ChunkIO(batch.router)
     result = ChunkResult(task.index, task.attempt, worker=worker_name(), host=socket.gethostname())
+    rss0 = peak_rss()
     result.started = time.time()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     output = None
@@ -217,6 +237,9 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch,
         result.error = ErrorInfo.capture(exc, io.secrets(), live=True)
     result.wall_s = time.perf_counter() - wall0
     result.cpu_s = time.process_time() - cpu0
+    result.ended = result.started + result.wall_s
+    result.peak_rss = peak_rss()
+    result.peak_rss_rise = result.peak_rss - rss0
     result.bytes_read = io.bytes_read
     result.endpoints = io.endpoints
     result.failovers = [redact(f, io.secrets()) for f in io.failovers]
@@ -259,8 +282,10 @@ def run_node(function: Callable[[Any], Any], fold: Fold, tasks: list[ChunkTask],
                 first.node = fold.index
                 for r in results[1:]:
                     r.merged = True
-        first.wall_s += time.perf_counter() - wall0
+        merge_s = time.perf_counter() - wall0
+        first.wall_s += merge_s
         first.cpu_s += time.process_time() - cpu0
+        results[-1].ended += merge_s  # the worker merged right after the last leaf (its time is the first's)
         return results
     for r, output in runs:
         if r.ok:

@@ -55,7 +55,10 @@ def test_run_writes_json_and_plots(sample_root, tmp_path):
     ours = {r["query"]: r for r in runs if r["backend"] == "iterative"}
     assert ours[1]["bytes_read"] > 0
     assert sum(ours[1]["histograms"]["q1"]["counts"]) + ours[1]["histograms"]["q1"]["overflow"] == 1000
-    assert sorted(p.name for p in plots.iterdir()) == ["q1.png", "q6.png", "q8.png", "throughput.png"]
+    # a timeline for our backend (coffea's executors have no report to draw one from)
+    assert sorted(p.name for p in plots.iterdir()) == ["q1.png", "q6.png", "q8.png", "throughput.png",
+                                                       "timeline_iterative.png"]
+    assert (plots / "timeline_iterative.png").stat().st_size > 5000
 
 
 def test_default_dataset_is_generated_once(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ PLOTS = {
     "dask_tls_event_loop.ipynb": 1,
     "adl_q8_backends.ipynb": 2,
     "xcache_bearer_token.ipynb": 1,
+    "watch_a_run.ipynb": 2,  # the histogram filling (one output, updated in place), the timeline
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 JWT = re.compile(r"eyJ[\w-]{10,}\.[\w-]{10,}\.")  # a signed token, as a bearer token looks
@@ -102,6 +103,24 @@ def test_adl_notebook(no_leftover_processes):
         events, wall, rate = int(events.replace(",", "")), float(wall), float(rate.replace(",", ""))
         assert events == 60_000 and check == "ok", rows[name]
         assert events / (wall + 0.005) - 1 <= rate <= events / max(wall - 0.005, 1e-3) + 1, rows[name]
+
+
+def test_watch_notebook(no_leftover_processes):
+    nb = run("watch_a_run.ipynb")
+    (bar,) = bars(nb)
+    assert bar.startswith("Processing [futures(2 workers)]") and "32/32 chunk" in bar
+    out = text(nb)
+    assert "futures: 32/32 chunks, 8000 events" in out
+    # logging switched on with one call: the engine's start and stop, under the cell
+    assert "INFO casa_executors.backends.base: futures(2 workers) started in" in out
+    assert "INFO casa_executors.backends.base: futures stopped in" in out
+    # the callback saw the histogram grow while the run went (16 chunks of at least 0.1 s a worker, calls at
+    # most every 1.0 s: one at least before the end), and the last call had all of it
+    m = re.search(r"on_progress called (\d+) times, with partial outputs of \[([\d, ]+)\] chunks", out)
+    assert m, out
+    counts = [int(x) for x in m.group(2).split(",")]
+    assert int(m.group(1)) == len(counts) >= 2 and counts == sorted(counts) and counts[-1] == 32
+    assert counts[0] < 32
 
 
 def test_xcache_notebook(no_leftover_processes):

@@ -1,5 +1,6 @@
-"""PNG figures of a benchmark run: one per query (its histograms) and a
-throughput bar chart (events/s per backend and query)."""
+"""PNG figures of a benchmark run: one per query (its histograms), a
+throughput bar chart (events/s per backend and query), and per casa_executors
+backend a timeline of its queries' chunks (one row per worker)."""
 
 from __future__ import annotations
 
@@ -62,9 +63,24 @@ def throughput_figure(rows: list[Row], out: Path) -> Path:
     return out
 
 
+def timeline_figure(backend: str, rows: list[Row], out: Path) -> Path:
+    """The chunks of every query one backend ran (its kept run of each), on one time axis: one row per
+    worker, a colour per query; the gaps between queries are the benchmark's own work between them."""
+    from casa_executors.timeline import draw_runs
+
+    runs = {f"Q{r.query}": r.phase for r in rows if r.backend == backend and r.phase is not None and r.phase.spans()}
+    if not runs:
+        return out
+    fig = draw_runs(runs, title=f"{backend}: the chunks of {len(runs)} ADL queries, one row per worker")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def write_plots(rows: list[Row], directory: str) -> list[Path]:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = [query_figure(q, rows, out / f"q{q}.png") for q in sorted({r.query for r in rows})]
     paths.append(throughput_figure(rows, out / "throughput.png"))
+    for backend in dict.fromkeys(r.backend for r in rows if r.phase is not None):
+        paths.append(timeline_figure(backend, rows, out / f"timeline_{backend}.png"))
     return [p for p in paths if p.exists()]

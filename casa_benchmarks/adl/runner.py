@@ -37,6 +37,9 @@ class Row:
     error: str | None = None
     note: str | None = None
     warmup_s: float | None = None  # the engine's fixed costs, paid before the timed runs (warm_up)
+    # casa_executors backends: the report's processing phase of the kept run (its chunks' times, workers), for
+    # the timeline figure (plots.timeline_figure)
+    phase: Any = field(default=None, repr=False, compare=False)
 
     @property
     def events_per_s(self) -> float:
@@ -185,7 +188,8 @@ def run_backend(name: str, files: list[str], cfg: Settings, cache: str | None, m
                     out, wall = _run_query(factory, fileset, q)
                     s = ex.report.summary()
                     tries.append(Row(name, q, int(out["events"]), wall, float(s["cpu_s"]),
-                                     int(s["bytes_read"]), workers, counts_of(out, q)))
+                                     int(s["bytes_read"]), workers, counts_of(out, q),
+                                     phase=ex.report.processing))
                 row = _best(tries)
                 row.warmup_s = warm
             except Exception as exc:  # a failing backend must not stop the others
