@@ -1,0 +1,166 @@
+"""One engine per Runner call: preprocessing and processing share one start.
+
+coffea's Runner calls the executor twice (preprocessing, then processing). An engine the executor
+starts for preprocessing stays up for the processing call, which stops it; if no processing call
+comes, it stops after ``idle_timeout`` seconds. Starts are counted by the engines' own records
+(distributed's scheduler log, Slurm's controller log), and what ran is checked gone by PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from analysis import Analysis, assert_gone, descendants, require_engine, run, same
+from coffea import processor
+from coffea.nanoevents import NanoAODSchema
+
+import casa_executors as ce
+
+
+class SchedulerStarts(logging.Handler):
+    """distributed's own record of each scheduler it starts (one per LocalCluster)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.addresses: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Scheduler at:" in message:
+            self.addresses.append(message.split("Scheduler at:", 1)[1].strip())
+
+    def __enter__(self) -> SchedulerStarts:
+        logger = logging.getLogger("distributed.scheduler")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("distributed.scheduler")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
+class Pids(Analysis):
+    """The analysis, plus the PIDs of the processes that ran its chunks."""
+
+    def process(self, events):
+        out = super().process(events)
+        out["pids"] = {os.getpid()}
+        return out
+
+
+def test_dask_runner_call_starts_one_local_cluster(sample_files, reference, no_leftover_processes):
+    require_engine("dask")
+    ex = ce.dask(workers=2, status=False)
+    with SchedulerStarts() as schedulers:
+        out = run(ex, sample_files, proc=Pids())
+    assert len(schedulers.addresses) == 1, schedulers.addresses  # one LocalCluster for both of Runner's calls
+    assert ex.backend.starts == 1
+    assert ex.report.preprocessing is not None and ex.report.processing is not None
+    assert ex.backend.stopped.is_set() and not ex.backend.idle  # processing stopped what preprocessing started
+    pids = out.pop("pids")
+    assert len(pids) >= 1 and os.getpid() not in pids
+    assert same(out, reference)
+    assert_gone([p for p in map(_process, pids) if p is not None], timeout=10)
+
+
+def test_zero_idle_timeout_stops_after_each_call(sample_files, reference, no_leftover_processes):
+    """idle_timeout=0: every call starts and stops its engine (what a Runner call did before)."""
+    ex = ce.futures(workers=1, idle_timeout=0, status=False)
+    assert same(run(ex, sample_files), reference)
+    assert ex.backend.starts == 2 and ex.backend.stopped.is_set()
+
+
+def test_engine_left_by_preprocessing_stops_after_idle_timeout(sample_files, no_leftover_processes):
+    ex = ce.futures(workers=1, idle_timeout=0.2, status=False)
+    runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=250, metadata_cache={})
+    before = descendants()
+    chunks = list(runner.preprocess({"SingleMu": [str(f) for f in sample_files]}, treename="Events"))
+    assert len(chunks) == 12 and ex.report.preprocessing is not None and ex.report.processing is None
+    workers = list(descendants() - before)
+    # the pool either still waits for a processing call or has just been stopped by the timer
+    assert ex.backend.stopped.wait(timeout=30), "the idle engine was not stopped"
+    assert not ex.backend.idle and ex.backend.starts == 1
+    assert_gone(workers, timeout=10)
+    assert not ex.backend.pids()
+
+
+def test_processing_takes_over_the_engine_and_stops_it(sample_files, reference, no_leftover_processes):
+    """A long idle time: processing finds the engine up, uses it and stops it at its end, not the timer."""
+    ex = ce.futures(workers=1, idle_timeout=600, status=False)
+    runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=250, metadata_cache={})
+    fileset = {"SingleMu": [str(f) for f in sample_files]}
+    chunks = list(runner.preprocess(fileset, treename="Events"))
+    assert ex.backend.idle and not ex.backend.stopped.is_set()
+    pids = ex.backend.pids()
+    assert pids
+    out = runner.run(chunks, processor_instance=Analysis())
+    assert out["exception"] == 0 and same(out["out"], reference)
+    assert ex.backend.starts == 1 and ex.backend.stopped.is_set() and not ex.backend.idle
+    assert_gone([p for p in map(_process, pids) if p is not None], timeout=10)
+
+
+def test_a_held_engine_is_not_left_to_the_timer(sample_files, reference, no_leftover_processes):
+    ex = ce.futures(workers=1, status=False)
+    with ex:
+        assert same(run(ex, sample_files), reference)
+        assert same(run(ex, sample_files), reference)
+        assert not ex.backend.idle and not ex.backend.stopped.is_set()
+    assert ex.backend.starts == 1 and ex.backend.stopped.is_set()
+
+
+def test_a_failed_preprocessing_stops_the_engine_at_once(tmp_path, no_leftover_processes):
+    ex = ce.futures(workers=1, retries=0, idle_timeout=600, status=False)
+    missing = tmp_path / "missing.root"
+    with pytest.raises(Exception):
+        run(ex, [missing])
+    assert ex.backend.starts == 1 and ex.backend.stopped.is_set() and not ex.backend.idle
+
+
+def test_idle_timeout_is_checked():
+    for bad in (-1, float("nan"), "60", True):
+        with pytest.raises(ce.ExecutorOptionError, match="idle_timeout must be a number of seconds >= 0"):
+            ce.futures(idle_timeout=bad)
+
+
+# -- messages name the engine as it is ----------------------------------------------------------------
+
+
+def test_describe_names_the_engine():
+    assert ce.iterative().backend.describe() == "iterative(in this process)"
+    assert ce.futures(workers=1).backend.describe() == "futures(1 worker)"
+    assert ce.futures(workers=2).backend.describe() == "futures(2 workers)"
+
+
+def test_describe_names_a_users_client_and_its_scheduler(no_leftover_processes):
+    require_engine("dask")
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster, set_as_default=False) as client:
+        ex = ce.dask(client=client, status=False)
+        address = cluster.scheduler_address
+        text = ex.backend.describe()
+        assert text == f"dask(1 worker, client of LocalCluster scheduler {address})", text  # asked of the client
+        ex.backend.start()
+        try:
+            assert ex.backend.describe() == f"dask(1 worker, client of LocalCluster scheduler {address})"
+        finally:
+            ex.backend.stop()
+        assert client.status == "running"  # the user's client is theirs: never closed here
+        # a cluster given as cluster=: its class and scheduler, while not started too
+        ex = ce.dask(cluster=cluster, workers=1, status=False)
+        assert ex.backend.describe() == f"dask(no worker yet, LocalCluster at {address})"
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
