@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 from analysis import Analysis, assert_gone, descendants, require_engine, run, same
+from facility import assert_no_jobs
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
 
@@ -164,3 +166,51 @@ def _process(pid: int):
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
+
+
+# -- on a real Slurm: one engine, and no more batch jobs than the processing needs -----------------------
+
+
+def submitted_jobs(slurm) -> set[str]:
+    """Every job id the controller accepted so far (its log; squeue forgets finished jobs)."""
+    text = (slurm.dir / "log" / "slurmctld.log").read_text(errors="replace")
+    return set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", text))
+
+
+def job_of(worker: str) -> str:
+    """``slurm:<job id>/...``: the Slurm job a report row's worker ran in."""
+    assert worker.startswith("slurm:"), worker
+    return worker.split("/", 1)[0][len("slurm:"):]
+
+
+def check_one_engine(slurm, ex, sample_files, reference, most_jobs: int) -> set[str]:
+    before = submitted_jobs(slurm)
+    out = run(ex, sample_files)
+    jobs = submitted_jobs(slurm) - before
+    assert same(out, reference)
+    assert ex.backend.starts == 1 and ex.backend.stopped.is_set() and not ex.backend.idle
+    phases = (ex.report.preprocessing, ex.report.processing)
+    ran_in = {job_of(r.worker) for phase in phases for r in phase.rows}
+    assert ran_in and ran_in <= jobs, (ran_in, jobs)
+    assert 1 <= len(jobs) <= most_jobs, jobs  # preprocessing's jobs served the processing too
+    assert_no_jobs(slurm)
+    return jobs
+
+
+def test_parsl_on_slurm_runner_call_starts_one_engine(slurm, tmp_path, sample_files, reference):
+    require_engine("parsl")
+    from parsl.launchers import SingleNodeLauncher
+    from parsl.providers import SlurmProvider
+
+    provider = SlurmProvider(partition=slurm.partition, exclusive=False, nodes_per_block=1, walltime="00:20:00",
+                             launcher=SingleNodeLauncher(), scheduler_options=f"#SBATCH --chdir={tmp_path}\n")
+    ex = ce.parsl(provider=provider, adapt=(0, 2), host="127.0.0.1", worker_timeout=60, status=False)
+    check_one_engine(slurm, ex, sample_files, reference, most_jobs=2)
+
+
+def test_workqueue_on_slurm_runner_call_starts_one_engine(slurm, sample_files, reference):
+    require_engine("workqueue")
+    # adapt=(1, 2): with a minimum of 0 cctools 9.9's work_queue_factory cannot read our (password-protected)
+    # manager's queue status ("couldn't read queue status") and never submits a worker
+    ex = ce.workqueue(submit="slurm", adapt=(1, 2), worker_timeout=60, status=False)
+    check_one_engine(slurm, ex, sample_files, reference, most_jobs=2)
