@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import traceback
 
 import pytest
 from analysis import Analysis, assert_gone, descendants, require_engine, run, same
@@ -214,3 +215,30 @@ def test_workqueue_on_slurm_runner_call_starts_one_engine(slurm, sample_files, r
     # manager's queue status ("couldn't read queue status") and never submits a worker
     ex = ce.workqueue(submit="slurm", adapt=(1, 2), worker_timeout=60, status=False)
     check_one_engine(slurm, ex, sample_files, reference, most_jobs=2)
+
+
+def test_a_failure_on_a_users_slurm_cluster_names_it(slurm, tmp_path, sample_files):
+    """The message of a failed chunk names the user's SLURMCluster, its scheduler and its adapt bounds."""
+    require_engine("dask")
+    import sys
+
+    from analysis import Failing
+    from dask_jobqueue import SLURMCluster
+
+    cluster = SLURMCluster(
+        cores=1, memory="1GB", processes=1, queue=slurm.partition, python=sys.executable, walltime="00:20:00",
+        job_extra_directives=[f"--chdir={tmp_path}"], worker_extra_args=["--host", "127.0.0.1"], death_timeout=30,
+        scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "allowed_failures": 0})
+    try:
+        address = cluster.scheduler_address
+        ex = ce.dask(cluster=cluster, adapt=(0, 1), retries=0, worker_timeout=60, status=False)
+        assert ex.backend.describe() == f"dask(no worker yet, SLURMCluster at {address}, adapt=(0, 1))"
+        with pytest.raises(Exception, match="planted failure") as err:  # Runner's, from the worker's own
+            run(ex, sample_files[:1], proc=Failing(str(tmp_path / "attempts.log")))
+        notes = "".join(traceback.format_exception(err.value))
+        assert f"on dask(1 worker, SLURMCluster at {address}, adapt=(0, 1))" in notes, notes
+        assert "LocalCluster" not in notes
+        assert ex.backend.starts == 1 and ex.backend.stopped.is_set()
+    finally:
+        cluster.close()
+    assert_no_jobs(slurm)
