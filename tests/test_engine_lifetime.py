@@ -15,9 +15,9 @@ import traceback
 
 import pytest
 from analysis import Analysis, assert_gone, descendants, require_engine, run, same
-from facility import assert_no_jobs
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
+from facility import assert_no_jobs
 
 import casa_executors as ce
 
@@ -119,7 +119,7 @@ def test_a_held_engine_is_not_left_to_the_timer(sample_files, reference, no_left
 def test_a_failed_preprocessing_stops_the_engine_at_once(tmp_path, no_leftover_processes):
     ex = ce.futures(workers=1, retries=0, idle_timeout=600, status=False)
     missing = tmp_path / "missing.root"
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match=r"missing\.root"):
         run(ex, [missing])
     assert ex.backend.starts == 1 and ex.backend.stopped.is_set() and not ex.backend.idle
 
