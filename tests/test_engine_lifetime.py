@@ -20,6 +20,7 @@ from coffea.nanoevents import NanoAODSchema
 from facility import assert_no_jobs
 
 import casa_executors as ce
+from casa_executors.backends.base import REPO
 
 
 class SchedulerStarts(logging.Handler):
@@ -246,3 +247,37 @@ def test_a_failure_on_a_users_slurm_cluster_names_it(slurm, tmp_path, sample_fil
     finally:
         cluster.close()
     assert_no_jobs(slurm)
+
+
+EXIT_SCRIPT = """
+import logging, os, sys
+from coffea import processor
+from coffea.nanoevents import NanoAODSchema
+import casa_executors as ce
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    ex = ce.futures(workers=1, idle_timeout=600, status=False)
+    runner = processor.Runner(executor=ex, schema=NanoAODSchema, chunksize=250, metadata_cache={})
+    chunks = list(runner.preprocess({"d": sys.argv[1:]}, treename="Events"))
+    print("PIDS", *ex.backend.pids(), "IDLE", ex.backend.idle, flush=True)
+"""
+
+
+def test_an_idle_engine_is_stopped_when_the_interpreter_exits(tmp_path, sample_files):
+    """Only preprocessing ran and the idle time is long: the interpreter's exit stops the engine (the atexit
+    hook), it does not wait for the timer."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "only_preprocess.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(script), *map(str, sample_files)], env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PIDS"))
+    pids = [int(x) for x in line.split()[1:-2]]
+    assert pids and line.endswith("IDLE True"), line
+    assert "casa_executors.backends.base: futures stopped in" in proc.stderr, proc.stderr[-2000:]
+    assert_gone([p for p in map(_process, pids) if p is not None], timeout=10)
