@@ -40,7 +40,7 @@ from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase
 
 from casa_executors.adaptive import ADAPTIVE_FANIN, Grains, adaptable
-from casa_executors.backends.base import Backend
+from casa_executors.backends.base import DEFAULT_IDLE_TIMEOUT, Backend
 from casa_executors.backends.iterative import IterativeBackend
 from casa_executors.checkpoint import Checkpoint
 from casa_executors.errors import ExecutorOptionError, WorkerLost, annotate, describe
@@ -121,6 +121,10 @@ class Driver(ExecutorBase):
     # off (None) by default: the partial output costs a copy and an extra add per chunk (casa_executors.live)
     on_progress: ProgressCallback | None = field(default=None, repr=False)
     progress_interval: float = 1.0
+    # seconds an engine started for coffea's preprocessing call stays up for the processing call of the same
+    # Runner call (then stopped when processing ends); if none comes, it stops after this idle time. 0: stop
+    # after each call. An engine the user passed in (client=, cluster=, session=, config=) is never stopped
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     # the run id of a preprocessing call not yet followed by processing; Runner's copies of this executor
     # share the list, so the processing of the same Runner call reads the files preprocessing opened
     _file_runs: list[str] = field(default_factory=list, repr=False)
@@ -154,6 +158,9 @@ class Driver(ExecutorBase):
             raise ExecutorOptionError("give store= or checkpoint=, not both: a checkpoint is where the outputs go")
         if not isinstance(self.internals, bool):
             raise ExecutorOptionError(f"internals must be True or False, got {self.internals!r}")
+        idle = self.idle_timeout
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not math.isfinite(idle) or idle < 0:
+            raise ExecutorOptionError(f"idle_timeout must be a number of seconds >= 0, got {idle!r}")
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)
@@ -189,13 +196,18 @@ class Driver(ExecutorBase):
         name = "preprocessing" if self.desc == "Preprocessing" else "processing"
         run_id = self._file_run(name)
         if not items:
+            if name == "processing":
+                self.backend.end_idle()  # nothing to process: an engine preprocessing left up goes now
             self.report.begin(name, self.backend.name, self.backend.workers, items)
             return accumulator, 0
         grains = None
         if name == "processing" and self.target_task_s is not None and adaptable(items):
             grains = Grains.split(items, self.fanin)  # the leaves of the tree: tasks are its nodes
         t0 = time.perf_counter()
-        with old_heap_frozen(), self.backend.session():  # full GC passes skip the user's heap meanwhile
+        # the engine preprocessing starts stays up for the processing of the same Runner call (Runner calls
+        # this executor twice), which stops it; processing always stops what it owns
+        keep_for = self.idle_timeout if name == "preprocessing" else 0.0
+        with old_heap_frozen(), self.backend.session(keep_for):  # full GC passes skip the user's heap meanwhile
             # begun once the engine is up: an external cluster's size is known only when connected
             phase = self.report.begin(name, self.backend.name, self.backend.workers,
                                       grains.leaves if grains else items, grains)
@@ -212,6 +224,8 @@ class Driver(ExecutorBase):
             phase.progress = run.live.info()
         if name == "preprocessing":
             self._file_runs.append(run_id)
+            if run.abort is not None:  # Runner raises it: no processing call follows to take the engine over
+                self.backend.end_idle()
         if grains is not None and isinstance(merged, dict) and isinstance(merged.get("processed"), set):
             # coffea's list of processed items names the user's items, not the ranges tasks read
             merged["processed"] = grains.processed([r.status in DONE for r in phase.rows])

@@ -55,6 +55,7 @@ class DriverOptions(TypedDict, total=False):
     internals: bool
     on_progress: ProgressCallback | None
     progress_interval: float
+    idle_timeout: float
 
 
 # name -> (type as the docs show it, what it does). The order is the docstrings'.
@@ -119,6 +120,11 @@ DRIVER_DOCS: dict[str, tuple[str, str]] = {
                     "warned about, and the callback is not called again. The run's output is the same with or "
                     "without it."),
     "progress_interval": ("float, default 1.0", "At most this many seconds between two ``on_progress`` calls."),
+    "idle_timeout": ("float, default 60",
+                     "Seconds an engine started for coffea's preprocessing call stays up for the processing call of "
+                     "the same Runner call, which takes it over and stops it when it ends; with no processing call, "
+                     "it stops after this idle time. 0: stop it after each call. An engine you pass in "
+                     "(``client=``, ``cluster=``, ``session=``) is never stopped."),
 }
 
 # Driver's fields that are not options: what the factories fill in, what coffea's Runner sets per call, state

@@ -130,7 +130,8 @@ def test_xcache_notebook(no_leftover_processes):
     assert "permission denied" in out  # no token: refused by the cache and by the origin
     assert re.search(r"\{'xcache:root://127\.0\.0\.1:\d+': 8\}", out)  # with the token: all 8 chunks via the cache
     assert out.count("'state': 'complete'") == 2 and "same histogram with the origin stopped" in out
-    assert [b.split("]")[0] for b in bars(nb)] == ["Processing [futures(2 workers)", "Processing [iterative(1 workers)"]
+    assert [b.split("]")[0] for b in bars(nb)] == ["Processing [futures(2 workers)",
+                                                    "Processing [iterative(in this process)"]
 
 
 @pytest.mark.parametrize("name", sorted(PLOTS))

@@ -7,11 +7,14 @@ hands back a future; the driver does everything else. Subclasses implement
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_DEFAULT_WORKERS = 4
+# seconds an engine started for coffea's preprocessing call stays up waiting for the processing call of the
+# same Runner call (Driver.idle_timeout); Runner makes the second call as soon as it has built the chunks
+DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 def default_workers() -> int:
@@ -57,6 +63,12 @@ class Backend(ABC):
         self._workers = workers
         self._running = False
         self._held = 0  # `with executor:` blocks that keep the engine up
+        self._active = 0  # sessions (executor calls) running now
+        self._life_lock = threading.RLock()  # start, stop and the idle timer's stop, one at a time
+        self._idle: threading.Timer | None = None  # armed while an engine waits for the next call
+        self.starts = 0  # engine starts so far (the log says each, with its time)
+        self.stopped = threading.Event()  # set while the engine is not running: a waiter sees the idle stop
+        self.stopped.set()
 
     # -- what a backend implements --------------------------------------------
     @abstractmethod
@@ -140,7 +152,8 @@ class Backend(ABC):
         return 2 * self.workers
 
     def describe(self) -> str:
-        return f"{self.name}({self.workers} workers)"
+        """The engine as it is, for messages: ``futures(2 workers)``."""
+        return f"{self.name}({plural(self.workers, 'worker')})"
 
     @property
     def workers_local(self) -> bool:
@@ -149,38 +162,123 @@ class Backend(ABC):
 
     # -- lifetime --------------------------------------------------------------
     def start(self) -> None:
-        if not self._running:
-            t0 = time.perf_counter()
-            self._start()
-            self._running = True
-            log.info("%s started in %.1f s", self.describe(), time.perf_counter() - t0)
+        with self._life_lock:
+            if not self._running:
+                t0 = time.perf_counter()
+                self._start()
+                self._running = True
+                self.starts += 1
+                self.stopped.clear()
+                log.info("%s started in %.1f s", self.describe(), time.perf_counter() - t0)
 
     def stop(self) -> None:
-        if self._running:
-            self._running = False
-            t0 = time.perf_counter()
-            self._stop()
-            log.info("%s stopped in %.1f s", self.name, time.perf_counter() - t0)
+        with self._life_lock:
+            self._disarm()
+            if self._running:
+                self._running = False
+                t0 = time.perf_counter()
+                try:
+                    self._stop()
+                finally:
+                    self.stopped.set()
+                log.info("%s stopped in %.1f s", self.name, time.perf_counter() - t0)
 
     def hold(self) -> None:
-        self.start()
-        self._held += 1
+        with self._life_lock:
+            self._disarm()  # an engine left up by a call is the holder's now
+            self.start()
+            self._held += 1
 
     def release(self) -> None:
-        self._held = max(self._held - 1, 0)
-        if self._held == 0:
-            self.stop()
+        with self._life_lock:
+            self._held = max(self._held - 1, 0)
+            if self._held == 0 and self._active == 0:
+                self.stop()
+
+    @property
+    def idle(self) -> bool:
+        """Is the engine up only because a call left it for the next one (the idle timer runs)?"""
+        return self._idle is not None
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Backend]:
-        """The engine for one executor call: started if needed, stopped after unless held."""
-        started_here = not self._running
-        try:
+    def session(self, keep_for: float = 0.0) -> Iterator[Backend]:
+        """The engine for one executor call: started if needed, stopped after unless held.
+
+        ``keep_for`` > 0 (coffea's preprocessing call): an engine this call started stays up for the call
+        that follows (the processing of the same Runner call), and stops by itself if none comes within
+        ``keep_for`` seconds (or when the interpreter exits). A call finding such an engine takes it over.
+        A call that fails stops it at once."""
+        with self._life_lock:
+            owned = self._disarm() or not self._running  # ours to stop: left by a call, or started now
             self.start()
+            self._active += 1
+        ok = False
+        try:
             yield self
+            ok = True
         finally:
-            if started_here and self._held == 0:
+            with self._life_lock:
+                self._active -= 1
+                if owned and self._held == 0 and self._active == 0:
+                    if ok and keep_for > 0:
+                        self._arm(keep_for)
+                    else:
+                        self.stop()
+
+    def end_idle(self) -> None:
+        """Stop an engine a call left up for this one (a processing call with nothing to process)."""
+        with self._life_lock:
+            if self._disarm() and self._held == 0 and self._active == 0:
                 self.stop()
+
+    def _arm(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._idle_over)
+        timer.daemon = True  # the interpreter's exit does not wait for it: _stop_idle_engines stops the engine
+        timer.name = f"casa-executors-idle-{self.name}"
+        self._idle = timer
+        _IDLE.add(self)
+        _register_exit_hook()
+        log.info("%s: kept up for the next call, at most %g s", self.describe(), seconds)
+        timer.start()
+
+    def _disarm(self) -> bool:
+        """Cancel the idle timer; was it armed?"""
+        timer, self._idle = self._idle, None
+        _IDLE.discard(self)
+        if timer is None:
+            return False
+        timer.cancel()
+        return True
+
+    def _idle_over(self) -> None:
+        with self._life_lock:
+            if self._idle is not threading.current_thread():
+                return  # taken over by a call (or stopped) meanwhile
+            log.info("%s: no call came within the idle time; stopping it", self.describe())
+            self.stop()
+
+
+_IDLE: weakref.WeakSet[Backend] = weakref.WeakSet()  # engines waiting for a next call
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Registered on first use, after the engines' libraries registered theirs: atexit runs it before them."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_stop_idle_engines)
+
+
+def _stop_idle_engines() -> None:
+    for backend in list(_IDLE):
+        with contextlib.suppress(Exception):
+            backend.stop()
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def resolved(fn: Callable[[Any], Any], arg: Any) -> Future:

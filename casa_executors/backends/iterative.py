@@ -25,5 +25,8 @@ class IterativeBackend(Backend):
     def max_inflight(self) -> int:
         return 1
 
+    def describe(self) -> str:
+        return "iterative(in this process)"
+
     def batch_size(self, n_chunks: int, phase: str = "processing") -> int:
         return 1  # no per-task cost here: a chunk a task keeps progress and reports per chunk

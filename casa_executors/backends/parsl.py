@@ -36,7 +36,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import REPO, Backend, default_workers
+from casa_executors.backends.base import REPO, Backend, default_workers, plural
 from casa_executors.backends.parsl_provider import PREFETCH_PER_WORKER, FirstWorker, from_provider
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
@@ -353,8 +353,17 @@ class ParslBackend(Backend):
         return all(isinstance(getattr(ex, "provider", None), LocalProvider) for ex in self._template.executors)
 
     def describe(self) -> str:
-        where = type(self._provider).__name__ if self._provider is not None else "config"
-        return f"parsl({self.workers} workers{', ' + where if self._template is not None else ''})"
+        """``parsl(2 workers, local HighThroughputExecutor)``, ``parsl(up to 2 workers, HighThroughputExecutor
+        on SlurmProvider, adapt=(0, 2))``, ``parsl(4 workers, config: ...)``."""
+        if self._template is None:
+            return f"parsl({plural(self.workers, 'worker')}, local HighThroughputExecutor)"
+        adapt = self._first_worker.adapt
+        size = plural(self.workers, "worker")
+        executors = ", ".join(
+            type(ex).__name__ + (f" on {type(ex.provider).__name__}" if getattr(ex, "provider", None) else "")
+            for ex in self._template.executors)
+        source = "" if self._provider is not None else "config: "
+        return f"parsl({'up to ' if adapt else ''}{size}, {source}{executors}{f', adapt={adapt}' if adapt else ''})"
 
 
 def _capacity(executor: Any) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, plural, worker_pythonpath
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError, WorkerLost
 
 if TYPE_CHECKING:
@@ -329,5 +329,11 @@ class SparkBackend(Backend):
         return [p.pid for p in procs.descendants(proc.pid)]
 
     def describe(self) -> str:
-        where = self._master or "session"
-        return f"spark({self.workers} workers, {where})"
+        """``spark(2 workers, local[2])``, ``spark(4 workers, your session on spark://host:7077)``."""
+        where = self._master
+        if where is None:
+            try:
+                where = f"your session on {self._user_session.sparkContext.master}"
+            except Exception:  # a session stopped by its owner
+                where = "your session"
+        return f"spark({plural(self.workers, 'worker')}, {where})"

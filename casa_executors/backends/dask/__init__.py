@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from casa_executors.backends.base import Backend, default_workers
+from casa_executors.backends.base import Backend, default_workers, plural
 from casa_executors.backends.dask.cluster import ManagedCluster, facility
 from casa_executors.backends.dask.pushed import PushedResults
 from casa_executors.backends.dask.security import client_security, cluster_security, make_secrets_dir
@@ -71,6 +71,7 @@ class DaskBackend(Backend):
         self._facility = facility(cluster, gateway, auth, cluster_options, workers, self._adapt,
                                   self._worker_timeout)
         self._managed: ManagedCluster | None = None
+        self._given_cluster, self._gateway = cluster, gateway  # for describe()
         if workers is not None and (client is not None or address is not None):
             raise ExecutorOptionError("dask: workers= starts a LocalCluster; it cannot go with client= or address=")
         if secrets_dir is not None and security is not None:
@@ -295,10 +296,42 @@ class DaskBackend(Backend):
         return dict(self._client.run(os.getpid)) if self._client is not None else {}
 
     def describe(self) -> str:
-        where = self._address or ("client" if self._user_client is not None else "LocalCluster")
-        if self._managed is not None:
-            where = self._managed.label + (f", adapt={self._adapt}" if self._adapt else "")
-        return f"dask({self.workers} workers, {where})"
+        """The engine as it is: ``dask(2 workers, LocalCluster)``, ``dask(2 workers, SLURMCluster at
+        tcp://..., adapt=(0, 2))``, ``dask(3 workers, client of scheduler tcp://...)``."""
+        ours = self._address is None and self._user_client is None and self._facility is None
+        if ours:
+            n = self.workers
+            where = "LocalCluster" + ("" if self._processes else " in this process")
+        else:
+            n = len(self._nthreads()) or self._seen_workers
+            where = self._where()
+        size = plural(n, "worker") if n else "no worker yet"
+        return f"dask({size}, {where}{f', adapt={self._adapt}' if self._adapt else ''})"
+
+    def _where(self) -> str:
+        """An engine we did not start: the cluster's class and scheduler, or the client's scheduler."""
+        if self._gateway is not None:
+            if self._managed is not None and self._managed.label:
+                return self._managed.label  # the gateway cluster's name, once it has one
+            return (f"gateway cluster {self._given_cluster} at {self._gateway}" if self._given_cluster
+                    else f"a new gateway cluster at {self._gateway}")
+        if self._given_cluster is not None:
+            cluster = self._given_cluster
+            try:
+                address = cluster.scheduler_address
+            except Exception:  # a cluster closed by its owner
+                address = None
+            return type(cluster).__name__ + (f" at {address}" if address else "")
+        if self._user_client is not None:
+            client = self._user_client
+            try:
+                address = client.scheduler.address
+            except Exception:
+                address = None
+            cluster = getattr(client, "cluster", None)
+            of = f"{type(cluster).__name__} " if cluster is not None else ""
+            return f"client of {of}scheduler {address}" if address else f"client of {of}scheduler".rstrip()
+        return self._address
 
     @property
     def cluster_name(self) -> str | None:

@@ -42,7 +42,7 @@ class ManagedCluster:
                  owned: bool = False, label: str | None = None) -> None:
         self.cluster, self.workers, self.adapt = cluster, workers, adapt
         self.worker_timeout, self.owned = worker_timeout, owned
-        self.label = label or type(cluster).__name__
+        self.label = label if label is not None else type(cluster).__name__
         self.client: Client | None = None
         self.seen_worker = False
         self._no_worker: BackendUnavailable | None = None

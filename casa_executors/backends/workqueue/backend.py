@@ -59,7 +59,7 @@ from typing import Any
 import cloudpickle
 
 from casa_executors import procs
-from casa_executors.backends.base import Backend, default_workers, worker_pythonpath
+from casa_executors.backends.base import Backend, default_workers, plural, worker_pythonpath
 from casa_executors.backends.scaling import DEFAULT_WORKER_TIMEOUT, check_adapt, check_worker_timeout
 from casa_executors.backends.workqueue.channel import Channel
 from casa_executors.backends.workqueue.discovery import import_work_queue
@@ -459,7 +459,17 @@ class WorkQueueBackend(Backend):
         return self._batch is None and self._port_opt is None
 
     def describe(self) -> str:
-        return f"workqueue({self.workers} workers, port {self._port or self._port_opt or 0}, password)"
+        """``workqueue(2 local workers, port 9123)``, ``workqueue(up to 2 workers, Slurm jobs, adapt=(0, 2),
+        port 9123)``, ``workqueue(3 workers connected, port 9123)`` (workers started elsewhere, port=)."""
+        port = f"port {self._port or self._port_opt or 0}"
+        if self._batch is not None:
+            lo, hi = self._batch.bounds
+            adapt = f", adapt={self._batch.adapt}" if self._batch.adapt else ""
+            size = f"up to {plural(hi, 'worker')}" if lo != hi else plural(hi, "worker")
+            return f"workqueue({size}, {self._batch.kind.capitalize()} jobs{adapt}, {port})"
+        if self._local_count:
+            return f"workqueue({plural(self._local_count, 'local worker')}, {port})"
+        return f"workqueue({plural(self._connected, 'worker')} connected, {port})"
 
 
 def _exited(proc: subprocess.Popen, timeout: float) -> bool:
