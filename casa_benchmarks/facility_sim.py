@@ -57,6 +57,7 @@ What is measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import logging
@@ -75,6 +76,7 @@ import numpy as np
 from casa_benchmarks.chunk_durations import DEFAULT_PATH as DURATIONS_PATH
 from casa_benchmarks.chunk_durations import load as load_durations
 from casa_executors.backends.base import Backend
+from casa_executors.driver import Driver, run_rules
 from casa_executors.outputs import EnginePlacement
 from casa_executors.state import (
     Cancel,
@@ -93,6 +95,7 @@ from casa_executors.state import (
     SubmitMerge,
     TaskFailed,
     Tick,
+    WorkersChanged,
 )
 
 log = logging.getLogger(__name__)
@@ -116,15 +119,18 @@ class Settings:
     round_trip_ms: float = 13.0
     engine_tasks_per_s: float = 0.0  # 0: unlimited
     replace_s: float = 0.0
+    loss_detect_s: float = 5.0
+    priorities: bool = True
     merge_ms: float = 2.0
     output_kb: float = 4.0
     durations: str = "mix"
     retries: int = 3
     fanin: int = 8
     speculate: bool = False
-    speculate_factor: float = 4.0
-    speculate_min_s: float = 0.0
+    speculate_factor: float = 2.0
+    speculate_min_s: float = 0.1
     speculate_after: int = 20
+    speculate_share: float = 0.05
 
     def check(self) -> None:
         if not 1 <= self.workers or not 1 <= self.chunks:
@@ -133,8 +139,10 @@ class Settings:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value}")
-        if self.straggler_factor < 1 or self.join_over < 0 or self.round_trip_ms < 0 or self.replace_s < 0:
-            raise ValueError("--straggler-factor must be >= 1; --join-over, --round-trip-ms, --replace-s >= 0")
+        if (self.straggler_factor < 1 or self.join_over < 0 or self.round_trip_ms < 0 or self.replace_s < 0
+                or self.loss_detect_s < 0):
+            raise ValueError("--straggler-factor must be >= 1; --join-over, --round-trip-ms, --replace-s, "
+                             "--loss-detect-s >= 0")
 
 
 class _SimBackend(Backend):
@@ -147,15 +155,13 @@ class _SimBackend(Backend):
 
 
 def rules_for(s: Settings) -> Rules:
-    """The rules the real driver gives Dask with outputs on the engine, for ``s.workers`` workers."""
+    """The rules the real driver gives Dask with outputs on the engine (``driver.run_rules``), for
+    ``s.workers`` workers; the speculation knobs from ``s``."""
     backend = _SimBackend(s.workers)
-    window = 4 * backend.max_inflight()  # EnginePlacement.window
-    assert EnginePlacement.window(None, backend.max_inflight()) == window  # type: ignore[arg-type]
-    return Rules(retries=s.retries, fanin=s.fanin, batch=backend.batch_size(s.chunks), guided=True,
-                 guided_split=backend.guided_split(s.chunks), window=window,
-                 merges_here=False, tail_here=True, tail_only_small=True,
-                 speculate=s.speculate, speculate_factor=s.speculate_factor, speculate_min_s=s.speculate_min_s,
-                 speculate_after=s.speculate_after)
+    driver = Driver(backend=backend, retries=s.retries, merge_fanin=s.fanin, speculate=s.speculate)
+    rules = run_rules(driver, EnginePlacement(backend, driver.compression), s.chunks)
+    return dataclasses.replace(rules, speculate_factor=s.speculate_factor, speculate_min_s=s.speculate_min_s,
+                               speculate_after=s.speculate_after, speculate_share=s.speculate_share)
 
 
 def chunk_durations(spec: str, n: int, rng: np.random.Generator, path: Path = DURATIONS_PATH) -> array:
@@ -234,6 +240,7 @@ class Facility:
         self.token = [0] * n  # bumped when a worker is lost: its pending FINISH is stale
         self.idle: list[int] = []
         self.queue: deque[int] = deque()
+        self.queue_first: deque[int] = deque()  # tasks sent with a priority (when the engine honours them)
         self.dispatch_free = 0.0
         self.tasks: dict[int, tuple] = {}  # task -> ("c", nodes, folds, work) | ("m", group, work)
         self.started: dict[int, float] = {}
@@ -302,9 +309,9 @@ class Facility:
                     for level, index in ins.nodes:
                         for i in (state.tree.span(level, index) if level else (index,)):
                             work += durations[i]
-                    self.submit(ins.task, ("c", ins.nodes, ins.folds, work))
+                    self.submit(ins.task, ("c", ins.nodes, ins.folds, work), ins.priority)
                 elif kind is SubmitMerge:
-                    self.submit(ins.task, ("m", ins.group, self.s.merge_ms / 1000.0))
+                    self.submit(ins.task, ("m", ins.group, self.s.merge_ms / 1000.0), ins.priority)
                     self.counts["merge_tasks"] += 1
                 elif kind is MergeHere:
                     self.counts["merges_here"] += 1
@@ -325,7 +332,7 @@ class Facility:
                     self.result = ins.root.handle
                     self.makespan = self.now
 
-    def submit(self, task: int, info: tuple) -> None:
+    def submit(self, task: int, info: tuple, priority: int = 0) -> None:
         self.tasks[task] = info
         self.counts["tasks"] += 1
         self.outstanding += 1
@@ -334,14 +341,14 @@ class Facility:
         if self.s.engine_tasks_per_s > 0:
             arrive = max(arrive, self.dispatch_free)
             self.dispatch_free = arrive + 1.0 / self.s.engine_tasks_per_s
-        self.push(arrive, ARRIVE, task)
+        self.push(arrive, ARRIVE, task, priority > 0 and self.s.priorities)
 
     # -- the engine --------------------------------------------------------------------------------
     def start_next(self, w: int) -> bool:
         """Start the next queued task on worker ``w`` (idle and present); False if none waits."""
-        queue = self.queue
-        while queue:
-            task = queue.popleft()
+        queue, first = self.queue, self.queue_first
+        while first or queue:
+            task = (first or queue).popleft()
             if task in self.cancelled:  # never started: gone from the engine
                 self.cancelled.discard(task)
                 self.outstanding -= 1
@@ -375,8 +382,8 @@ class Facility:
             self.wasted_s += ran
         return task
 
-    def report(self, task: int, event: Any) -> None:
-        self.push(self.now + self.half, REPORT, task, event)
+    def report(self, task: int, event: Any, delay: float = 0.0) -> None:
+        self.push(self.now + delay + self.half, REPORT, task, event)
 
     def result_of(self, task: int) -> Any:
         info = self.tasks.pop(task)
@@ -396,8 +403,9 @@ class Facility:
                 outcomes[k] = Ok(None, nbytes=0, merged=True)
         return ChunksDone(task, tuple(outcomes))
 
-    def lost_worker(self, w: int, why: str) -> None:
-        """Worker ``w`` is gone while running a task: the task fails on the engine."""
+    def lost_worker(self, w: int, why: str, detect_s: float = 0.0) -> None:
+        """Worker ``w`` is gone while running a task: the task fails on the engine, which notices
+        ``detect_s`` later."""
         task = self.end_run(w, lost=True)
         self.token[w] += 1
         if task in self.cancelled:
@@ -407,7 +415,7 @@ class Facility:
             return
         info = self.tasks.pop(task)
         event = (MergeTaskFailed(task, why) if info[0] == "m" else TaskFailed(task, ConnectionError(why)))
-        self.report(task, event)
+        self.report(task, event, detect_s)
 
     def set_present(self, w: int, present: bool) -> None:
         self.present[w] = present
@@ -424,7 +432,8 @@ class Facility:
                 self.push(self.leaves[w], LEAVE, w)
         rss_before = psutil.Process().memory_info().rss / 2**20
         self.state = RunState(s.chunks, rules_for(s))
-        self.drive([Tick(0.0)])
+        fed_workers = max(sum(j <= 0.0 for j in self.joins), 1)
+        self.drive([Tick(0.0), WorkersChanged(fed_workers)])
         self.push(DRIVER_TICK_S, TICK)
         last_tick = 0.0
         heap, pop = self.heap, heapq.heappop
@@ -452,8 +461,8 @@ class Facility:
                     self.report(task, self.result_of(task))
                 self.worker_free(w)
             elif kind == ARRIVE:
-                self.queue.append(a)
-                while self.idle and self.queue:
+                (self.queue_first if b else self.queue).append(a)
+                while self.idle and (self.queue or self.queue_first):
                     w = self.idle.pop()
                     if self.present[w] and not self.running[w]:
                         if not self.start_next(w):
@@ -463,7 +472,7 @@ class Facility:
                 if b != self.token[w]:
                     continue
                 self.counts["lost_runs"] += 1
-                self.lost_worker(w, f"worker {w} lost")
+                self.lost_worker(w, f"worker {w} lost", s.loss_detect_s)
                 self.set_present(w, False)
                 self.push(t + s.replace_s, JOIN, w)
             elif kind == JOIN:
@@ -479,7 +488,11 @@ class Facility:
             elif kind == TICK:
                 if t - last_tick >= DRIVER_TICK_S / 2:
                     last_tick = t
-                    self.drive([Tick(t)])
+                    events = [Tick(t)]
+                    if self.n_present != fed_workers and self.n_present:  # the shell asks the engine
+                        fed_workers = self.n_present
+                        events.append(WorkersChanged(fed_workers))
+                    self.drive(events)
                 self.push(t + DRIVER_TICK_S, TICK)
         self.sample()
         sim_wall = time.perf_counter() - wall0
@@ -574,6 +587,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--round-trip-ms", type=float, default=d.round_trip_ms, help="engine round trip per task")
     ap.add_argument("--engine-tasks-per-s", type=float, default=0.0, help="the engine's start rate (0: no limit)")
     ap.add_argument("--replace-s", type=float, default=d.replace_s, help="a lost worker's replacement comes after")
+    ap.add_argument("--loss-detect-s", type=float, default=d.loss_detect_s,
+                    help="the engine notices a lost worker this long after (its heartbeat timeout)")
+    ap.add_argument("--no-priorities", dest="priorities", action="store_false",
+                    help="the engine ignores the priority of retries and duplicates (first in, first out)")
     ap.add_argument("--merge-ms", type=float, default=d.merge_ms)
     ap.add_argument("--output-kb", type=float, default=d.output_kb, help="a chunk output's encoded size")
     ap.add_argument("--durations", default=d.durations, help="Q1, Q6, Q8, mix (of the measured sample) or const:MS")
@@ -583,6 +600,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--speculate-factor", type=float, default=d.speculate_factor)
     ap.add_argument("--speculate-min-s", type=float, default=d.speculate_min_s)
     ap.add_argument("--speculate-after", type=int, default=d.speculate_after)
+    ap.add_argument("--speculate-share", type=float, default=d.speculate_share)
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--plot", help="write a figure (PNG) of busy workers and tasks in flight here")
     return ap
