@@ -2,7 +2,8 @@
 
     python -m casa_benchmarks.facility_sim --workers 10000 --chunks 1000000 --json bench-out/sim.json \\
         [--plot bench-out/sim.png] [--loss-rate 0.01] [--stragglers 0.01] [--straggler-factor 10] \\
-        [--preempt-rate 0.05] [--join-over 60] [--round-trip-ms 13] [--speculate] [--seed 1]
+        [--preempt-rate 0.05] [--join-over 60] [--round-trip-ms 13] [--loss-detect-s 5] [--no-priorities] \\
+        [--speculate] [--seed 1]
 
 A discrete-event simulation (a heap of ``(time, seq, event)``) plays the engine and the workers; every
 decision (what a task carries, how many are in flight, retries, merges and the tail, speculation) is
@@ -13,22 +14,32 @@ The model
       queue starting jobs, an autoscaler). ``--preempt-rate p``: a fraction ``p`` of the workers leave for
       good (pre-emption) at a time drawn uniformly in ``[join, join + T0]``, ``T0`` the no-fault estimate
       ``join_over / 2 + work / workers``; what such a worker runs is lost.
-    * **The engine** queues tasks first in, first out and starts one on each idle worker (one task a worker,
-      as ``threads_per_worker=1``). A task reaches it half a round trip after the driver submitted it, and
+    * **The engine** queues tasks first in, first out, those sent with a priority (retries of lost tasks,
+      duplicates, merges: ``SubmitChunks.priority``) before the others, as Dask's ``priority=`` and Work
+      Queue's ``specify_priority`` do (``--no-priorities``: one queue, as an engine without them), and starts
+      one on each idle worker (one task a worker, as ``threads_per_worker=1``). A cancelled task that has
+      started runs on to its end (as a Dask worker thread does), its result dropped; ``--cancel-stops``:
+      the cancellation stops it half a round trip later and frees its worker (as Work Queue kills it). A task reaches it half a round trip after the driver submitted it, and
       its result reaches the driver half a round trip after it ended (``--round-trip-ms``, default 13: dask's
       here, docs/performance.md). ``--engine-tasks-per-s R``: the engine starts at most ``R`` tasks a second
       (a scheduler's throughput; default unlimited).
     * **Chunks** last a duration drawn (with replacement, seeded) from the per-chunk wall times measured on
       ADL queries (``casa_benchmarks/chunk_durations.json``, ``--durations Q1|Q6|Q8|mix`` or ``const:MS``); a task
       lasts the sum of its chunks. ``--stragglers s``: a fraction ``s`` of task runs take
-      ``--straggler-factor`` times longer. ``--loss-rate l``: the worker of a fraction ``l`` of task runs is
-      lost at a uniform point of the run (the task fails: ``TaskFailed``); a new worker takes its place
-      after ``--replace-s``. Merge tasks last ``--merge-ms``; merges the rules do "here" cost no simulated
+      ``--straggler-factor`` times longer. ``--loss-rate l``: the worker of a fraction ``l`` of task runs
+      (merge tasks too) is lost at a uniform point of the run; a new worker takes its place after
+      ``--replace-s``. The engine notices ``--loss-detect-s`` later (default 5 s: a node that goes silent is
+      found by a heartbeat timeout, not at once; Dask's ``worker-ttl`` default is 300 s, a killed worker
+      process closes its connection at once: ``--loss-detect-s 0``), and the task fails then
+      (``TaskFailed``). A pre-empted worker (``--preempt-rate``) is noticed at once (it closes its connection). Merge tasks last ``--merge-ms``; merges the rules do "here" cost no simulated
       time. Outputs live in a store the workers share (a lost worker loses only what it runs).
-    * **The driver** feeds ``Tick(now)`` and each result as it arrives; ``MergeHere`` is answered at once.
-      The rules are set as the real driver sets them for Dask with outputs on the engine: the batch from
-      ``Backend.batch_size`` (the real method, guided), a window of ``4 x 2 x workers`` tasks
-      (``EnginePlacement.window``), merges on the engine, the tail rule when the outputs are small.
+    * **The driver** feeds ``Tick(now)`` and each result as it arrives, and ``WorkersChanged`` with the
+      workers present at the start and, when it changed, at its 0.25 s ticks (as the real driver asks its
+      backend); ``MergeHere`` is answered at once. The rules are the real driver's for Dask with outputs on
+      the engine (``driver.run_rules``): the batch from ``Backend.batch_size`` (guided), a window of
+      ``4 x 2 x workers`` tasks (``EnginePlacement.window``), merges on the engine, the tail rule when the
+      outputs are small; ``--speculate`` and its knobs as ``Rules`` has them, but ``--speculate-min-s``
+      0.1 s (the driver's 10 s floor is for real tasks, not these of 1-2 s).
 
 Every chunk's output is a bitmask handle; merges check no chunk is in two children and the root must hold
 exactly the chunks not given up: every chunk exactly once in the output or in the failure report.
@@ -101,7 +112,7 @@ from casa_executors.state import (
 log = logging.getLogger(__name__)
 
 # heap event kinds
-ARRIVE, FINISH, LOSE, REPORT, JOIN, LEAVE, TICK = range(7)
+ARRIVE, FINISH, LOSE, REPORT, JOIN, LEAVE, TICK, STOP = range(8)
 DRIVER_TICK_S = 0.25  # the real driver's loop wakes at least this often (driver._Run.drive)
 SERIES_POINTS = 4000  # about this many samples of the time series over the bound
 
@@ -121,6 +132,7 @@ class Settings:
     replace_s: float = 0.0
     loss_detect_s: float = 5.0
     priorities: bool = True
+    cancel_stops: bool = False
     merge_ms: float = 2.0
     output_kb: float = 4.0
     durations: str = "mix"
@@ -244,6 +256,7 @@ class Facility:
         self.dispatch_free = 0.0
         self.tasks: dict[int, tuple] = {}  # task -> ("c", nodes, folds, work) | ("m", group, work)
         self.started: dict[int, float] = {}
+        self.worker_of: dict[int, int] = {}  # running task -> its worker
         self.cancelled: set[int] = set()
         self.outstanding = 0  # submitted, result not at the driver yet (cancelled ones until they end)
         # what is counted
@@ -320,6 +333,8 @@ class Facility:
                 elif kind is Cancel:
                     self.cancelled.add(ins.task)
                     self.counts["cancelled"] += 1
+                    if self.s.cancel_stops and ins.task in self.started:
+                        self.push(self.now + self.half, STOP, ins.task)
                 elif kind is GiveUp:
                     if ins.index in self.given_up:
                         raise AssertionError(f"chunk {ins.index} given up twice")
@@ -361,6 +376,7 @@ class Facility:
                 self.counts["straggler_runs"] += 1
             self.running[w] = task
             self.started[task] = self.now
+            self.worker_of[task] = w
             self.busy += 1
             if self.s.loss_rate and self.rand() < self.s.loss_rate:
                 self.push(self.now + self.rand() * duration, LOSE, w, self.token[w])
@@ -378,6 +394,7 @@ class Facility:
         self.running[w] = 0
         self.busy -= 1
         ran = self.now - self.started.pop(task)
+        del self.worker_of[task]
         if lost or task in self.cancelled:
             self.wasted_s += ran
         return task
@@ -475,6 +492,15 @@ class Facility:
                 self.lost_worker(w, f"worker {w} lost", s.loss_detect_s)
                 self.set_present(w, False)
                 self.push(t + s.replace_s, JOIN, w)
+            elif kind == STOP:  # a cancelled copy is stopped on its worker (--cancel-stops)
+                w = self.worker_of.get(a)
+                if w is not None and a in self.cancelled:
+                    self.end_run(w, lost=False)
+                    self.token[w] += 1
+                    self.cancelled.discard(a)
+                    self.outstanding -= 1
+                    del self.tasks[a]
+                    self.worker_free(w)
             elif kind == JOIN:
                 self.set_present(a, True)
                 self.worker_free(a)
@@ -589,6 +615,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replace-s", type=float, default=d.replace_s, help="a lost worker's replacement comes after")
     ap.add_argument("--loss-detect-s", type=float, default=d.loss_detect_s,
                     help="the engine notices a lost worker this long after (its heartbeat timeout)")
+    ap.add_argument("--cancel-stops", action="store_true",
+                    help="cancelling a running task frees its worker (Work Queue) instead of running on (Dask)")
     ap.add_argument("--no-priorities", dest="priorities", action="store_false",
                     help="the engine ignores the priority of retries and duplicates (first in, first out)")
     ap.add_argument("--merge-ms", type=float, default=d.merge_ms)

@@ -23,7 +23,7 @@ Events (frozen dataclasses)
     :class:`MergedHere` (group, handle), :class:`OutputsLost` (nodes, why).
 
 Instructions (frozen dataclasses)
-    :class:`SubmitChunks` (task, nodes, folds), :class:`SubmitMerge` (task, group),
+    :class:`SubmitChunks` (task, nodes, folds, priority), :class:`SubmitMerge` (task, group, priority),
     :class:`MergeHere` (group), :class:`Cancel` (task), :class:`Requeue` (chunk),
     :class:`GiveUp` (chunk, error, reason, skipped), :class:`Finish` (root).
 
@@ -38,7 +38,14 @@ The rules
     * **Retries.** A chunk is attempted at most ``retries + 1`` times; a failed
       one goes to the back of the queue (``retry_at_once``: to the front, as
       coffea's iterative executor). An engine-level failure (lost worker) counts
-      as an attempt of each chunk of the task.
+      as an attempt of each chunk of the task, and its chunks go to the front.
+      A task carrying a chunk that failed or was lost before is sent with
+      ``priority=1``, as are merge tasks and duplicates: an engine that honours
+      priorities (Dask, Work Queue) runs them before the queued chunk tasks.
+    * **Where tasks are.** The engine says when a task ends, not when it starts:
+      once :class:`WorkersChanged` has said how many workers there are, tasks are
+      presumed to start first in, first out (priority first), one a worker;
+      before that, when they are submitted. Speculation dates tasks from that.
     * **Giving up.** A chunk out of attempts is given up: ``skipped`` when the
       ``skippable`` predicate accepts its error (``skipbadfiles``), else the run
       *aborts*: no more retries, waiting chunks are given up as ``not_run``, and
@@ -53,13 +60,24 @@ The rules
     * **Lost outputs.** A node whose output is gone sends the chunks below it back
       to the queue (at the front), except what the checkpoint holds below it;
       a chunk whose output is lost more than ``retries + 1`` times is given up.
-    * **Speculation** (``speculate``). When nothing waits and a slot is free, a
-      chunk task running longer than ``speculate_factor`` times the median of the
-      finished tasks of its size (and longer than ``speculate_min_s``) gets a
-      duplicate with the same nodes. The first copy to finish wins and the other is
-      cancelled (its result, if it still comes, is ignored), so every node enters
-      the tree once; an engine-level failure of one copy while the other runs is
-      dropped. A task and its duplicate count as one attempt.
+    * **Speculation** (``speculate``). The expected length of a task is its chunks
+      times the median seconds a chunk took in finished tasks (from their presumed
+      start, once ``speculate_after`` have finished, not updated once nothing
+      waits: the last tasks out are the slow ones). A chunk task running longer
+      than ``speculate_factor`` x (its chunks + 2) x that (and longer than
+      ``speculate_min_s``) gets a duplicate with the same nodes, at once, while
+      chunks still wait: at most ``speculate_share`` of the workers' worth of tasks
+      have copies then (when nothing waits, as many as the window has room for).
+      A copy of a task that straggled already gets a further copy after once (its
+      chunks + 2) x the median, up to four copies. Merge tasks likewise, against
+      the median merge. When nothing waits and presumed workers are idle, a task
+      past its expected length gets a copy (MapReduce's backup tasks). With
+      speculation and the guided split, a task takes at most 1/((2 x factor + 1) x
+      workers) of the chunks left, so that a straggler caught late in the run, and
+      a copy that straggles too, end about with the run. The first copy to finish
+      wins and the others are cancelled (a result that still comes is ignored), so
+      every node enters the tree once; an engine-level failure of one copy while
+      another runs is dropped. A task and its copies count as one attempt.
     * **The end.** When the root is in, :class:`Finish`; if fetching it fails, the
       shell reports the root lost and the chunks run again.
 """
