@@ -724,3 +724,33 @@ def test_workers_changed_widens_the_window():
     assert len(shell.tasks) == 2
     out = shell.feed(WorkersChanged(4, window=5))
     assert len(of(SubmitChunks, out)) == 3 and shell.state.workers == 4
+
+
+# -- the driver's shell ---------------------------------------------------------------------------------
+
+
+def test_the_driver_with_speculation_on_a_process_pool_gives_iteratives_output(sample_files, monkeypatch):
+    """Driver(speculate=True), outputs merged here: the rules speculate, get the pool's workers
+    (WorkersChanged) and date tasks from their presumed start; the output and the report are those of
+    iterative."""
+    from analysis import run, same
+
+    import casa_executors as ce
+    import casa_executors.driver as driver_module
+    from casa_executors.backends.futures import FuturesBackend
+
+    states: list[RunState] = []
+
+    class Kept(RunState):  # the real rules, kept to look at after the run
+        def __init__(self, *args, **kw) -> None:
+            super().__init__(*args, **kw)
+            states.append(self)
+
+    monkeypatch.setattr(driver_module, "RunState", Kept)
+    ex = driver_module.Driver(backend=FuturesBackend(workers=2), status=False, speculate=True, merge="driver")
+    out = run(ex, sample_files, chunksize=20)
+    processing = states[-1]
+    assert same(out, run(ce.iterative(status=False), sample_files, chunksize=20))
+    assert processing.rules.speculate and processing.workers == 2 and processing._workers_known
+    s = ex.report.summary()
+    assert s["processed"] == s["chunks"] == 150 and len(ex.report.processing.rows) == 150
