@@ -2,7 +2,8 @@
 
     python -m casa_benchmarks.facility_sim --workers 10000 --chunks 1000000 --json bench-out/sim.json \\
         [--plot bench-out/sim.png] [--loss-rate 0.01] [--stragglers 0.01] [--straggler-factor 10] \\
-        [--preempt-rate 0.05] [--join-over 60] [--round-trip-ms 13] [--speculate] [--seed 1]
+        [--preempt-rate 0.05] [--join-over 60] [--round-trip-ms 13] [--loss-detect-s 5] [--no-priorities] \\
+        [--speculate] [--seed 1]
 
 A discrete-event simulation (a heap of ``(time, seq, event)``) plays the engine and the workers; every
 decision (what a task carries, how many are in flight, retries, merges and the tail, speculation) is
@@ -13,22 +14,32 @@ The model
       queue starting jobs, an autoscaler). ``--preempt-rate p``: a fraction ``p`` of the workers leave for
       good (pre-emption) at a time drawn uniformly in ``[join, join + T0]``, ``T0`` the no-fault estimate
       ``join_over / 2 + work / workers``; what such a worker runs is lost.
-    * **The engine** queues tasks first in, first out and starts one on each idle worker (one task a worker,
-      as ``threads_per_worker=1``). A task reaches it half a round trip after the driver submitted it, and
+    * **The engine** queues tasks first in, first out, those sent with a priority (retries of lost tasks,
+      duplicates, merges: ``SubmitChunks.priority``) before the others, as Dask's ``priority=`` and Work
+      Queue's ``specify_priority`` do (``--no-priorities``: one queue, as an engine without them), and starts
+      one on each idle worker (one task a worker, as ``threads_per_worker=1``). A cancelled task that has
+      started runs on to its end (as a Dask worker thread does), its result dropped; ``--cancel-stops``:
+      the cancellation stops it half a round trip later and frees its worker (as Work Queue kills it). A task reaches it half a round trip after the driver submitted it, and
       its result reaches the driver half a round trip after it ended (``--round-trip-ms``, default 13: dask's
       here, docs/performance.md). ``--engine-tasks-per-s R``: the engine starts at most ``R`` tasks a second
       (a scheduler's throughput; default unlimited).
     * **Chunks** last a duration drawn (with replacement, seeded) from the per-chunk wall times measured on
       ADL queries (``casa_benchmarks/chunk_durations.json``, ``--durations Q1|Q6|Q8|mix`` or ``const:MS``); a task
       lasts the sum of its chunks. ``--stragglers s``: a fraction ``s`` of task runs take
-      ``--straggler-factor`` times longer. ``--loss-rate l``: the worker of a fraction ``l`` of task runs is
-      lost at a uniform point of the run (the task fails: ``TaskFailed``); a new worker takes its place
-      after ``--replace-s``. Merge tasks last ``--merge-ms``; merges the rules do "here" cost no simulated
+      ``--straggler-factor`` times longer. ``--loss-rate l``: the worker of a fraction ``l`` of task runs
+      (merge tasks too) is lost at a uniform point of the run; a new worker takes its place after
+      ``--replace-s``. The engine notices ``--loss-detect-s`` later (default 5 s: a node that goes silent is
+      found by a heartbeat timeout, not at once; Dask's ``worker-ttl`` default is 300 s, a killed worker
+      process closes its connection at once: ``--loss-detect-s 0``), and the task fails then
+      (``TaskFailed``). A pre-empted worker (``--preempt-rate``) is noticed at once (it closes its connection). Merge tasks last ``--merge-ms``; merges the rules do "here" cost no simulated
       time. Outputs live in a store the workers share (a lost worker loses only what it runs).
-    * **The driver** feeds ``Tick(now)`` and each result as it arrives; ``MergeHere`` is answered at once.
-      The rules are set as the real driver sets them for Dask with outputs on the engine: the batch from
-      ``Backend.batch_size`` (the real method, guided), a window of ``4 x 2 x workers`` tasks
-      (``EnginePlacement.window``), merges on the engine, the tail rule when the outputs are small.
+    * **The driver** feeds ``Tick(now)`` and each result as it arrives, and ``WorkersChanged`` with the
+      workers present at the start and, when it changed, at its 0.25 s ticks (as the real driver asks its
+      backend); ``MergeHere`` is answered at once. The rules are the real driver's for Dask with outputs on
+      the engine (``driver.run_rules``): the batch from ``Backend.batch_size`` (guided), a window of
+      ``4 x 2 x workers`` tasks (``EnginePlacement.window``), merges on the engine, the tail rule when the
+      outputs are small; ``--speculate`` and its knobs as ``Rules`` has them, but ``--speculate-min-s``
+      0.1 s (the driver's 10 s floor is for real tasks, not these of 1-2 s).
 
 Every chunk's output is a bitmask handle; merges check no chunk is in two children and the root must hold
 exactly the chunks not given up: every chunk exactly once in the output or in the failure report.
@@ -57,6 +68,7 @@ What is measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import logging
@@ -75,6 +87,7 @@ import numpy as np
 from casa_benchmarks.chunk_durations import DEFAULT_PATH as DURATIONS_PATH
 from casa_benchmarks.chunk_durations import load as load_durations
 from casa_executors.backends.base import Backend
+from casa_executors.driver import Driver, run_rules
 from casa_executors.outputs import EnginePlacement
 from casa_executors.state import (
     Cancel,
@@ -93,12 +106,13 @@ from casa_executors.state import (
     SubmitMerge,
     TaskFailed,
     Tick,
+    WorkersChanged,
 )
 
 log = logging.getLogger(__name__)
 
 # heap event kinds
-ARRIVE, FINISH, LOSE, REPORT, JOIN, LEAVE, TICK = range(7)
+ARRIVE, FINISH, LOSE, REPORT, JOIN, LEAVE, TICK, STOP = range(8)
 DRIVER_TICK_S = 0.25  # the real driver's loop wakes at least this often (driver._Run.drive)
 SERIES_POINTS = 4000  # about this many samples of the time series over the bound
 
@@ -116,15 +130,19 @@ class Settings:
     round_trip_ms: float = 13.0
     engine_tasks_per_s: float = 0.0  # 0: unlimited
     replace_s: float = 0.0
+    loss_detect_s: float = 5.0
+    priorities: bool = True
+    cancel_stops: bool = False
     merge_ms: float = 2.0
     output_kb: float = 4.0
     durations: str = "mix"
     retries: int = 3
     fanin: int = 8
     speculate: bool = False
-    speculate_factor: float = 4.0
-    speculate_min_s: float = 0.0
+    speculate_factor: float = 2.0
+    speculate_min_s: float = 0.1
     speculate_after: int = 20
+    speculate_share: float = 0.05
 
     def check(self) -> None:
         if not 1 <= self.workers or not 1 <= self.chunks:
@@ -133,8 +151,10 @@ class Settings:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value}")
-        if self.straggler_factor < 1 or self.join_over < 0 or self.round_trip_ms < 0 or self.replace_s < 0:
-            raise ValueError("--straggler-factor must be >= 1; --join-over, --round-trip-ms, --replace-s >= 0")
+        if (self.straggler_factor < 1 or self.join_over < 0 or self.round_trip_ms < 0 or self.replace_s < 0
+                or self.loss_detect_s < 0):
+            raise ValueError("--straggler-factor must be >= 1; --join-over, --round-trip-ms, --replace-s, "
+                             "--loss-detect-s >= 0")
 
 
 class _SimBackend(Backend):
@@ -147,15 +167,13 @@ class _SimBackend(Backend):
 
 
 def rules_for(s: Settings) -> Rules:
-    """The rules the real driver gives Dask with outputs on the engine, for ``s.workers`` workers."""
+    """The rules the real driver gives Dask with outputs on the engine (``driver.run_rules``), for
+    ``s.workers`` workers; the speculation knobs from ``s``."""
     backend = _SimBackend(s.workers)
-    window = 4 * backend.max_inflight()  # EnginePlacement.window
-    assert EnginePlacement.window(None, backend.max_inflight()) == window  # type: ignore[arg-type]
-    return Rules(retries=s.retries, fanin=s.fanin, batch=backend.batch_size(s.chunks), guided=True,
-                 guided_split=backend.guided_split(s.chunks), window=window,
-                 merges_here=False, tail_here=True, tail_only_small=True,
-                 speculate=s.speculate, speculate_factor=s.speculate_factor, speculate_min_s=s.speculate_min_s,
-                 speculate_after=s.speculate_after)
+    driver = Driver(backend=backend, retries=s.retries, merge_fanin=s.fanin, speculate=s.speculate)
+    rules = run_rules(driver, EnginePlacement(backend, driver.compression), s.chunks)
+    return dataclasses.replace(rules, speculate_factor=s.speculate_factor, speculate_min_s=s.speculate_min_s,
+                               speculate_after=s.speculate_after, speculate_share=s.speculate_share)
 
 
 def chunk_durations(spec: str, n: int, rng: np.random.Generator, path: Path = DURATIONS_PATH) -> array:
@@ -234,9 +252,11 @@ class Facility:
         self.token = [0] * n  # bumped when a worker is lost: its pending FINISH is stale
         self.idle: list[int] = []
         self.queue: deque[int] = deque()
+        self.queue_first: deque[int] = deque()  # tasks sent with a priority (when the engine honours them)
         self.dispatch_free = 0.0
         self.tasks: dict[int, tuple] = {}  # task -> ("c", nodes, folds, work) | ("m", group, work)
         self.started: dict[int, float] = {}
+        self.worker_of: dict[int, int] = {}  # running task -> its worker
         self.cancelled: set[int] = set()
         self.outstanding = 0  # submitted, result not at the driver yet (cancelled ones until they end)
         # what is counted
@@ -302,9 +322,9 @@ class Facility:
                     for level, index in ins.nodes:
                         for i in (state.tree.span(level, index) if level else (index,)):
                             work += durations[i]
-                    self.submit(ins.task, ("c", ins.nodes, ins.folds, work))
+                    self.submit(ins.task, ("c", ins.nodes, ins.folds, work), ins.priority)
                 elif kind is SubmitMerge:
-                    self.submit(ins.task, ("m", ins.group, self.s.merge_ms / 1000.0))
+                    self.submit(ins.task, ("m", ins.group, self.s.merge_ms / 1000.0), ins.priority)
                     self.counts["merge_tasks"] += 1
                 elif kind is MergeHere:
                     self.counts["merges_here"] += 1
@@ -313,6 +333,8 @@ class Facility:
                 elif kind is Cancel:
                     self.cancelled.add(ins.task)
                     self.counts["cancelled"] += 1
+                    if self.s.cancel_stops and ins.task in self.started:
+                        self.push(self.now + self.half, STOP, ins.task)
                 elif kind is GiveUp:
                     if ins.index in self.given_up:
                         raise AssertionError(f"chunk {ins.index} given up twice")
@@ -325,7 +347,7 @@ class Facility:
                     self.result = ins.root.handle
                     self.makespan = self.now
 
-    def submit(self, task: int, info: tuple) -> None:
+    def submit(self, task: int, info: tuple, priority: int = 0) -> None:
         self.tasks[task] = info
         self.counts["tasks"] += 1
         self.outstanding += 1
@@ -334,14 +356,14 @@ class Facility:
         if self.s.engine_tasks_per_s > 0:
             arrive = max(arrive, self.dispatch_free)
             self.dispatch_free = arrive + 1.0 / self.s.engine_tasks_per_s
-        self.push(arrive, ARRIVE, task)
+        self.push(arrive, ARRIVE, task, priority > 0 and self.s.priorities)
 
     # -- the engine --------------------------------------------------------------------------------
     def start_next(self, w: int) -> bool:
         """Start the next queued task on worker ``w`` (idle and present); False if none waits."""
-        queue = self.queue
-        while queue:
-            task = queue.popleft()
+        queue, first = self.queue, self.queue_first
+        while first or queue:
+            task = (first or queue).popleft()
             if task in self.cancelled:  # never started: gone from the engine
                 self.cancelled.discard(task)
                 self.outstanding -= 1
@@ -354,6 +376,7 @@ class Facility:
                 self.counts["straggler_runs"] += 1
             self.running[w] = task
             self.started[task] = self.now
+            self.worker_of[task] = w
             self.busy += 1
             if self.s.loss_rate and self.rand() < self.s.loss_rate:
                 self.push(self.now + self.rand() * duration, LOSE, w, self.token[w])
@@ -371,12 +394,13 @@ class Facility:
         self.running[w] = 0
         self.busy -= 1
         ran = self.now - self.started.pop(task)
+        del self.worker_of[task]
         if lost or task in self.cancelled:
             self.wasted_s += ran
         return task
 
-    def report(self, task: int, event: Any) -> None:
-        self.push(self.now + self.half, REPORT, task, event)
+    def report(self, task: int, event: Any, delay: float = 0.0) -> None:
+        self.push(self.now + delay + self.half, REPORT, task, event)
 
     def result_of(self, task: int) -> Any:
         info = self.tasks.pop(task)
@@ -396,8 +420,9 @@ class Facility:
                 outcomes[k] = Ok(None, nbytes=0, merged=True)
         return ChunksDone(task, tuple(outcomes))
 
-    def lost_worker(self, w: int, why: str) -> None:
-        """Worker ``w`` is gone while running a task: the task fails on the engine."""
+    def lost_worker(self, w: int, why: str, detect_s: float = 0.0) -> None:
+        """Worker ``w`` is gone while running a task: the task fails on the engine, which notices
+        ``detect_s`` later."""
         task = self.end_run(w, lost=True)
         self.token[w] += 1
         if task in self.cancelled:
@@ -407,7 +432,7 @@ class Facility:
             return
         info = self.tasks.pop(task)
         event = (MergeTaskFailed(task, why) if info[0] == "m" else TaskFailed(task, ConnectionError(why)))
-        self.report(task, event)
+        self.report(task, event, detect_s)
 
     def set_present(self, w: int, present: bool) -> None:
         self.present[w] = present
@@ -424,7 +449,8 @@ class Facility:
                 self.push(self.leaves[w], LEAVE, w)
         rss_before = psutil.Process().memory_info().rss / 2**20
         self.state = RunState(s.chunks, rules_for(s))
-        self.drive([Tick(0.0)])
+        fed_workers = max(sum(j <= 0.0 for j in self.joins), 1)
+        self.drive([Tick(0.0), WorkersChanged(fed_workers)])
         self.push(DRIVER_TICK_S, TICK)
         last_tick = 0.0
         heap, pop = self.heap, heapq.heappop
@@ -452,8 +478,8 @@ class Facility:
                     self.report(task, self.result_of(task))
                 self.worker_free(w)
             elif kind == ARRIVE:
-                self.queue.append(a)
-                while self.idle and self.queue:
+                (self.queue_first if b else self.queue).append(a)
+                while self.idle and (self.queue or self.queue_first):
                     w = self.idle.pop()
                     if self.present[w] and not self.running[w]:
                         if not self.start_next(w):
@@ -463,9 +489,18 @@ class Facility:
                 if b != self.token[w]:
                     continue
                 self.counts["lost_runs"] += 1
-                self.lost_worker(w, f"worker {w} lost")
+                self.lost_worker(w, f"worker {w} lost", s.loss_detect_s)
                 self.set_present(w, False)
                 self.push(t + s.replace_s, JOIN, w)
+            elif kind == STOP:  # a cancelled copy is stopped on its worker (--cancel-stops)
+                w = self.worker_of.get(a)
+                if w is not None and a in self.cancelled:
+                    self.end_run(w, lost=False)
+                    self.token[w] += 1
+                    self.cancelled.discard(a)
+                    self.outstanding -= 1
+                    del self.tasks[a]
+                    self.worker_free(w)
             elif kind == JOIN:
                 self.set_present(a, True)
                 self.worker_free(a)
@@ -479,7 +514,11 @@ class Facility:
             elif kind == TICK:
                 if t - last_tick >= DRIVER_TICK_S / 2:
                     last_tick = t
-                    self.drive([Tick(t)])
+                    events = [Tick(t)]
+                    if self.n_present != fed_workers and self.n_present:  # the shell asks the engine
+                        fed_workers = self.n_present
+                        events.append(WorkersChanged(fed_workers))
+                    self.drive(events)
                 self.push(t + DRIVER_TICK_S, TICK)
         self.sample()
         sim_wall = time.perf_counter() - wall0
@@ -574,6 +613,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--round-trip-ms", type=float, default=d.round_trip_ms, help="engine round trip per task")
     ap.add_argument("--engine-tasks-per-s", type=float, default=0.0, help="the engine's start rate (0: no limit)")
     ap.add_argument("--replace-s", type=float, default=d.replace_s, help="a lost worker's replacement comes after")
+    ap.add_argument("--loss-detect-s", type=float, default=d.loss_detect_s,
+                    help="the engine notices a lost worker this long after (its heartbeat timeout)")
+    ap.add_argument("--cancel-stops", action="store_true",
+                    help="cancelling a running task frees its worker (Work Queue) instead of running on (Dask)")
+    ap.add_argument("--no-priorities", dest="priorities", action="store_false",
+                    help="the engine ignores the priority of retries and duplicates (first in, first out)")
     ap.add_argument("--merge-ms", type=float, default=d.merge_ms)
     ap.add_argument("--output-kb", type=float, default=d.output_kb, help="a chunk output's encoded size")
     ap.add_argument("--durations", default=d.durations, help="Q1, Q6, Q8, mix (of the measured sample) or const:MS")
@@ -583,6 +628,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--speculate-factor", type=float, default=d.speculate_factor)
     ap.add_argument("--speculate-min-s", type=float, default=d.speculate_min_s)
     ap.add_argument("--speculate-after", type=int, default=d.speculate_after)
+    ap.add_argument("--speculate-share", type=float, default=d.speculate_share)
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--plot", help="write a figure (PNG) of busy workers and tasks in flight here")
     return ap

@@ -52,7 +52,7 @@ def measure(chunks: int, window: int, fanin: int, batch: int, speculate: bool) -
             kind = type(ins)
             if kind is SubmitChunks:
                 running.append(ins)
-                if speculate and ins.task % 100 == 7 and ins.task not in held and len(held) < 50:
+                if speculate and ins.task % 100 == 7 and not ins.priority and ins.task not in held and len(held) < 50:
                     held.add(ins.task)
             elif kind is SubmitMerge:
                 running.append(ins)

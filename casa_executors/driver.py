@@ -113,6 +113,9 @@ class Driver(ExecutorBase):
     store: str | None = None  # where workers put outputs to merge them (a folder or URL they all reach)
     merge: str = "auto"  # "workers": merge on the engine (or fail), "driver": in this process
     target_task_s: float | None = None  # adaptive chunking: tasks of about this many seconds (adaptive.py)
+    # duplicate stragglers (state.Rules.speculate): the first copy back wins, the others are cancelled and their
+    # results dropped; not for backends in this process, nor with a store or checkpoint (copies write one key)
+    speculate: bool = False
     # False: no optimisation that rests on coffea/uproot internals (kept TTrees, NanoEvents forms, kept baskets),
     # on the driver and the workers; so does CASA_EXECUTORS_INTERNALS=0 in either's environment (internals.py)
     internals: bool = True
@@ -161,6 +164,8 @@ class Driver(ExecutorBase):
         idle = self.idle_timeout
         if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not math.isfinite(idle) or idle < 0:
             raise ExecutorOptionError(f"idle_timeout must be a number of seconds >= 0, got {idle!r}")
+        if not isinstance(self.speculate, bool):
+            raise ExecutorOptionError(f"speculate must be True or False, got {self.speculate!r}")
         if not isinstance(self.checkpoint_restart, bool):
             raise ExecutorOptionError(f"checkpoint_restart must be True or False, got {self.checkpoint_restart!r}")
         check_merge_option(self.merge)
@@ -310,6 +315,7 @@ class _Run:
             self.checkpoint = Checkpoint(driver.checkpoint, restart=driver.checkpoint_restart)
             self.checkpoint.open(phase.items, work, driver.fanin)
         self.grains = grains
+        self._workers_asked = -math.inf
         self.jobs: dict[int, _ChunkJob | _MergeJob] = {}  # by task id
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.abort: tuple[int, BaseException] | None = None
@@ -332,26 +338,7 @@ class _Run:
             raise
 
     def _rules(self, n: int) -> Rules:
-        driver, backend, placement = self.driver, self.backend, self.placement
-        # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise;
-        # else the backend's batch shrinks with the work left (guided self-scheduling; asked once: an external
-        # cluster's size is a call)
-        batch = driver.chunks_per_task or (1 if self.grains else backend.batch_size(n, self.phase.name))
-        engine = isinstance(placement, EnginePlacement)
-        return Rules(
-            retries=driver.retries, fanin=driver.fanin, batch=batch,
-            guided=not driver.chunks_per_task and not self.grains,
-            guided_split=None if driver.chunks_per_task or self.grains else backend.guided_split(n),
-            window=placement.window(max(backend.max_inflight(), 1)),
-            retry_at_once=backend.in_process,
-            merges_here=placement.merges_here,
-            tail_here=placement.tail_allowed if isinstance(placement, EnginePlacement) else placement.tail_here,
-            # an engine keeps outputs as objects with compression=None: their sizes are unknown
-            tail_bytes=None if engine and placement.compression is None else placement.tail_bytes,
-            tail_only_small=engine,
-            merge_fallback_here=placement.name == "store",  # the store still has a failed merge's children
-            target_task_s=driver.target_task_s,
-        )
+        return run_rules(self.driver, self.placement, n, self.phase.name, adaptive=self.grains is not None)
 
     @property
     def attempts(self) -> list[int]:
@@ -410,8 +397,13 @@ class _Run:
         live.call(done, len(self.phase.rows), failed, self.bar.events, final)
 
     def _workers(self) -> list[WorkersChanged]:
-        # adaptive chunking sizes tasks by the workers (asked each time: a cluster grows and shrinks)
-        return [WorkersChanged(self.backend.workers)] if self.grains else []
+        # adaptive chunking sizes tasks by the workers (asked each time: a cluster grows and shrinks);
+        # speculation presumes when tasks start from them (asked at most once a second: it may be a call)
+        if self.grains is None:
+            if not self.state.rules.speculate or time.monotonic() < self._workers_asked + 1.0:
+                return []
+            self._workers_asked = time.monotonic()
+        return [WorkersChanged(self.backend.workers)]
 
     # -- the start and the end ---------------------------------------------------------
     def _begin(self, checkpoint: Checkpoint) -> list[tuple[int, int]]:
@@ -444,10 +436,18 @@ class _Run:
         """The events of finished tasks (chunk tasks first, their results in one collect)."""
         jobs = [job for job in map(self.jobs.pop, keys, itertools.repeat(None)) if job is not None]
         chunks = [job for job in jobs if isinstance(job, _ChunkJob)]
-        events = [self._chunks_event(job, value)
-                  for job, value in zip(chunks, self.placement.collect([job.future for job in chunks]))]
-        return [e for e in events if e is not None] + [self._merge_event(job) for job in jobs
-                                                       if isinstance(job, _MergeJob)]
+        events: list[Any] = []
+        won: set[int] = set()  # copies (speculation) of a task whose result is in this batch already
+        for job, value in zip(chunks, self.placement.collect([job.future for job in chunks])):
+            copies = self.state.copies(job.task)
+            if won.intersection(copies):
+                continue  # the rules cancel it when they see the other copy's result
+            event = self._chunks_event(job, value)
+            if event is not None:
+                events.append(event)
+                if copies and type(event) is ChunksDone:
+                    won.add(job.task)
+        return events + [self._merge_event(job) for job in jobs if isinstance(job, _MergeJob)]
 
     def _chunks_event(self, job: _ChunkJob, value: Any) -> Any:
         nodes = self.state.task_nodes(job.task)
@@ -671,6 +671,33 @@ class _Run:
         ]
         return annotate(exc, notes, partial_output=partial, item=item, attempts=self.attempts[index],
                         worker=row.worker, host=row.host, phase=self.phase.name, report=self.driver.report)
+
+
+def run_rules(driver: Driver, placement: Any, n: int, phase: str = "processing", adaptive: bool = False) -> Rules:
+    """The rules of a run of ``n`` items with ``driver``'s options on its backend and ``placement`` (also what
+    ``casa_benchmarks.facility_sim`` simulates). ``adaptive``: tasks are planned (adaptive chunking)."""
+    backend = driver.backend
+    # planned tasks are already the size they should be: one a task unless chunks_per_task says otherwise;
+    # else the backend's batch shrinks with the work left (guided self-scheduling; asked once: an external
+    # cluster's size is a call)
+    batch = driver.chunks_per_task or (1 if adaptive else backend.batch_size(n, phase))
+    engine = isinstance(placement, EnginePlacement)
+    return Rules(
+        retries=driver.retries, fanin=driver.fanin, batch=batch,
+        guided=not driver.chunks_per_task and not adaptive,
+        guided_split=None if driver.chunks_per_task or adaptive else backend.guided_split(n),
+        window=placement.window(max(backend.max_inflight(), 1)),
+        retry_at_once=backend.in_process,
+        merges_here=placement.merges_here,
+        tail_here=placement.tail_allowed if engine else placement.tail_here,
+        # an engine keeps outputs as objects with compression=None: their sizes are unknown
+        tail_bytes=None if engine and placement.compression is None else placement.tail_bytes,
+        tail_only_small=engine,
+        merge_fallback_here=placement.name == "store",  # the store still has a failed merge's children
+        target_task_s=driver.target_task_s,
+        # copies of a task would write the same key in a store; in this process they would run one after the other
+        speculate=driver.speculate and not backend.in_process and placement.name in ("engine", "driver"),
+    )
 
 
 def _place(item: Any) -> str:

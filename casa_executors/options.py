@@ -56,6 +56,7 @@ class DriverOptions(TypedDict, total=False):
     on_progress: ProgressCallback | None
     progress_interval: float
     idle_timeout: float
+    speculate: bool
 
 
 # name -> (type as the docs show it, what it does). The order is the docstrings'.
@@ -120,6 +121,11 @@ DRIVER_DOCS: dict[str, tuple[str, str]] = {
                     "warned about, and the callback is not called again. The run's output is the same with or "
                     "without it."),
     "progress_interval": ("float, default 1.0", "At most this many seconds between two ``on_progress`` calls."),
+    "speculate": ("bool, default False",
+                  "Start a copy of a task that runs much longer than its chunks should take (a straggler) on another "
+                  "worker while chunks still wait, as MapReduce and Spark do; the first copy back wins and the "
+                  "others are cancelled, so every chunk is in the output once. Only on engines outside this "
+                  "process, with outputs not in a store or checkpoint."),
     "idle_timeout": ("float, default 60",
                      "Seconds an engine started for coffea's preprocessing call stays up for the processing call of "
                      "the same Runner call, which takes it over and stops it when it ends; with no processing call, "

@@ -23,7 +23,7 @@ Events (frozen dataclasses)
     :class:`MergedHere` (group, handle), :class:`OutputsLost` (nodes, why).
 
 Instructions (frozen dataclasses)
-    :class:`SubmitChunks` (task, nodes, folds), :class:`SubmitMerge` (task, group),
+    :class:`SubmitChunks` (task, nodes, folds, priority), :class:`SubmitMerge` (task, group, priority),
     :class:`MergeHere` (group), :class:`Cancel` (task), :class:`Requeue` (chunk),
     :class:`GiveUp` (chunk, error, reason, skipped), :class:`Finish` (root).
 
@@ -38,7 +38,14 @@ The rules
     * **Retries.** A chunk is attempted at most ``retries + 1`` times; a failed
       one goes to the back of the queue (``retry_at_once``: to the front, as
       coffea's iterative executor). An engine-level failure (lost worker) counts
-      as an attempt of each chunk of the task.
+      as an attempt of each chunk of the task, and its chunks go to the front.
+      A task carrying a chunk that failed or was lost before is sent with
+      ``priority=1``, as are merge tasks and duplicates: an engine that honours
+      priorities (Dask, Work Queue) runs them before the queued chunk tasks.
+    * **Where tasks are.** The engine says when a task ends, not when it starts:
+      once :class:`WorkersChanged` has said how many workers there are, tasks are
+      presumed to start first in, first out (priority first), one a worker;
+      before that, when they are submitted. Speculation dates tasks from that.
     * **Giving up.** A chunk out of attempts is given up: ``skipped`` when the
       ``skippable`` predicate accepts its error (``skipbadfiles``), else the run
       *aborts*: no more retries, waiting chunks are given up as ``not_run``, and
@@ -53,19 +60,31 @@ The rules
     * **Lost outputs.** A node whose output is gone sends the chunks below it back
       to the queue (at the front), except what the checkpoint holds below it;
       a chunk whose output is lost more than ``retries + 1`` times is given up.
-    * **Speculation** (``speculate``). When nothing waits and a slot is free, a
-      chunk task running longer than ``speculate_factor`` times the median of the
-      finished tasks of its size (and longer than ``speculate_min_s``) gets a
-      duplicate with the same nodes. The first copy to finish wins and the other is
-      cancelled (its result, if it still comes, is ignored), so every node enters
-      the tree once; an engine-level failure of one copy while the other runs is
-      dropped. A task and its duplicate count as one attempt.
+    * **Speculation** (``speculate``). The expected length of a task is its chunks
+      times the median seconds a chunk took in finished tasks (from their presumed
+      start, once ``speculate_after`` have finished, not updated once nothing
+      waits: the last tasks out are the slow ones). A chunk task running longer
+      than ``speculate_factor`` x (its chunks + 2) x that (and longer than
+      ``speculate_min_s``) gets a duplicate with the same nodes, at once, while
+      chunks still wait: at most ``speculate_share`` of the workers' worth of tasks
+      have copies then (when nothing waits, as many as the window has room for).
+      A copy of a task that straggled already gets a further copy after once (its
+      chunks + 2) x the median, up to four copies. Merge tasks likewise, against
+      the median merge. When nothing waits and presumed workers are idle, a task
+      past its expected length gets a copy (MapReduce's backup tasks). With
+      speculation and the guided split, a task takes at most 1/((2 x factor + 1) x
+      workers) of the chunks left, so that a straggler caught late in the run, and
+      a copy that straggles too, end about with the run. The first copy to finish
+      wins and the others are cancelled (a result that still comes is ignored), so
+      every node enters the tree once; an engine-level failure of one copy while
+      another runs is dropped. A task and its copies count as one attempt.
     * **The end.** When the root is in, :class:`Finish`; if fetching it fails, the
       shell reports the root lost and the chunks run again.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -200,6 +219,7 @@ class SubmitChunks:
     task: int
     nodes: tuple[NodeId, ...]
     folds: tuple[tuple[int, int, int], ...] = ()
+    priority: int = 0  # 1: a retry of a lost task or a duplicate of a straggler; an engine may run it first
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +228,7 @@ class SubmitMerge:
 
     task: int
     group: Group
+    priority: int = 1  # merges go first: they free what their children hold, and they are short
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,14 +311,17 @@ class Rules:
     merge_fallback_here: bool = False
     target_task_s: float | None = None  # adaptive chunking (with grains)
     speculate: bool = False
-    speculate_factor: float = 4.0
-    speculate_min_s: float = 10.0
-    speculate_after: int = 20  # finished tasks of a size before its median counts
+    speculate_factor: float = 2.0  # a task running this many times its expected length is a straggler
+    speculate_min_s: float = 10.0  # ... and longer than this
+    speculate_after: int = 20  # finished tasks before their seconds per chunk count
+    speculate_share: float = 0.05  # duplicates in flight while chunks wait: at most this share of the workers
 
 
 # chunk states
 WAITING, RUNNING, DONE, RESTORED, FAILED = range(5)
-_DURATION_SAMPLES = 128  # per task size, the most recent: the median follows the run
+_DURATION_SAMPLES = 128  # the most recent: the median follows the run
+SLACK_CHUNKS = 2  # a task may run speculate_factor x (its chunks + this) x the seconds a chunk takes
+MAX_COPIES = 4  # of a task in flight at once: the original and three duplicates
 
 
 class _Queue:
@@ -339,16 +363,16 @@ class _Queue:
 class _Task:
     """A chunk task in flight."""
 
-    __slots__ = ("folds", "leaves", "nodes", "started", "twin")
+    __slots__ = ("copies", "folds", "leaves", "nodes", "started")
 
-    def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int,
-                 started: float) -> None:
-        self.nodes, self.folds, self.leaves, self.started = nodes, folds, leaves, started
-        self.twin: int | None = None  # the other copy, while a duplicate runs
+    def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int) -> None:
+        self.nodes, self.folds, self.leaves = nodes, folds, leaves
+        self.started: float | None = None  # presumed (see RunState._presume_starts); None: still queued
+        self.copies: list[int] | None = None  # every copy in flight (shared by them), while duplicates run
 
 
 class _Durations:
-    """Recent durations of finished tasks of one size, and their median (recomputed now and then)."""
+    """Recent seconds per chunk of finished tasks, and their median (recomputed now and then)."""
 
     __slots__ = ("count", "median", "samples")
 
@@ -408,8 +432,20 @@ class RunState:
         self._merge_tasks: dict[int, Group] = {}
         self._here = 0  # MergeHere given, not answered yet
         self._next_task = 0
-        self._durations: dict[int, _Durations] = {}  # task size (leaves) -> finished tasks' durations
-        self._ages: dict[int, dict[int, float]] = {}  # task size -> {task: started}, oldest first, not duplicated
+        # where tasks are, presumed (the engine starts them first in, first out, priority first, one a worker)
+        self._workers_known = False  # no WorkersChanged yet: every task is presumed started when submitted
+        self._queued: deque[int] = deque()  # tasks presumed queued at the engine, in the order it starts them
+        self._queued_first: deque[int] = deque()  # the same, with priority
+        self._busy = 0  # tasks presumed running (chunk and merge tasks)
+        self._merges_started: dict[int, float] = {}  # merge task -> presumed start
+        # stragglers
+        self._rate = _Durations()  # seconds per chunk of finished chunk tasks, from their presumed start
+        self._merge_rate = _Durations()  # seconds a merge task lasts
+        self._merge_copies: dict[int, list[int]] = {}  # merge task -> every copy in flight (shared by them)
+        self._watch: list[tuple[float, int]] = []  # heap (when it is a straggler, task) of running tasks
+        self._watch_idle: list[tuple[float, int]] = []  # heap (when it is late, task): for idle workers
+        self._unwatched: list[int] = []  # started before the rate counted
+        self._pairs = 0  # tasks with a duplicate in flight
         self._started = False
         self._out: list[Instruction] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -446,10 +482,15 @@ class RunState:
         t = self._chunk_tasks.get(task)
         return t.nodes if t is not None else None
 
+    def copies(self, task: int) -> list[int]:
+        """The copies in flight of chunk task ``task`` (itself included; empty when it has none)."""
+        t = self._chunk_tasks.get(task)
+        return list(t.copies) if t is not None and t.copies is not None else []
+
     def duplicated(self, task: int) -> bool:
         """Does a duplicate of chunk task ``task`` (or the task it duplicates) run?"""
         t = self._chunk_tasks.get(task)
-        return t is not None and t.twin is not None
+        return t is not None and t.copies is not None
 
     def attempt(self, level: int, index: int) -> int:
         """The attempt number a task computing node (level, index) makes (1 the first time)."""
@@ -461,6 +502,7 @@ class RunState:
 
     def _workers_changed(self, e: WorkersChanged) -> None:
         self.workers = max(e.workers, 1)
+        self._workers_known = True
         if e.window is not None:
             self.window = max(e.window, 1)
 
@@ -482,11 +524,16 @@ class RunState:
             return  # cancelled: its duplicate won
         if len(e.outcomes) != len(task.nodes):
             raise ValueError(f"task {e.task} computes {len(task.nodes)} nodes, {len(e.outcomes)} outcomes came")
-        if task.twin is not None:
-            self._chunk_tasks.pop(task.twin, None)
-            self._out.append(Cancel(task.twin))
-        if self.rules.speculate:
-            self._finished_task(e.task, task)
+        self._ended(task)
+        if task.copies is not None:
+            for key in task.copies:
+                if key != e.task:
+                    self._ended(self._chunk_tasks.pop(key))
+                    self._out.append(Cancel(key))
+            self._pairs -= 1
+        if self.rules.speculate and task.started is not None and (self.todo or self._rate.count < 64):
+            # once nothing waits, the tasks still out are the slow ones: the rate stays as it was
+            self._rate_add((self.now - task.started) / task.leaves)
         for (level, index), outcome in zip(task.nodes, e.outcomes):
             self._outcome(level, index, outcome)
 
@@ -494,21 +541,50 @@ class RunState:
         task = self._chunk_tasks.pop(e.task, None)
         if task is None:
             return
-        if self.rules.speculate:
-            self._ages[task.leaves].pop(e.task, None)
-        if task.twin is not None:  # the other copy goes on: this one is as if never sent
-            self._chunk_tasks[task.twin].twin = None
+        self._ended(task)
+        if task.copies is not None:  # the other copies go on: this one is as if never sent
+            task.copies.remove(e.task)
+            if len(task.copies) == 1:
+                self._chunk_tasks[task.copies[0]].copies = None
+                self._pairs -= 1
             return
-        failed = Failed(e.error)
+        failed, first = Failed(e.error), []
         for level, index in task.nodes:
-            self._outcome(level, index, failed)
+            self._outcome(level, index, failed, first)
+        for i in reversed(first):  # a lost worker, not the chunks' fault: they go first, in order
+            self.todo.appendleft(i)
 
     def _merge_done(self, e: MergeDone) -> None:
-        group = self._merge_tasks.pop(e.task)
+        group = self._merge_tasks.pop(e.task, None)
+        if group is None:
+            return  # cancelled: its duplicate won
+        started = self._merge_ended(e.task)
+        if self.rules.speculate and started is not None and (self.todo or self._merge_rate.count < 64):
+            self._merge_rate.add(self.now - started)
+            if self._merge_rate.count == self.rules.speculate_after:
+                self._watch_unwatched()
+        copies = self._merge_copies.pop(e.task, None)
+        if copies is not None:
+            for key in copies:
+                if key != e.task:
+                    del self._merge_copies[key], self._merge_tasks[key]
+                    self._merge_ended(key)
+                    self._out.append(Cancel(key))
+            self._pairs -= 1
         self._put(Node(group.level, group.index, e.handle, group.complete))
 
     def _merge_failed(self, e: MergeTaskFailed) -> None:
-        group = self._merge_tasks.pop(e.task)
+        group = self._merge_tasks.pop(e.task, None)
+        if group is None:
+            return  # cancelled: its duplicate won
+        self._merge_ended(e.task)
+        copies = self._merge_copies.pop(e.task, None)
+        if copies is not None:  # the other copies go on (and say for themselves if the children are gone)
+            copies.remove(e.task)
+            if len(copies) == 1:
+                del self._merge_copies[copies[0]]
+                self._pairs -= 1
+            return
         if e.lost:
             self._lose(e.lost, e.why, group, e.restored)
             return
@@ -531,7 +607,8 @@ class RunState:
         self._lose(e.nodes, e.why, e.group, e.restored)
 
     # -- chunks ------------------------------------------------------------------------------------
-    def _outcome(self, level: int, index: int, outcome: Outcome) -> None:
+    def _outcome(self, level: int, index: int, outcome: Outcome, first: list[int] | None = None) -> None:
+        """``first``: chunks to retry go there (the caller puts them first in the queue), not to the back."""
         if level:
             span = self.tree.span(level, index)
             for i in span:
@@ -563,7 +640,11 @@ class RunState:
             self.planner.failed(level, span, failures)
         if retry:
             self.retried += 1
-            if self.rules.retry_at_once:  # as coffea's iterative executor: a run that stops on it ran
+            if first is not None:
+                for i in retry:
+                    self.status[i] = WAITING
+                first += retry
+            elif self.rules.retry_at_once:  # as coffea's iterative executor: a run that stops on it ran
                 for i in reversed(retry):  # exactly the chunks before it
                     self.status[i] = WAITING
                     self.todo.appendleft(i)
@@ -598,20 +679,30 @@ class RunState:
             group = self._merges.popleft()
             task = self._new_task()
             self._merge_tasks[task] = group
-            out.append(SubmitMerge(task, group))
-        todo, window = self.todo, self.window
-        if todo and len(self._chunk_tasks) + len(self._merge_tasks) < window:
+            self._enqueue(task, 1)
+            out.append(SubmitMerge(task, group, 1))
+        if self.todo and len(self._chunk_tasks) + len(self._merge_tasks) < self.window:
             self._submit_chunks()
-        if (self.rules.speculate and not todo and self.abort is None and not self.finished
-                and len(self._chunk_tasks) + len(self._merge_tasks) < window):
+        self._presume_starts()
+        if self.rules.speculate and self.abort is None and not self.finished and self._watch:
             self._speculate()
+            if not self.todo and self._busy < self.workers:
+                self._back_up()
+            self._presume_starts()
 
     def _submit_chunks(self) -> None:
         rules, todo, planner = self.rules, self.todo, self.planner
         batch = math.ceil(rules.batch * len(todo) / self.n) if rules.guided else rules.batch
         split = rules.guided_split if rules.guided else None
+        if split and rules.speculate and self._workers_known:
+            # a straggler is caught after speculate_factor times its task's length and its duplicate takes
+            # one more: a task carries at most 1/((factor + 1) x workers) of the chunks left, so that a
+            # straggler's duplicate ends about when the run would have
+            split = max(split, math.ceil((2 * rules.speculate_factor + 1) * self.workers))
         status, tasks, merge_tasks = self.status, self._chunk_tasks, self._merge_tasks
+        failures, losses = self.failures, self.losses
         while todo and len(tasks) + len(merge_tasks) < self.window:
+            priority = 0
             if split:
                 batch = min(rules.batch, -(-len(todo) // split))
             if planner is not None:
@@ -628,14 +719,15 @@ class RunState:
                     i = todo.popleft()
                     status[i] = RUNNING
                     take.append((0, i))
+                    if failures[i] or losses[i]:
+                        priority = 1
                 leaves = len(take)
                 folds = self._folds(take) if leaves > 1 else ()
             task = self._new_task()
             nodes = tuple(take)
-            tasks[task] = _Task(nodes, folds, leaves, self.now)
-            if rules.speculate:
-                self._ages.setdefault(leaves, {})[task] = self.now
-            self._out.append(SubmitChunks(task, nodes, folds))
+            tasks[task] = _Task(nodes, folds, leaves)
+            self._enqueue(task, priority)
+            self._out.append(SubmitChunks(task, nodes, folds, priority))
 
     def _folds(self, take: list[NodeId]) -> tuple[tuple[int, int, int], ...]:
         """The runs of a batch that are all the leaves of a level-1 node, in order: its task merges them."""
@@ -660,38 +752,167 @@ class RunState:
     def _queue(self, leaves: Sequence[int]) -> _Queue | Todo:
         return self.planner.todo(leaves) if self.planner is not None else _Queue(leaves)
 
+    # -- where tasks are, presumed -------------------------------------------------------------------
+    # The engine says when a task ends, not when it starts: the rules presume it starts them first in,
+    # first out (priority first), one a worker, as Dask and Work Queue do. Without WorkersChanged a task
+    # is presumed started when submitted.
+    def _enqueue(self, task: int, priority: int) -> None:
+        if not self._workers_known:
+            self._start(task)
+        else:
+            (self._queued_first if priority else self._queued).append(task)
+
+    def _presume_starts(self) -> None:
+        queued_first, queued = self._queued_first, self._queued
+        while self._busy < self.workers and (queued_first or queued):
+            self._start((queued_first or queued).popleft())
+
+    def _start(self, key: int) -> None:
+        task = self._chunk_tasks.get(key)
+        if task is not None:
+            task.started = self.now
+            self._busy += 1
+            if self.rules.speculate:
+                self._watch_task(key, task)
+        elif key in self._merge_tasks:
+            self._merges_started[key] = self.now
+            self._busy += 1
+            if self.rules.speculate:
+                self._watch_merge(key)
+        # else it ended before its presumed start (more workers than said): nothing runs
+
+    def _ended(self, task: _Task) -> None:
+        if task.started is not None:
+            self._busy -= 1
+
+    def _merge_ended(self, key: int) -> float | None:
+        """Merge task ``key`` is over: when it was presumed to start (None: it was still queued)."""
+        started = self._merges_started.pop(key, None)
+        if started is not None:
+            self._busy -= 1
+        return started
+
     # -- stragglers --------------------------------------------------------------------------------
-    def _finished_task(self, key: int, task: _Task) -> None:
-        durations = self._durations.get(task.leaves)
-        if durations is None:
-            durations = self._durations[task.leaves] = _Durations()
-        durations.add(self.now - task.started)
-        self._ages[task.leaves].pop(key, None)
+    def _limit(self, task: _Task) -> float:
+        """How long ``task`` may run before it counts as a straggler: ``speculate_factor`` times its length
+        (with two chunks more: a short task's length varies most, one chunk of the ADL queries 0.1-2.8 x the
+        mean); a copy of a task that straggled already, once its length (faults come in runs: a bad node)."""
+        rules = self.rules
+        factor = rules.speculate_factor if task.copies is None else 1.0
+        return max(factor * (task.leaves + SLACK_CHUNKS) * self._rate.median, rules.speculate_min_s)
+
+    def _merge_limit(self) -> float:
+        return max(self.rules.speculate_factor * self._merge_rate.median, self.rules.speculate_min_s)
+
+    def _watch_task(self, key: int, task: _Task) -> None:
+        if self._rate.count < self.rules.speculate_after:
+            self._unwatched.append(key)
+        else:
+            heapq.heappush(self._watch, (task.started + self._limit(task), key))
+            heapq.heappush(self._watch_idle, (task.started + task.leaves * self._rate.median, key))
+
+    def _watch_merge(self, key: int) -> None:
+        if self._merge_rate.count < self.rules.speculate_after:
+            self._unwatched.append(key)
+        else:
+            heapq.heappush(self._watch, (self._merges_started[key] + self._merge_limit(), key))
+
+    def _watch_unwatched(self) -> None:
+        """A rate just started to count: watch the tasks that started before (the others wait on)."""
+        unwatched, self._unwatched = self._unwatched, []
+        for key in unwatched:
+            task = self._chunk_tasks.get(key)
+            if task is not None:
+                self._watch_task(key, task)
+            elif key in self._merges_started:
+                self._watch_merge(key)
+
+    def _rate_add(self, seconds_per_chunk: float) -> None:
+        self._rate.add(seconds_per_chunk)
+        if self._unwatched and self._rate.count == self.rules.speculate_after:
+            self._watch_unwatched()
 
     def _speculate(self) -> None:
-        rules, tasks = self.rules, self._chunk_tasks
-        for leaves, ages in self._ages.items():
-            durations = self._durations.get(leaves)
-            if not ages or durations is None or durations.count < rules.speculate_after:
+        """Duplicate the tasks past their limit: while chunks wait, at most ``speculate_share`` of the
+        workers' worth of tasks with copies at once (a further copy of one of them is not counted); when
+        nothing waits, also as many as the window has room for."""
+        rules, tasks, watch, now = self.rules, self._chunk_tasks, self._watch, self.now
+        allowed = max(1, math.ceil(rules.speculate_share * self.workers)) - self._pairs
+        if not self.todo:
+            allowed = max(allowed, self.window - len(tasks) - len(self._merge_tasks))
+        later = []  # past their limit, but no room for another task with copies now
+        while watch and watch[0][0] <= now:
+            entry = heapq.heappop(watch)
+            key = entry[1]
+            task = tasks.get(key)
+            if task is None:
+                new = key not in self._merge_copies
+                if new and allowed <= 0:
+                    later.append(entry)
+                elif self._speculate_merge(key) and new:
+                    allowed -= 1
                 continue
-            threshold = max(rules.speculate_factor * durations.median, rules.speculate_min_s)
-            free = self.window - len(tasks) - len(self._merge_tasks)
-            stragglers = []
-            for key, started in ages.items():  # oldest first
-                if self.now - started <= threshold or len(stragglers) == free:
-                    break  # the others of this size started later
-                stragglers.append(key)
-            for key in stragglers:
-                del ages[key]  # once: a duplicate is not duplicated again
-                task = tasks.get(key)
-                if task is None or task.twin is not None:
-                    continue
-                twin = self._new_task()
-                duplicate = _Task(task.nodes, task.folds, task.leaves, self.now)
-                task.twin, duplicate.twin = twin, key
-                tasks[twin] = duplicate
-                self.speculated += 1
-                self._out.append(SubmitChunks(twin, task.nodes, task.folds))
+            if task.started is None or (task.copies is not None and len(task.copies) >= MAX_COPIES):
+                continue
+            limit = task.started + self._limit(task)  # the rate may have changed since
+            if limit > now:
+                heapq.heappush(watch, (limit, key))
+            elif task.copies is None and allowed <= 0:
+                later.append(entry)
+            else:
+                allowed -= task.copies is None
+                self._duplicate(key, task)
+        for entry in later:
+            heapq.heappush(watch, entry)
+
+    def _back_up(self) -> None:
+        """Nothing waits and workers are idle (the run's end): a task running longer than it should
+        (its chunks x the seconds a chunk takes) gets a copy on an idle worker (MapReduce's backup tasks)."""
+        tasks, watch, now = self._chunk_tasks, self._watch_idle, self.now
+        idle = self.workers - self._busy
+        while watch and watch[0][0] <= now and idle > 0:
+            _, key = heapq.heappop(watch)
+            task = tasks.get(key)
+            if task is None or task.started is None or (task.copies is not None and len(task.copies) >= MAX_COPIES):
+                continue
+            self._duplicate(key, task)
+            idle -= 1
+
+    def _duplicate(self, key: int, task: _Task) -> None:
+        twin = self._new_task()
+        duplicate = _Task(task.nodes, task.folds, task.leaves)
+        if task.copies is None:
+            task.copies = [key]
+            self._pairs += 1
+        task.copies.append(twin)
+        duplicate.copies = task.copies
+        self._chunk_tasks[twin] = duplicate
+        self.speculated += 1
+        self._enqueue(twin, 1)
+        self._out.append(SubmitChunks(twin, task.nodes, task.folds, 1))
+
+    def _speculate_merge(self, key: int) -> int:
+        """Duplicate merge task ``key`` if it is past its limit (1), or watch it on (0)."""
+        started = self._merges_started.get(key)
+        copies = self._merge_copies.get(key)
+        if started is None or (copies is not None and len(copies) >= MAX_COPIES):
+            return 0
+        limit = started + self._merge_limit()
+        if limit > self.now:
+            heapq.heappush(self._watch, (limit, key))
+            return 0
+        group = self._merge_tasks[key]
+        twin = self._new_task()
+        self._merge_tasks[twin] = group
+        if copies is None:
+            copies = self._merge_copies[key] = [key]
+            self._pairs += 1
+        copies.append(twin)
+        self._merge_copies[twin] = copies
+        self.speculated += 1
+        self._enqueue(twin, 1)
+        self._out.append(SubmitMerge(twin, group, 1))
+        return 1
 
     # -- the merge tree ----------------------------------------------------------------------------
     def _put(self, node: Node) -> None:
@@ -703,9 +924,15 @@ class RunState:
         root = self.tree.root
         if root is not None and not self.finished:
             self.finished = True
-            for key in [k for k, t in self._chunk_tasks.items() if t.twin is not None]:
+            for key in [k for k, t in self._chunk_tasks.items() if t.copies is not None]:
                 self._out.append(Cancel(key))  # a copy whose node is in: nothing more to wait for
-                del self._chunk_tasks[key]
+                self._ended(self._chunk_tasks.pop(key))
+            for key in list(self._merge_copies):
+                self._out.append(Cancel(key))
+                del self._merge_tasks[key]
+                self._merge_ended(key)
+            self._merge_copies.clear()
+            self._pairs = 0
             self._out.append(Finish(root))
 
     def _merge_here(self, group: Group) -> None:

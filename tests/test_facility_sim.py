@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -74,3 +75,53 @@ def test_dask_at_scale_smoke():
     assert threading.active_count() < before + 10, "the cluster's 50 worker threads are still there"
     sim = predict(50, 500, 5.0, real["round_trip_ms"])
     assert sim["makespan_s"] >= sim["bound_s"] > 0
+
+
+def test_a_lost_worker_is_noticed_loss_detect_s_later_and_speculation_covers_the_wait():
+    base = dict(workers=20, chunks=400, loss_rate=0.05, seed=4)
+    at_once = simulate(Settings(**base, loss_detect_s=0.0))
+    late = simulate(Settings(**base, loss_detect_s=30.0))
+    assert at_once["lost_runs"] > 0 and at_once["chunks_in_output"] == late["chunks_in_output"] == 400
+    assert late["makespan_s"] > 30.0 > at_once["makespan_s"]  # a lost task's chunks wait for the timeout
+    covered = simulate(Settings(**base, loss_detect_s=30.0, speculate=True))
+    assert covered["speculated"] > 0 and covered["makespan_s"] < 0.5 * late["makespan_s"]
+
+
+def test_stragglers_and_losses_are_duplicated_while_chunks_wait_and_the_output_stays_exactly_once():
+    base = dict(workers=50, chunks=5000, loss_rate=0.01, stragglers=0.01, seed=1)
+    plain, spec = simulate(Settings(**base)), simulate(Settings(**base, speculate=True))
+    assert plain["speculated"] == 0 and spec["speculated"] > 0 and spec["cancelled"] > 0
+    assert spec["chunks_in_output"] == plain["chunks_in_output"] == 5000  # each checked exactly once
+    assert spec["makespan_over_bound"] < plain["makespan_over_bound"]
+
+
+def test_an_engine_without_priorities_runs_duplicates_behind_the_queue():
+    base = dict(workers=50, chunks=5000, loss_rate=0.01, stragglers=0.01, seed=1, speculate=True)
+    first, fifo = simulate(Settings(**base)), simulate(Settings(**base, priorities=False))
+    assert fifo["chunks_in_output"] == 5000 and fifo["makespan_s"] > first["makespan_s"]
+    assert main(["--workers", "5", "--chunks", "50", "--no-priorities"])["priorities"] is False
+
+
+def test_the_simulated_rules_are_the_drivers():
+    from casa_executors.backends.base import Backend
+    from casa_executors.driver import Driver, run_rules
+    from casa_executors.outputs import EnginePlacement
+    from casa_benchmarks.facility_sim import _SimBackend, rules_for
+
+    s = Settings(workers=300, chunks=50_000, speculate=True)
+    backend = _SimBackend(300)
+    assert isinstance(backend, Backend)
+    driver = Driver(backend=backend, speculate=True)
+    expected = run_rules(driver, EnginePlacement(backend, 1), 50_000)
+    # the same rules; the simulator's floor on a straggler's limit is shorter (its tasks last seconds)
+    assert rules_for(s) == dataclasses.replace(expected, speculate_min_s=s.speculate_min_s)
+    assert (expected.window, expected.batch, expected.speculate) == (2400, 32, True)
+
+
+def test_a_cancelled_copy_runs_on_unless_the_engine_stops_it():
+    base = dict(workers=50, chunks=5000, stragglers=0.02, seed=2, speculate=True)
+    runs_on, stopped = simulate(Settings(**base)), simulate(Settings(**base, cancel_stops=True))
+    assert runs_on["cancelled"] > 0 and stopped["cancelled"] > 0
+    # the same work, but the workers are not held by copies whose result is dropped
+    assert stopped["busy_s"] < runs_on["busy_s"] and stopped["makespan_s"] < runs_on["makespan_s"]
+    assert stopped["chunks_in_output"] == 5000

@@ -219,14 +219,14 @@ def test_a_failed_chunk_goes_to_the_back_or_with_retry_at_once_to_the_front():
     assert chunks(shell.log) == [[0], [0]]
 
 
-def test_a_lost_task_sends_its_chunks_again_and_counts_an_attempt():
+def test_a_lost_task_sends_its_chunks_again_first_with_a_priority_and_counts_an_attempt():
     shell = start(6, window=2, batch=2, retries=1)
-    shell.feed(TaskFailed(1, "WorkerLost"))
+    out = shell.feed(TaskFailed(1, "WorkerLost"))
     shell.tasks.pop(1)
-    assert chunks(shell.log) == [[0, 1], [2, 3], [4, 5]]
+    assert chunks(out) == [[0, 1]] and of(SubmitChunks, out)[0].priority == 1  # before chunks 4-5
+    assert chunks(shell.log) == [[0, 1], [2, 3], [0, 1]] and shell.state.attempts[:2] == [1, 1]
     shell.ok(2)
-    shell.ok(3)
-    assert chunks(shell.log)[-1] == [0, 1] and shell.state.attempts[:2] == [1, 1]
+    assert chunks(shell.log)[-1] == [4, 5] and of(SubmitChunks, shell.log)[-1].priority == 0
     shell.run_all()
     assert shell.root.handle[0] == tuple(range(6)) and not of(GiveUp, shell.log)
 
@@ -450,46 +450,128 @@ def test_adaptive_failure_narrows_the_range_and_counts_attempts_per_leaf():
 # -- speculation ----------------------------------------------------------------------------------------
 
 
-def run_but_chunk_zero(shell: Shell) -> list:
-    """Answer every task but chunk 0's, one a second, until a duplicate of it is sent."""
-    now = 0.0
+def run_but_chunk_zero(shell: Shell, step: float = 1.0) -> list:
+    """Answer every task but chunk 0's, one a ``step``, until a copy of chunk 0's is sent."""
+    now = shell.state.now
     while True:
-        now += 1.0
+        now += step
         out = shell.feed(Tick(now))
-        out += shell.ok(min(t for t in shell.tasks if t != 1))
+        others = [t for t, s in shell.tasks.items() if isinstance(s, SubmitMerge) or s.nodes != ((0, 0),)]
+        if others:
+            out += shell.ok(min(others))
         dups = [s for s in of(SubmitChunks, out) if s.nodes == ((0, 0),)]
         if dups:
             return dups
 
 
-def test_a_straggler_gets_a_duplicate_and_the_first_to_finish_wins():
-    shell = start(30, window=4, speculate=True, speculate_after=20, speculate_min_s=5.0)
+def start_with(n: int, workers: int, **rules) -> Shell:
+    """The engine's workers known from the start: tasks beyond them are presumed queued."""
+    shell = Shell(RunState(n, Rules(**rules)))
+    shell.feed(Tick(0.0), WorkersChanged(workers))
+    return shell
+
+
+def test_a_straggler_gets_a_duplicate_first_while_chunks_wait_and_the_first_to_finish_wins():
+    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
     (dup,) = run_but_chunk_zero(shell)
-    assert not shell.state.todo and shell.state.speculated == 1
-    median = shell.state._durations[1].median  # 3 s: three tasks beside chunk 0's, one answered a second
-    assert median == 3.0 and shell.state.now > 4 * median
+    state = shell.state
+    assert state.todo and state.speculated == 1 and dup.priority == 1  # chunks still wait
+    # every other task lasted 3 s (3 workers free, one answered a second): 3 s a chunk; the limit 2 x (1 + 2) x 3
+    # s, checked from the 20th finished task on
+    assert state._rate.median == 3.0 and state._rate.count == 20 and state.now == 20.0
     out = shell.ok(dup.task)
     assert Cancel(1) in out
     shell.run_all()
-    assert shell.root.handle[0] == tuple(range(30))
+    assert shell.root.handle[0] == tuple(range(60))
     late = shell.state.handle(ChunksDone(1, (Ok(value(0)),)))  # the original, late: ignored
     assert late == [] and shell.state.attempts[0] == 1
 
 
+def test_a_task_is_dated_from_its_presumed_start_not_its_submission():
+    shell = start_with(8, 2, window=4, speculate=True, speculate_after=1, speculate_min_s=0.0)
+    state = shell.state
+    assert [state._chunk_tasks[t].started for t in (1, 2, 3, 4)] == [0.0, 0.0, None, None]  # 2 workers
+    shell.feed(Tick(5.0))
+    shell.ok(2)  # chunk 1 ends at 5 s: chunk 2's task starts now, chunk 3's still waits
+    assert state._chunk_tasks[3].started == 5.0 and state._chunk_tasks[4].started is None
+    assert state._rate.median == 5.0
+
+
+def test_copies_of_a_straggler_are_caught_after_their_length_up_to_four_copies():
+    shell = start_with(300, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    (first,) = run_but_chunk_zero(shell)  # at 2 x (1 + 2) x 3 s: see the test above
+    t = shell.state.now
+    (second,) = run_but_chunk_zero(shell)  # the original and the first copy are both slow
+    # a copy of a task that straggled is caught after once its length, not twice: (1 + 2) x the rate after its
+    # presumed start (the next answer), the rate 2-3 s a chunk now (two of the four workers are stuck)
+    assert 1 + 3 * 2.0 <= shell.state.now - t <= 1 + 3 * 3.0 < 2 * 3 * 3.0
+    (third,) = run_but_chunk_zero(shell)
+    assert shell.state.todo and second.priority == third.priority == 1
+    assert shell.state.copies(1) == [1, first.task, second.task, third.task]
+    shell.feed(Tick(shell.state.now + 1000.0))
+    assert shell.state.speculated == 3  # MAX_COPIES
+    out = shell.ok(second.task)
+    assert set(of(Cancel, out)) == {Cancel(1), Cancel(first.task), Cancel(third.task)}
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(300)) and shell.state.attempts[0] == 1
+
+
+def test_at_the_end_an_idle_worker_backs_up_a_task_past_its_expected_length():
+    shell = start_with(12, 4, window=4, speculate=True, speculate_after=4, speculate_min_s=0.0)
+    (dup,) = run_but_chunk_zero(shell)  # the others last 3 s: 3 s a chunk
+    state = shell.state
+    # not a straggler yet (2 x (1 + 2) x 3 s = 18 s), but nothing waits and a worker is idle: past 1 x 3 s
+    assert not state.todo and state.now < 18.0 and dup.priority == 1
+    shell.ok(dup.task)
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(12))
+
+
+def test_a_late_merge_task_gets_a_duplicate_and_the_first_to_finish_wins():
+    shell = start_with(16, 16, window=16, fanin=4, merges_here=False, tail_here=False, speculate=True,
+                       speculate_after=2, speculate_min_s=0.0)
+    shell.feed(Tick(1.0))
+    for task in sorted(shell.tasks):
+        shell.ok(task)  # chunk tasks and the merges they make ready, one at a time, all at 1 s
+    merges = sorted(t for t, s in shell.tasks.items() if isinstance(s, SubmitMerge))
+    assert merges and all(s.priority == 1 for s in of(SubmitMerge, shell.log))  # merges go first
+    shell.feed(Tick(2.0))
+    for task in merges[:2]:
+        shell.ok(task)  # 1 s each
+    slow = min(t for t, s in shell.tasks.items() if isinstance(s, SubmitMerge))
+    out = shell.feed(Tick(10.0))
+    (dup,) = [m for m in of(SubmitMerge, out) if m.group is shell.tasks[slow].group]
+    assert dup.priority == 1
+    assert Cancel(slow) in shell.ok(dup.task)
+    assert shell.state.handle(MergeDone(slow, ((), 0.0))) == []  # the original, late: ignored
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(16))
+
+
 def test_a_lost_copy_is_dropped_while_its_duplicate_runs():
-    shell = start(25, window=2, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    shell = start_with(40, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
     (dup,) = run_but_chunk_zero(shell)
     assert shell.state.duplicated(1) and shell.state.duplicated(dup.task)
     shell.tasks.pop(1)
     assert shell.feed(TaskFailed(1, "WorkerLost")) == [] and shell.state.attempts[0] == 0
     shell.ok(dup.task)
-    assert shell.root.handle[0] == tuple(range(25)) and not of(GiveUp, shell.log)
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(40)) and not of(GiveUp, shell.log)
 
 
-def test_no_speculation_while_chunks_wait_or_before_enough_tasks_finished():
-    shell = start(30, window=2, speculate=True, speculate_after=20, speculate_min_s=0.0)
+def test_no_speculation_before_enough_tasks_finished():
+    shell = start_with(30, 2, window=2, speculate=True, speculate_after=20, speculate_min_s=0.0)
     out = shell.feed(Tick(1e6))
-    assert not of(SubmitChunks, out)  # nothing finished yet; and chunks wait
+    assert not of(SubmitChunks, out)  # nothing finished yet: no rate to compare with
+
+
+def test_with_speculation_a_task_carries_at_most_a_share_of_the_chunks_left_for_its_copies():
+    # speculate_factor 2: tasks of at most 1/((2 x 2 + 1) x workers) of what is left, so that a straggler
+    # caught after twice its length, and a duplicate that straggles too, still end with the run
+    plain = start_with(1_000, 10, window=20, batch=32, guided=True, guided_split=20)
+    spec = start_with(1_000, 10, window=20, batch=32, guided=True, guided_split=20, speculate=True)
+    assert len(of(SubmitChunks, plain.log)[0].nodes) == 32
+    assert len(of(SubmitChunks, spec.log)[0].nodes) == 1_000 // 50
 
 
 # -- properties -----------------------------------------------------------------------------------------
@@ -502,7 +584,7 @@ class RandomShell(Shell):
         super().__init__(state)
         self.rng, self.p_fail, self.p_lost, self.bad = rng, p_fail, p_lost, bad
         self.now = 0.0
-        self.late: list[int] = []  # cancelled duplicates whose results still come
+        self.late: list = []  # cancelled copies whose results still come: (task, its submission)
 
     def carry_out(self, instructions: list) -> list:
         queue, done = list(instructions), []
@@ -523,15 +605,24 @@ class RandomShell(Shell):
                 else:
                     self.root = ins.root
             elif isinstance(ins, Cancel):
-                if self.tasks.pop(ins.task, None) is not None and self.rng.random() < 0.5:
-                    self.late.append(ins.task)
+                cancelled = self.tasks.pop(ins.task, None)
+                if cancelled is not None and self.rng.random() < 0.5:
+                    self.late.append((ins.task, cancelled))
         return done
 
     def step(self) -> None:
         rng = self.rng
         self.now += rng.random()
-        if self.late and rng.random() < 0.3:
-            self.feed(Tick(self.now), TaskFailed(self.late.pop(), "cancelled"))
+        if self.late and rng.random() < 0.3:  # a cancelled copy's result comes after all: ignored
+            task, ins = self.late.pop()
+            if isinstance(ins, SubmitMerge):
+                late = MergeDone(task, merged(ins.group.children))
+            elif rng.random() < 0.5:
+                late = ChunksDone(task, tuple(Ok(merged([_H(value(i)) for i in self.state.tree.span(*node)]))
+                                              for node in ins.nodes))
+            else:
+                late = TaskFailed(task, "cancelled")
+            self.feed(Tick(self.now), late)
             return
         task = rng.choice(list(self.tasks))
         ins = self.tasks.pop(task)
@@ -564,16 +655,16 @@ class RandomShell(Shell):
        window=st.integers(1, 6), retries=st.integers(0, 3), merges_here=st.booleans(),
        tail_bytes=st.sampled_from([None, 100]), fallback=st.booleans(), speculate=st.booleans(), skip=st.booleans(),
        p_fail=st.sampled_from([0.0, 0.1, 0.3]), p_lost=st.sampled_from([0.0, 0.05, 0.2]),
-       bad=st.sets(st.integers(0, 39), max_size=3))
+       bad=st.sets(st.integers(0, 39), max_size=3), workers=st.sampled_from([None, 1, 3]))
 def test_every_chunk_ends_once_in_the_output_or_the_report_with_the_bits_of_the_tree(
         seed, n, fanin, batch, window, retries, merges_here, tail_bytes, fallback, speculate, skip, p_fail, p_lost,
-        bad):
+        bad, workers):
     rules = Rules(retries=retries, fanin=fanin, batch=batch, window=window, merges_here=merges_here,
                   tail_bytes=tail_bytes, merge_fallback_here=fallback, speculate=speculate, speculate_after=2,
                   speculate_min_s=0.0, speculate_factor=1.5)
     state = RunState(n, rules, skippable=(lambda e: e == "OSError") if skip else None)
     shell = RandomShell(state, random.Random(seed), p_fail, p_lost, bad)
-    shell.feed(Tick(0.0))
+    shell.feed(Tick(0.0), *([WorkersChanged(workers)] if workers else []))  # None: tasks start when sent
     for _ in range(20_000):
         if shell.root is not None:
             break
@@ -633,3 +724,33 @@ def test_workers_changed_widens_the_window():
     assert len(shell.tasks) == 2
     out = shell.feed(WorkersChanged(4, window=5))
     assert len(of(SubmitChunks, out)) == 3 and shell.state.workers == 4
+
+
+# -- the driver's shell ---------------------------------------------------------------------------------
+
+
+def test_the_driver_with_speculation_on_a_process_pool_gives_iteratives_output(sample_files, monkeypatch):
+    """Driver(speculate=True), outputs merged here: the rules speculate, get the pool's workers
+    (WorkersChanged) and date tasks from their presumed start; the output and the report are those of
+    iterative."""
+    from analysis import run, same
+
+    import casa_executors as ce
+    import casa_executors.driver as driver_module
+    from casa_executors.backends.futures import FuturesBackend
+
+    states: list[RunState] = []
+
+    class Kept(RunState):  # the real rules, kept to look at after the run
+        def __init__(self, *args, **kw) -> None:
+            super().__init__(*args, **kw)
+            states.append(self)
+
+    monkeypatch.setattr(driver_module, "RunState", Kept)
+    ex = driver_module.Driver(backend=FuturesBackend(workers=2), status=False, speculate=True, merge="driver")
+    out = run(ex, sample_files, chunksize=20)
+    processing = states[-1]
+    assert same(out, run(ce.iterative(status=False), sample_files, chunksize=20))
+    assert processing.rules.speculate and processing.workers == 2 and processing._workers_known
+    s = ex.report.summary()
+    assert s["processed"] == s["chunks"] == 150 and len(ex.report.processing.rows) == 150
