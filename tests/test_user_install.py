@@ -38,11 +38,6 @@ PYTHON = next((p for p in ("/usr/bin/python3.11", "/usr/local/bin/python3.11") i
 HIDDEN_PACKAGES = re.compile(r"^(xrootd|libxrd|coop-computing-tools|python3-workqueue|slurm|munge|libmunge|openjdk)")
 EVENTS = 2000
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a throwaway user (useradd)"),
-    pytest.mark.skipif(PYTHON is None, reason="needs /usr/bin/python3.11 for the user's venv"),
-    pytest.mark.skipif(not shutil.which("useradd") or not shutil.which("runuser"), reason="needs useradd, runuser"),
-]
 
 QUICKSTART = '''\
 """The README's quick start on iterative, futures and dask, on a small file the wheel's generator writes."""
@@ -93,6 +88,10 @@ if __name__ == "__main__":
 
 XROOTD_CLIENT = '''\
 import json
+
+from casa_executors.xcache import apply_client_env
+
+apply_client_env()  # one connect attempt, timeouts checked every second: the dead port answers at once
 import fsspec_xrootd
 from XRootD import client
 
@@ -193,6 +192,10 @@ def _can_isolate() -> bool:
 @pytest.fixture(scope="module")
 def user(wheel) -> Iterator[User]:
     """A throwaway user with a home in a fresh folder; removed, with any process left of it, afterwards."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("needs root, useradd and runuser to create a throwaway user")
+    if PYTHON is None:
+        pytest.skip("needs a system python3.11 (/usr/bin or /usr/local/bin) for the user's venv")
     top = Path(tempfile.mkdtemp(prefix="casa-user-install-"))
     top.chmod(0o755)
     name = f"casa{os.getpid() % 100000}"
@@ -328,3 +331,103 @@ def test_doctor(installed):
 
 def _packages_note() -> str:
     return "the Debian packages matching " + HIDDEN_PACKAGES.pattern
+
+
+# -- the doctor in this environment (no user, no install) -------------------------------------------
+EXTRAS_PROVIDE = {  # what each backend or engine imports, by the extra that must install it
+    "dask": ["distributed", "dask-jobqueue"],
+    "gateway": ["dask-gateway"],
+    "parsl": ["parsl"],
+    "spark": ["pyspark"],
+    "xcache": ["xrootd", "fsspec-xrootd"],
+}
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {k: [re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower() for r in v] for k, v in extras.items()}
+
+
+@pytest.fixture
+def doctor_here(monkeypatch, capsys):
+    """The doctor run in this process, as ``casa-executors doctor ARGS`` with ``env`` set: (status, out, err)."""
+    from casa_executors import doctor
+
+    def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        with monkeypatch.context() as m:
+            for key in ("BEARER_TOKEN", "BEARER_TOKEN_FILE", "XDG_RUNTIME_DIR"):
+                m.delenv(key, raising=False)
+            for key, value in (env or {}).items():
+                m.setenv(key, value)
+            try:
+                status = doctor.main(list(args))
+            except SystemExit as exc:  # argparse refusing the arguments
+                status = exc.code
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    return run
+
+
+def test_extras_install_what_the_doctor_names():
+    """Every extra the doctor sends users to exists and installs the packages its backend imports."""
+    from casa_executors import doctor
+
+    extras = _extras()
+    for extra, dists in EXTRAS_PROVIDE.items():
+        assert set(dists) <= set(extras[extra]), (extra, extras[extra])
+    assert "casa_executors" in extras["gateway"]  # the gateway extra brings [dask] with it
+    named = set()
+    for check in doctor.CHECKS:
+        for need in check.needs():
+            named |= set(re.findall(r"casa_executors\[(\w+)\]", need.how))
+    assert {"dask", "parsl", "spark", "gateway", "xcache"} <= named <= set(extras), named
+
+
+def test_doctor_verdicts_are_the_backends_own(doctor_here):
+    """Each backend's line is casa_executors.unavailable(name); with no Slurm or HTCondor commands on PATH
+    the facility engines say so, and how to get them."""
+    report = json.loads(doctor_here("--json", env={"PATH": os.path.dirname(sys.executable)})[1])
+    checks = {c["name"]: c for c in report["checks"]}
+    assert set(casa_executors.BACKENDS) <= set(checks)
+    assert checks["iterative"]["available"] and checks["futures"]["available"]
+    for name in ("slurm-dask", "slurm-parsl", "slurm-workqueue"):
+        assert not checks[name]["available"] and "sbatch" in checks[name]["reason"] + str(checks[name]["needs"])
+        assert any("module load slurm" in h for h in checks[name]["how"]), checks[name]
+    assert not checks["htcondor"]["available"] and "condor_submit" in checks["htcondor"]["reason"]
+    here = json.loads(doctor_here("--json")[1])
+    for c in here["checks"]:
+        if c["kind"] == "backend":
+            assert c["available"] == (casa_executors.unavailable(c["name"]) is None), c
+
+
+def test_doctor_tokens(tmp_path, doctor_here):
+    """A token file others may read is refused with the reason; a private one is found; neither is printed."""
+    secret = "eyJhbGciOiJFUzI1NiJ9.doctor-test-token.c2lnbmF0dXJl"
+    path = tmp_path / "token"
+    path.write_text(secret)
+    path.chmod(0o644)
+    refused = doctor_here("--json", env={"BEARER_TOKEN_FILE": str(path)})
+    tokens = {c["name"]: c for c in json.loads(refused[1])["checks"]}["tokens"]
+    assert not tokens["available"] and "readable by group/others" in tokens["reason"], tokens
+    path.chmod(0o600)
+    found = doctor_here("--json", env={"BEARER_TOKEN_FILE": str(path)})
+    tokens = {c["name"]: c for c in json.loads(found[1])["checks"]}["tokens"]
+    assert tokens["available"] and tokens["needs"][0]["found"], tokens
+    table = doctor_here(env={"BEARER_TOKEN_FILE": str(path)})
+    assert "tokens" in table[1]
+    for out in (*refused[1:], *found[1:], *table[1:]):
+        assert "doctor-test-token" not in out
+
+
+def test_doctor_command_line(doctor_here):
+    """Unknown names for --require and unknown commands are refused with the choices."""
+    status, _, err = doctor_here("--require", "dask,sparc")
+    assert status == 2 and "sparc" in err and "spark" in err
+    status, out, _ = doctor_here("--require", "iterative,futures")
+    assert status == 0 and "Backends" in out and "Facility engines" in out
+    usage = subprocess.run([sys.executable, "-m", "casa_executors", "doctr"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert usage.returncode == 2 and "doctor" in usage.stderr
