@@ -66,6 +66,7 @@ class Need:
     found: str | None  # its version or path; None when missing
     how: str  # how to get it
     problem: str | None = None  # why it is missing, when more is known than its absence
+    required: bool = True  # False: shown when found, never a reason nor a thing to get
 
     @property
     def missing(self) -> bool:
@@ -92,7 +93,7 @@ class Finding:
         """How to get what is missing, each source once."""
         seen: list[str] = []
         for need in self.needs:
-            if need.missing and need.how not in seen:
+            if need.missing and need.required and need.how not in seen:
                 seen.append(need.how)
         return seen
 
@@ -149,8 +150,7 @@ class Check:
     name: str
     kind: Literal["backend", "facility"]
     label: str
-    needs: Callable[[], list[Need]]
-    reason: Callable[[list[Need]], str | None] | None = None  # default: a facility engine needs all of them
+    needs: Callable[[], list[Need]]  # a facility engine is available when every required one is found
 
     def run(self) -> Finding:
         needs = self.needs()
@@ -159,12 +159,13 @@ class Check:
 
             why = casa_executors.unavailable(self.name)
         else:
-            why = self.reason(needs) if self.reason else _missing(needs)
+            why = _missing(needs)
         return Finding(self.name, self.kind, self.label, why is None, why, needs)
 
 
 def _missing(needs: Sequence[Need]) -> str | None:
-    gone = [f"{n.kind} {n.name}" + (f" ({n.problem})" if n.problem else "") for n in needs if n.missing]
+    gone = [f"{n.kind} {n.name}" + (f" ({n.problem})" if n.problem else "") for n in needs
+            if n.missing and n.required]
     return "missing: " + ", ".join(gone) if gone else None
 
 
@@ -195,7 +196,7 @@ def _gateway_address() -> Need:
         import dask.config
 
         address = dask.config.get("gateway.address", None)
-    return Need("setting", "gateway.address", address, how)
+    return Need("setting", "gateway.address", address, how, required=False)  # it can be given in the call
 
 
 def _token() -> Need:
@@ -215,7 +216,7 @@ CHECKS: list[Check] = [
     Check("dask", "backend", "Dask distributed", lambda: [module("distributed", pip_extra("dask"))]),
     Check("parsl", "backend", "Parsl", lambda: [
         module("parsl", pip_extra("parsl")),
-        script("process_worker_pool.py", pip_extra("parsl") + " (the script lands in the environment's bin/)"),
+        script("process_worker_pool.py", pip_extra("parsl")),  # lands in the environment's bin/
     ]),
     Check("spark", "backend", "Spark", lambda: [module("pyspark", pip_extra("spark")), command("java", JAVA)]),
     Check("workqueue", "backend", "Work Queue", lambda: [
@@ -228,8 +229,7 @@ CHECKS: list[Check] = [
         work_queue_module(), command("work_queue_worker", WORK_QUEUE_TOOLS),
         command("work_queue_factory", WORK_QUEUE_TOOLS), *_slurm_commands()]),
     Check("dask-gateway", "facility", "dask-gateway: dask(gateway=...)", lambda: [
-        module("dask_gateway", pip_extra("gateway"), "dask-gateway"), _gateway_address()],
-        lambda needs: _missing(needs[:1])),  # the address can be given in the call
+        module("dask_gateway", pip_extra("gateway"), "dask-gateway"), _gateway_address()]),
     Check("htcondor", "facility", "HTCondor: dask-jobqueue HTCondorCluster or parsl HTCondorProvider", _htcondor),
     Check("xrootd", "facility", "XCache / XRootD client (root:// reads)", lambda: [
         module("XRootD", pip_extra("xcache") + " (the wheel bundles the XRootD client libraries)", "xrootd"),
@@ -244,7 +244,7 @@ def diagnose() -> list[Finding]:
     for check in CHECKS:
         try:
             findings.append(check.run())
-        except Exception as exc:  # noqa: BLE001 - a broken install must not hide the other checks
+        except Exception as exc:  # a broken install must not hide the other checks
             log.debug("doctor check %s failed", check.name, exc_info=True)
             findings.append(Finding(check.name, check.kind, check.label, False, f"the check itself failed: {exc!r}"))
     return findings
@@ -296,10 +296,17 @@ def render(findings: list[Finding], file: Any = None) -> None:
         console.print(table)
     missing = [f for f in findings if not f.available]
     if missing:
-        console.print("[bold]How to get what is missing[/]")
+        sources: dict[str, list[str]] = {}  # each way to get something once, with every check it serves
         for f in missing:
-            for i, how in enumerate(f.how):
-                console.print(f"  {f.name if i == 0 else '':<16} {escape(how)}")
+            for how in f.how:
+                sources.setdefault(how, []).append(f.name)
+        hows = Table(title="How to get what is missing", title_justify="left", box=None, show_header=False,
+                     pad_edge=False)
+        hows.add_column("for", no_wrap=True, style="bold")
+        hows.add_column("how", overflow="fold")
+        for how, names in sources.items():
+            hows.add_row("\n".join(names), escape(how))
+        console.print(hows)
     console.print(f"{len(findings) - len(missing)} of {len(findings)} available"
                   + (f"; not available: {', '.join(f.name for f in missing)}" if missing else ""))
 

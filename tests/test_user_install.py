@@ -320,6 +320,7 @@ def test_doctor(installed):
         assert "work_queue" in checks["workqueue"]["reason"].lower()
 
     table = u.run(f"{u.home}/venv/bin/python", "-m", "casa_executors", "doctor", step="doctor").stdout
+    print(table)
     for name in checks:
         assert name in table, name
     assert "not available" in table and "How to get what is missing" in table
