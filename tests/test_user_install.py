@@ -235,9 +235,10 @@ def user(wheel) -> Iterator[User]:
         (top / "hidden.txt").write_text("".join(f + "\n" for f in u.hide))
         yield u
     finally:
-        mine = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == _uid(name)]
+        uid = _uid(name)
+        mine = [p for p in psutil.process_iter(["uids", "name"]) if p.info["uids"] and p.info["uids"].real == uid]
         if mine:
-            print(f"processes of {name} left after its runs: {[(p.pid, p.name()) for p in mine]}")
+            print(f"processes of {name} left after its runs: {[(p.pid, p.info['name']) for p in mine]}")
         for p in mine:  # anything the user's runs left behind, by PID
             p.kill()
         psutil.wait_procs(mine, timeout=10)
