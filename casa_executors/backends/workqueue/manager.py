@@ -23,7 +23,10 @@ to a second before it dispatches anything.
 
 Messages in: ``("submit", key, directory)``, ``("cancel", key)``, ``("expect", n)``, ``("stop",)``.
 Out: ``("ready", port)`` or ``("error", why)`` first, then ``("done", key, why | None)``,
-``("lost", key, why)`` and ``("stats", connected, workers lost, requeued)``.
+``("lost", key, why)`` and ``("stats", connected, workers lost, requeued, empty waits)``, sent after
+the wait that changed them (so before any result that a later wait brings). ``empty waits`` counts the
+calls of ``WorkQueue.wait`` made with no task in Work Queue: once the expected workers are in, the
+loop makes none (tests/test_backend_workqueue.py reads it).
 
 Retries belong to the driver. Work Queue silently re-sends a task whose worker was lost
 (``specify_max_retries`` does not change that in cctools 9.9), so a task seen back in the queue after
@@ -81,8 +84,9 @@ class Manager:
         self.ids: dict[int, int] = {}  # driver key -> Work Queue task id
         self.expected = int(config.get("expect", 1))
         self.connected = self.lost_workers = self.requeued = self.ready = 0
+        self.empty_waits = 0  # WorkQueue.wait calls with no task in Work Queue
         self.stopping = False
-        self._stats: tuple[int, int, int] | None = None
+        self._stats: tuple[int, int, int, int] | None = None
 
     # -- messages from the driver ---------------------------------------------------------------
     def take(self, timeout: float) -> None:
@@ -142,6 +146,7 @@ class Manager:
                 break
             if not self.tasks and self.connected >= self.expected:
                 continue
+            self.empty_waits += not self.tasks
             done = self.q.wait(1)
             stats = self.q.stats
             lost = getattr(stats, "total_workers_lost", getattr(stats, "workers_lost", 0))
@@ -151,7 +156,7 @@ class Manager:
                 self._finish(done)
             self._watch(worker_lost)
             self.connected = stats.workers_connected
-            now = (self.connected, self.lost_workers, self.requeued)
+            now = (self.connected, self.lost_workers, self.requeued, self.empty_waits)
             if now != self._stats:
                 self._stats = now
                 self.chan.send("stats", *now)
