@@ -16,7 +16,7 @@ over the ceiling's. With ``--coffea`` (default on), coffea's executor for the
 same engine runs each query on that same engine, alternating with ours: futures
 against ``FuturesExecutor`` on a held process pool of the same size, dask
 against ``DaskExecutor`` on the same ``Client``, parsl against ``ParslExecutor``
-on the same DataFlowKernel; ``over_coffea`` is our wall time / coffea's
+on a DataFlowKernel of the same configuration (loaded with ``parsl.load``); ``over_coffea`` is our wall time / coffea's
 (fastest of each).
 
 ``round_trip_s`` is the engine's own latency: a wave of one no-op task per
@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
+import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -69,13 +72,19 @@ def coffea_peer(name: str, ex: Any, workers: int) -> Iterator[Callable[[], Any] 
     elif name == "dask":
         yield lambda: processor.DaskExecutor(client=ex.backend._client, status=False)
     elif name == "parsl":
-        from parsl.dataflow.dflow import DataFlowKernelLoader
+        # coffea's ParslExecutor runs on parsl's current DataFlowKernel (parsl.dfk()); parsl's public API
+        # makes one current only by loading a Config, so the peer gets a kernel of its own, built as ours
+        # is (the same HighThroughputExecutor, as many workers), loaded with parsl.load
+        import parsl
 
-        previous, DataFlowKernelLoader._dfk = DataFlowKernelLoader._dfk, ex.backend._dfk
+        run_dir = tempfile.mkdtemp(prefix="casa-coffea-parsl-")
+        config = ex.backend._localize(ex.backend._local_config(run_dir), uuid.uuid4().hex)
         try:
-            yield lambda: processor.ParslExecutor(status=False)
+            with parsl.load(config):  # its exit cleans up: interchange and worker pool end
+                yield lambda: processor.ParslExecutor(status=False)
         finally:
-            DataFlowKernelLoader._dfk = previous
+            parsl.clear()
+            shutil.rmtree(run_dir, ignore_errors=True)
     else:
         yield None
 

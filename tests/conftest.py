@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -62,14 +63,20 @@ def no_leftover_processes():
     assert not left, f"processes left behind: {[(p.pid, procs.cmdline(p.pid)[:120]) for p in left]}"
 
 
-@pytest.fixture(scope="module")
-def reference(sample_files):
-    """The iterative backend's output on ``sample_files``: what every backend must match."""
+@pytest.fixture(scope="session")
+def _reference_once(sample_files):
     from analysis import run
 
     import casa_executors
 
     return run(casa_executors.iterative(status=False), sample_files)
+
+
+@pytest.fixture(scope="module")
+def reference(_reference_once):
+    """The iterative backend's output on ``sample_files``: what every backend must match (computed once a
+    session; each module gets a copy of its own)."""
+    return copy.deepcopy(_reference_once)
 
 
 # one real Slurm, dask-gateway and token-checking XCache per session, shared by the facility tests (tests/facility.py)

@@ -174,7 +174,7 @@ def test_long_items_are_split_into_grains_with_the_same_output_and_processed_set
 # -- failures -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["iterative", "futures"])
+@pytest.mark.parametrize("name", ["futures"])  # the narrowing itself: test_state.py (grains, attempts per leaf)
 def test_a_failing_range_is_narrowed_down_attempted_exactly_and_listed(name, sample_files, fixed_adl, tmp_path,
                                                                        no_leftover_processes):
     """Entry 420 of b fails every time: the coalesced range holding it fails, its leaves run again
@@ -205,8 +205,6 @@ def test_a_failing_range_is_narrowed_down_attempted_exactly_and_listed(name, sam
         held = sum(n for (f, a, b), n in runs.items()
                    if f == os.path.basename(r.filename) and a <= r.entrystart and r.entrystop <= b)
         assert r.attempts == held, r
-    if name == "iterative":  # one worker, no tail: bisected from the coalesced range down to the chunk
-        assert [runs[("b.root", a, b)] for a, b in ((200, 600), (400, 600), (400, 450))] == [1, 1, 1]
 
 
 def test_no_retries_fail_the_whole_range_that_ran(sample_files, fixed_adl, tmp_path):

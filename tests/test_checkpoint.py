@@ -102,7 +102,14 @@ def kill_job(proc: subprocess.Popen, token: str, below: list) -> None:
     procs.kill(list(left.values()))
 
 
-@pytest.mark.parametrize("name", ce.BACKENDS)
+# the resume itself is the driver's (tests/test_state.py), and every engine writes checkpoints and merged
+# nodes (test_failed_chunks_and_corrupt_files_are_computed_again, test_worker_merge): a real SIGKILL of the
+# submitting process runs with no engine, with worker processes of its own (futures) and with a scheduler
+# and workers in processes apart (dask)
+SIGKILLED_ENGINES = ["iterative", "futures", "dask"]
+
+
+@pytest.mark.parametrize("name", SIGKILLED_ENGINES)
 def test_sigkill_of_the_submitting_process_then_the_same_call_resumes(
         name, sample_files, metadata, reference100, tmp_path, no_leftover_processes):
     require_engine(name)

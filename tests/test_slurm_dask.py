@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from analysis import Busy, Failing, alive, assert_adl_identical, attempts, gate_closed, run, same
+from analysis import FACILITY_QUERY, Busy, Failing, alive, assert_adl_identical, attempts, gate_closed, run, same
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics, wait_until
 
 import casa_executors as ce
@@ -68,12 +68,12 @@ def private_key(pem_file) -> bytes:
     return text[text.index(b"-----BEGIN PRIVATE KEY-----"):]
 
 
-def test_eight_adl_queries_on_slurm_jobs(slurm, cluster, jobdir, secrets, served, sample_files, reference):
+def test_adl_query_on_slurm_jobs(slurm, cluster, jobdir, secrets, served, sample_files, reference):
     from casa_executors.backends.dask import DaskBackend
 
     temp_before = set(os.listdir(tempfile.gettempdir()))
     backend = DaskBackend(cluster=cluster, workers=2, worker_timeout=60)
-    backend.hold()  # one set of worker jobs for the eight queries
+    backend.hold()  # one set of worker jobs for the query and the run through XCache
     try:
         backend._client.wait_for_workers(2, timeout=60)
         jobs = job_ids_of_workers(backend._client)
@@ -81,7 +81,7 @@ def test_eight_adl_queries_on_slurm_jobs(slurm, cluster, jobdir, secrets, served
         assert len(jobs) == 2 and set(jobs.values()) == running  # every worker is a Slurm job
         assert set(backend._client.run(os.getcwd).values()) == {str(jobdir)}
         assert all(addr.startswith("tls://127.0.0.1:") for addr in jobs)
-        assert_adl_identical(backend, sample_files)
+        assert_adl_identical(backend, sample_files, queries=FACILITY_QUERY)
 
         # through a token-checking XCache: the token reaches the jobs with each task (over TLS), never on disk;
         # the TLS key travels in the job script and a private copy, readable by the job's owner only

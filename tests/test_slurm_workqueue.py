@@ -8,7 +8,7 @@ import tempfile
 import time
 
 import pytest
-from analysis import assert_adl_identical, require_engine, run
+from analysis import FACILITY_QUERY, assert_adl_identical, require_engine, run
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics
 
 import casa_executors as ce
@@ -30,7 +30,7 @@ def test_adl_queries_on_workers_that_are_slurm_jobs(slurm, served, sample_files,
         assert backend.wait_for_workers(2, timeout=60) == 2
         jobs = [j for j in slurm.jobs() if j.state == "RUNNING"]
         assert len(jobs) == 2
-        assert_adl_identical(backend, sample_files)
+        assert_adl_identical(backend, sample_files, queries=FACILITY_QUERY)
         # through a token-checking XCache: the token travels inside each task's input, which lands in the
         # staging directory and in the workers' sandboxes: readable by their owner only
         roots = lambda: [backend.staging_dir, *new_temp_entries(temp_before)]  # noqa: E731

@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not 
 MERGES_12_BY_2 = 11
 # the same with the 6 nodes of level 1 merged by the tasks themselves (four chunks a task): 3 + 1 + 1
 MERGES_12_BY_2_FOLDED = 5
-LEVELS_ABOVE_CHUNKS = 4  # 12 -> 6 -> 3 -> 2 -> 1
 WHERE = {"iterative": ("driver", "driver"), "dask": ("engine", "workers")}
 
 
@@ -100,64 +98,6 @@ def test_merged_on_workers_same_bits_and_the_report_as_before(name, sample_files
             assert (s["computed"], s["failed"], s["attempts"]) == (9, 3, 15)
     finally:
         backend.release()
-
-
-class SlowMerge:
-    """A count whose additions take 0.2 s: merges outlast chunks, so the run's last chunk output comes
-    in with merges still running on the engine."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __add__(self, other: SlowMerge) -> SlowMerge:  # coffea's iadd takes what has __add__ (Addable)
-        return SlowMerge(self.n).__iadd__(other)
-
-    def __iadd__(self, other: SlowMerge) -> SlowMerge:
-        time.sleep(0.2)
-        self.n += other.n
-        return self
-
-
-class SlowMerging(Analysis):
-    def process(self, events):
-        return {**super().process(events), "slow": SlowMerge(len(events))}
-
-
-@pytest.mark.parametrize("small", [True, False])
-def test_once_every_chunk_is_in_small_outputs_merge_in_the_driver(small, sample_files, reference, monkeypatch):
-    """state.RunState._tail: once the run's last chunk output is in and the outputs are small in all, every merge
-    left runs here (a merge task would cost a round trip for work as serial as it is then); above
-    ``tail_bytes`` only a group ready alone with nothing else running comes here, one per level at most."""
-    from casa_executors.backends.futures import FuturesBackend
-
-    leaves, late = [0], []  # chunk outputs the driver has taken in; merge tasks submitted after the last
-
-    class Recorded(FuturesBackend):  # the real pool; only when merges are sent is written down
-        def submit_together(self, fn, args):
-            if leaves[0] == 12:
-                late.extend(args)
-            return super().submit_together(fn, args)
-
-    store_leaf = StorePlacement.leaf
-
-    def leaf(self, *args, **kwargs):
-        leaves[0] += 1
-        return store_leaf(self, *args, **kwargs)
-
-    monkeypatch.setattr(StorePlacement, "leaf", leaf)
-    if not small:
-        monkeypatch.setattr(StorePlacement, "tail_bytes", 0)
-    backend = Recorded(workers=2)
-    ex = ce.Driver(backend=backend, status=False, merge_fanin=2, chunks_per_task=1)
-    out = run(ex, sample_files, SlowMerging())
-    assert out.pop("slow").n == 3000 and same(out, reference)
-    m = ex.report.summary()["merge"]
-    assert leaves[0] == 12 and m["merge_tasks"] + m["merged_here"] == MERGES_12_BY_2, m
-    assert m["merged_here"] >= 1 and m["bytes_to_driver"] > 0, m
-    if small:
-        assert late == [], f"{len(late)} merge task(s) sent after every chunk was in"
-    else:
-        assert m["merged_here"] <= LEVELS_ABOVE_CHUNKS, m
 
 
 class Unaddable(Analysis):

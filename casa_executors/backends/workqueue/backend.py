@@ -180,6 +180,7 @@ class WorkQueueBackend(Backend):
         self.resent = 0  # tasks Work Queue would have re-sent after losing their worker (we failed them)
         self.requeued = 0  # tasks a worker declined, re-sent by Work Queue (they had not run)
         self.sent = 0  # tasks handed to Work Queue
+        self.empty_waits = 0  # the manager's waits in Work Queue with no task in it (manager.py)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -361,10 +362,11 @@ class WorkQueueBackend(Backend):
         _settle(p.future, exc=WorkerLost(why))
         shutil.rmtree(p.directory, ignore_errors=True)
 
-    def _on_stats(self, connected: int, lost_workers: int, requeued: int) -> None:
+    def _on_stats(self, connected: int, lost_workers: int, requeued: int, empty_waits: int) -> None:
         if lost_workers > self._lost_workers:
             log.info("workqueue: Work Queue lost a worker (%d lost so far)", lost_workers)
         self._connected, self._lost_workers, self.requeued = connected, lost_workers, requeued
+        self.empty_waits = empty_waits
 
     def _tend_local_workers(self) -> None:
         local = self._local

@@ -23,14 +23,23 @@ to a second before it dispatches anything.
 
 Messages in: ``("submit", key, directory)``, ``("cancel", key)``, ``("expect", n)``, ``("stop",)``.
 Out: ``("ready", port)`` or ``("error", why)`` first, then ``("done", key, why | None)``,
-``("lost", key, why)`` and ``("stats", connected, workers lost, requeued)``.
+``("lost", key, why)`` and ``("stats", connected, workers lost, requeued, empty waits)``, sent after
+the wait that changed them (so before any result that a later wait brings). ``empty waits`` counts the
+calls of ``WorkQueue.wait`` made with no task in Work Queue: once the expected workers are in, the
+loop makes none (tests/test_backend_workqueue.py reads it).
 
 Retries belong to the driver. Work Queue silently re-sends a task whose worker was lost
-(``specify_max_retries`` does not change that in cctools 9.9), so a task that goes back to the queue
-(or is dispatched again) while Work Queue counts a lost worker is cancelled here and reported
-``lost``: the driver retries it and the report counts the attempt. A task a worker merely declined
-(FORSAKEN: it found fewer resources than it had announced) goes back without a lost worker; Work
-Queue re-sends those itself, nothing ran, and ``requeued`` counts them.
+(``specify_max_retries`` does not change that in cctools 9.9), so a task seen back in the queue after
+it was seen on a worker, while Work Queue counts a lost worker, is cancelled here and reported ``lost``:
+the driver retries it and the report counts the attempt. A task lost and sent again between two looks
+is caught when it comes back: its documented ``total_cmd_execution_time`` ("including time running on
+workers that disconnected") exceeds its ``cmd_execution_time`` (the attempt that finished). A task a
+worker merely declined (FORSAKEN: it found fewer resources than it had announced) goes back without a
+lost worker; Work Queue re-sends those itself, nothing ran, and ``requeued`` counts them.
+
+Only documented calls are used for this: ``task_state``, the stats' ``total_workers_lost`` and the two
+execution times. (The documented ``Task.total_submissions`` reads a field cctools has removed: it
+raises ``AttributeError`` in 9.9.)
 """
 
 from __future__ import annotations
@@ -54,15 +63,10 @@ BURST_S = 0.002  # after one submission, how long to wait for the rest of a burs
 IDLE_S = 5.0  # with nothing to do, how often to look at the channel
 
 
-def dispatches(task: Any) -> int:
-    """How many times Work Queue has dispatched ``task``: the ``try_count`` field of ``struct
-    work_queue_task``, documented in work_queue.h. The bindings' documented ``Task.total_submissions``
-    reads a field that cctools has since removed (an ``AttributeError`` in 9.9), so the same count is
-    then read from the task's C structure, as SWIG exposes it."""
-    try:
-        return int(task.total_submissions)
-    except AttributeError:
-        return int(task._task.try_count)
+def lost_an_attempt(task: Any) -> bool:
+    """Did a finished ``task`` run before on a worker that disconnected? Its total execution time counts
+    every attempt, its execution time only the one that finished (both documented, in microseconds)."""
+    return int(task.total_cmd_execution_time) > int(task.cmd_execution_time)
 
 
 @dataclass
@@ -70,7 +74,7 @@ class _Tracked:
     key: int
     task: Any  # the Work Queue Task
     directory: str
-    back: int = 0  # the last dispatch after which it was seen back in the queue
+    on_worker: bool = False  # seen running or finished on a worker since it was last seen in the queue
 
 
 class Manager:
@@ -80,8 +84,9 @@ class Manager:
         self.ids: dict[int, int] = {}  # driver key -> Work Queue task id
         self.expected = int(config.get("expect", 1))
         self.connected = self.lost_workers = self.requeued = self.ready = 0
+        self.empty_waits = 0  # WorkQueue.wait calls with no task in Work Queue
         self.stopping = False
-        self._stats: tuple[int, int, int] | None = None
+        self._stats: tuple[int, int, int, int] | None = None
 
     # -- messages from the driver ---------------------------------------------------------------
     def take(self, timeout: float) -> None:
@@ -141,27 +146,28 @@ class Manager:
                 break
             if not self.tasks and self.connected >= self.expected:
                 continue
+            self.empty_waits += not self.tasks
             done = self.q.wait(1)
             stats = self.q.stats
             lost = getattr(stats, "total_workers_lost", getattr(stats, "workers_lost", 0))
             worker_lost, self.lost_workers = lost > self.lost_workers, lost
             after_result = done is not None
             if done is not None:
-                self._finish(done, worker_lost)
+                self._finish(done)
             self._watch(worker_lost)
             self.connected = stats.workers_connected
-            now = (self.connected, self.lost_workers, self.requeued)
+            now = (self.connected, self.lost_workers, self.requeued, self.empty_waits)
             if now != self._stats:
                 self._stats = now
                 self.chan.send("stats", *now)
 
-    def _finish(self, t: Any, worker_lost: bool) -> None:
+    def _finish(self, t: Any) -> None:
         tracked = self.tasks.pop(t.id, None)
         if tracked is None:
             return
         self.ids.pop(tracked.key, None)
-        if self._resent(tracked, self.wq.WORK_QUEUE_TASK_DONE, worker_lost):
-            # lost, sent again and done within one wait: the driver retries, so that the report counts it
+        if lost_an_attempt(t):
+            # lost and sent again between two looks: the driver retries, so that the report counts it
             self.chan.send("lost", tracked.key, self._lost_why(t))
         elif (t.result == self.wq.WORK_QUEUE_RESULT_SUCCESS and t.return_status == 0
               and os.path.exists(os.path.join(tracked.directory, "out.pkl"))):
@@ -173,19 +179,16 @@ class Manager:
             self.chan.send("done", tracked.key, f"workqueue: task {t.id} on {t.hostname or '?'} failed "
                                                 f"({result}, exit {t.return_status}){tail}")
 
-    def _resent(self, tracked: _Tracked, state: int, worker_lost: bool) -> bool:
-        """Did the task go back to the queue since the last look, because a worker was lost?
-
-        A task in the queue after its n-th dispatch, or dispatched n + 1 times, went back after dispatch n.
-        """
-        tries = dispatches(tracked.task)
-        back = tries if state == self.wq.WORK_QUEUE_TASK_READY else tries - 1
-        if back <= tracked.back:
+    def _back(self, tracked: _Tracked, state: int) -> bool:
+        """Is the task back in the queue after it was seen on a worker? (Our own bookkeeping of the
+        states Work Queue reports, look after look.)"""
+        if state in (self.wq.WORK_QUEUE_TASK_RUNNING, self.wq.WORK_QUEUE_TASK_WAITING_RETRIEVAL):
+            tracked.on_worker = True
             return False
-        tracked.back = back
-        if not worker_lost:
-            self.requeued += 1  # a worker declined it (FORSAKEN): nothing ran, Work Queue sends it again
-        return worker_lost
+        if state != self.wq.WORK_QUEUE_TASK_READY or not tracked.on_worker:
+            return False
+        tracked.on_worker = False
+        return True
 
     def _lost_why(self, t: Any) -> str:
         return f"workqueue: lost the worker running task {t.id} ({t.hostname or 'unknown host'})"
@@ -196,7 +199,11 @@ class Manager:
         for task_id, tracked in list(self.tasks.items()):
             state = self.q.task_state(task_id)
             ready += state == self.wq.WORK_QUEUE_TASK_READY
-            if self._resent(tracked, state, worker_lost):
+            if not self._back(tracked, state):
+                continue
+            if not worker_lost:
+                self.requeued += 1  # a worker declined it (FORSAKEN): nothing ran, Work Queue sends it again
+            else:
                 self.q.cancel_by_taskid(task_id)
                 del self.tasks[task_id]
                 self.ids.pop(tracked.key, None)
