@@ -1,0 +1,314 @@
+"""Reads overlapped with compute: while a chunk computes, a background thread reads and decompresses
+the baskets of the task's next chunk.
+
+A task runs its chunks in order on one worker thread (``task.run_batch``). Without this, a chunk's
+bytes are fetched and decompressed when coffea first asks for a branch, and nothing computes
+meanwhile. Here, when chunk *k* begins, a thread (:class:`Ahead`) reads, in one vector request, the
+baskets chunk *k + 1* will need, decompresses them (zlib, lz4 and zstd release the GIL while they
+work), and holds them; when chunk *k + 1* runs, uproot gets them in place of their byte ranges
+(:func:`take`, called by the ``TBranch.entries_to_ranges_or_baskets`` wrapper of
+:mod:`casa_executors.internals`) and only interprets them. The output is the same: the same bytes,
+decompressed by the same uproot code, in another thread.
+
+Which baskets: the branches that chunks of this run have read on this thread (:func:`seen`), in the
+next chunk's file, for its entry range, when that file's TTree is already in this thread's object
+cache (a chunk or the metadata step of this thread read it). A basket the running chunk also reads is
+left to it (``casa_executors.baskets`` keeps it for the next chunk). The first chunk a thread runs in
+a run has nothing read ahead, nor has a chunk of a file this thread has not opened yet.
+
+Bounds: one chunk ahead, at most :data:`READ_AHEAD_BYTES` (decompressed, estimated from each
+branch's compression ratio) for it; what does not fit is read by uproot as usual. The thread is
+stopped and joined when the task ends, whether its chunks succeeded or failed; an error while
+reading ahead is logged and forgotten: the chunk then reads those baskets itself, and meets the error
+(with fail-over) where it would have without read-ahead.
+
+Off with the other optimisations (``internals=False``, ``CASA_EXECUTORS_INTERNALS=0``), or alone with
+``CASA_EXECUTORS_READ_AHEAD=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from casa_executors import internals
+from casa_executors.source import ChunkIO, MeteredSource, Router, open_files
+from casa_executors.xcache.tokens import redact
+
+log = logging.getLogger(__name__)
+
+ENV = "CASA_EXECUTORS_READ_AHEAD"
+READ_AHEAD_BYTES = 128 * 2**20  # decompressed, for the one chunk read ahead
+
+_local = threading.local()  # .plan: this thread's ReadAhead; .ready: the running chunk's Ahead
+
+
+def env_allows() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in internals.OFF
+
+
+# -- what chunks read: recorded by the entries_to_ranges_or_baskets wrapper -------------------------------
+
+def seen(branch: Any) -> None:
+    """A chunk of ours reads ``branch``: remember its name (per tree name) and its file's tree, for this run."""
+    try:
+        open_files().read_branches.setdefault(branch.tree.name, {})[branch.name] = None
+    except Exception:  # not a TTree's branch as expected: nothing to learn
+        return
+
+
+def _tree_of(filename: str, treename: str) -> Any | None:
+    """This thread's TTree ``treename`` of ``filename``, if its object cache holds it (a chunk, an earlier
+    run or the metadata step of this thread read it: ``source.ThreadObjectCache``)."""
+    objects = open_files().objects
+    for key in list(objects.keys()):
+        if not (isinstance(key, tuple) and key and key[0] == filename):
+            continue
+        value = objects.get(key)
+        if getattr(value, "name", None) == treename and hasattr(value, "branches"):
+            return value
+    return None
+
+
+# -- one chunk's baskets, read ahead -----------------------------------------------------------------------
+
+class Ahead:
+    """The baskets of one chunk, read and decompressed by a background thread."""
+
+    def __init__(self, item: Any, io: ChunkIO, branches: list[Any], skip: tuple[int, int] | None,
+                 budget: int) -> None:
+        self.item = item
+        self.io = io
+        self.branches = branches
+        self.skip = skip  # entries of this file the running chunk reads (its baskets are left to it)
+        self.budget = budget
+        self.baskets: dict[tuple[str, int], Any] = {}  # (branch cache key, basket number) -> basket
+        self.nbytes = 0  # decompressed bytes held
+        self.planned = 0  # baskets planned
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="casa-read-ahead", daemon=True)
+
+    def start(self) -> Ahead:
+        self._thread.start()
+        return self
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self._read()
+        except BaseException as exc:  # the chunk reads what is missing itself, and meets the error there
+            self.error = exc
+            log.info("reading ahead %s failed (%s: %s); the chunk reads it itself",
+                     self.io.describe(self.item.filename), type(exc).__name__, redact(str(exc), self.io.secrets()))
+
+    def _plan(self) -> list[tuple[Any, int, tuple[int, int]]]:
+        start, stop = self.item.entrystart, self.item.entrystop
+        plan, estimate = [], 0
+        for branch in self.branches:
+            offsets = branch.entry_offsets
+            try:
+                ratio = max(1.0, branch.member("fTotBytes") / max(1, branch.member("fZipBytes")))
+            except Exception:
+                ratio = 1.0
+            # this thread runs no task of ours: uproot's own function, unwrapped
+            for num, where in branch.entries_to_ranges_or_baskets(start, stop):
+                if not (isinstance(where, tuple) and len(where) == 2):
+                    continue  # embedded in the branch: nothing to read
+                first, last = int(offsets[num]), int(offsets[num + 1])
+                if self.skip is not None and first < self.skip[1] and self.skip[0] < last:
+                    continue  # the running chunk reads it, and keeps it for this one
+                estimate += int((where[1] - where[0]) * ratio)
+                if estimate > self.budget:
+                    return plan
+                plan.append((branch, num, (int(where[0]), int(where[1]))))
+        return plan
+
+    def _read(self) -> None:
+        from uproot.models.TBasket import Model_TBasket
+        from uproot.source.cursor import Cursor
+        from uproot.source.fsspec import FSSpecSource
+
+        plan = self._plan()
+        self.planned = len(plan)
+        if not plan or self._stop.is_set():
+            return
+        file = plan[0][0].file
+        own = file.source
+        if not isinstance(own, MeteredSource):  # a user's handler: leave its reads to it
+            return
+        label, url = self.io.candidates(file.file_path)[0]
+        ranges = [where for _, _, where in plan]
+        with FSSpecSource(url, **own.options) as source:
+            chunks = source.chunks(ranges, queue.Queue())
+            self.io.add_bytes(sum(b - a for a, b in ranges))
+            self.io.served_by(label)
+            for (branch, num, _), chunk in zip(plan, chunks, strict=True):
+                if self._stop.is_set():
+                    return
+                chunk.wait()
+                basket = Model_TBasket.read(chunk, Cursor(chunk.start), {"basket_num": num}, file, file, branch)
+                if getattr(basket, "basket_num", None) != num:  # uproot reads baskets otherwise now: none
+                    self.baskets.clear()
+                    return
+                self.baskets[(branch.cache_key, num)] = basket
+                self.nbytes += int(basket.member("fObjlen"))
+
+
+def take(branch: Any, num: int) -> Any | None:
+    """Basket ``num`` of ``branch``, read ahead for the running chunk; None: uproot reads it."""
+    ahead = getattr(_local, "ready", None)
+    if ahead is None:
+        return None
+    try:
+        if branch.file.file_path != ahead.item.filename:
+            return None
+    except Exception:
+        return None
+    return ahead.baskets.get((branch.cache_key, num))
+
+
+# -- a task's chunks --------------------------------------------------------------------------------------
+
+def _key(item: Any) -> tuple:
+    return tuple(getattr(item, a, None) for a in ("filename", "treename", "entrystart", "entrystop"))
+
+
+class ReadAhead:
+    """Reads each chunk of a task ahead while the one before it runs (see the module).
+
+    ``then``: the chunk the driver will most likely hand this thread after the task (the next chunk, on
+    a backend that runs one task at a time: ``TaskBatch.then``). It is read ahead during the task's last
+    chunk and handed over to the next task on this thread if that task begins with it (:func:`reading_ahead`).
+    """
+
+    def __init__(self, tasks: Sequence[Any], router: Router | None, then: Any = None,
+                 budget: int | None = None) -> None:
+        self.items = [t.item for t in tasks] + ([then] if then is not None else [])
+        self.tasks = len(tasks)
+        self.router = router
+        self.budget = READ_AHEAD_BYTES if budget is None else budget
+        self._position = {id(t): i for i, t in enumerate(tasks)}
+        self._aheads: dict[int, Ahead] = {}
+        self.started: list[Ahead] = []  # every Ahead this task started (tests, figures)
+        self.failed = False  # a chunk raised: nothing is handed over to the next task
+
+    def adopt(self, ahead: Ahead) -> bool:
+        """Take over an Ahead a task before read for this task's first chunk, if it is that chunk."""
+        if self.items and self.tasks and _key(ahead.item) == _key(self.items[0]):
+            self._aheads[0] = ahead
+            return True
+        return False
+
+    def io_for(self, task: Any) -> ChunkIO:
+        """The chunk's ChunkIO: the one its bytes read ahead were metered to, else a new one."""
+        ahead = self._aheads.get(self._position.get(id(task), -1))
+        return ahead.io if ahead is not None else ChunkIO(self.router)
+
+    @contextlib.contextmanager
+    def chunk(self, task: Any) -> Iterator[Ahead | None]:
+        """While ``task`` runs: its baskets read ahead are handed to uproot, and the next chunk's are read
+        (from its start if the branches to read are known, else once it has read them)."""
+        position = self._position.get(id(task))
+        ahead = None if position is None else self._aheads.pop(position, None)
+        if ahead is not None:
+            ahead.wait()
+        _local.ready = ahead
+        if position is not None:
+            self._start(position + 1, task.item)
+        try:
+            yield ahead
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            _local.ready = None
+        if position is not None and not self.failed:
+            self._start(position + 1, None)  # the first chunk of a run learns the branches only as it reads
+
+    def _start(self, position: int, running: Any) -> None:
+        if position >= len(self.items) or position in self._aheads:
+            return
+        item = self.items[position]
+        filename, treename = getattr(item, "filename", None), getattr(item, "treename", None)
+        start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
+        if filename is None or treename is None or start is None or stop is None or stop <= start:
+            return
+        names = open_files().read_branches.get(treename)
+        tree = _tree_of(filename, treename) if names else None
+        if tree is None:
+            return
+        branches = []
+        for name in names:
+            try:
+                branches.append(tree[name])
+            except Exception:
+                continue
+        if not branches:
+            return
+        skip = None
+        if getattr(running, "filename", None) == filename and getattr(running, "entrystart", None) is not None:
+            skip = (running.entrystart, running.entrystop)
+        ahead = Ahead(item, ChunkIO(self.router), branches, skip, self.budget)
+        self._aheads[position] = ahead
+        self.started.append(ahead)
+        ahead.start()
+
+    def close(self) -> Ahead | None:
+        """Stop and join every read still running; the one for ``then`` is returned instead, still running,
+        unless a chunk failed."""
+        then = None if self.failed else self._aheads.pop(self.tasks, None)
+        while self._aheads:
+            _, ahead = self._aheads.popitem()
+            ahead.stop()
+        _local.ready = None
+        return then
+
+
+@contextlib.contextmanager
+def reading_ahead(tasks: Sequence[Any], router: Router | None, on: bool, run: str = "",
+                  then: Any = None) -> Iterator[ReadAhead | None]:
+    """For the task running on this thread: a :class:`ReadAhead` when ``on`` (the task's internals), the
+    environment allows it and uproot's basket hook is in place; else None (uproot reads as it does).
+
+    An Ahead a task before left for this thread (its ``then``) is taken over if this task, of the same
+    run, begins with that chunk, and stopped otherwise."""
+    files = open_files()
+    left, files.left_ahead = files.left_ahead, None
+    if not (on and env_allows() and "TBranch.entries_to_ranges_or_baskets" in internals.installed()):
+        if left is not None:
+            left[1].stop()
+        yield None
+        return
+    plan = ReadAhead(tasks, router, then)
+    if left is not None and not (left[0] == run and plan.adopt(left[1])):
+        left[1].stop()
+    outer = getattr(_local, "plan", None)
+    _local.plan = plan
+    try:
+        yield plan
+    finally:
+        _local.plan = outer
+        ahead = plan.close()
+        if ahead is not None:  # stopped by the next task, or when the thread's files close (the run ends)
+            open_files().left_ahead = (run, ahead)
+
+
+def current() -> ReadAhead | None:
+    """The :class:`ReadAhead` of the task running on this thread, if any."""
+    return getattr(_local, "plan", None)
