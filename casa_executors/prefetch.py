@@ -16,8 +16,9 @@ cache (a chunk or the metadata step of this thread read it). A basket the runnin
 left to it (``casa_executors.baskets`` keeps it for the next chunk). The first chunk a thread runs in
 a run has nothing read ahead, nor has a chunk of a file this thread has not opened yet.
 
-Bounds: one chunk ahead, at most :data:`READ_AHEAD_BYTES` (decompressed, estimated from each
-branch's compression ratio) for it; what does not fit is read by uproot as usual. The thread is
+Bounds: one chunk ahead, at most :data:`READ_AHEAD_BYTES` of decompressed baskets held for it (planned
+from each branch's compression ratio, checked basket by basket); what does not fit is read by uproot
+as usual. The thread is
 stopped and joined when the task ends, whether its chunks succeeded or failed; an error while
 reading ahead is logged and forgotten: the chunk then reads those baskets itself, and meets the error
 (with fail-over) where it would have without read-ahead.
@@ -166,8 +167,20 @@ class Ahead:
                 if getattr(basket, "basket_num", None) != num:  # uproot reads baskets otherwise now: none
                     self.baskets.clear()
                     return
+                nbytes = int(basket.member("fObjlen"))
+                if self.nbytes + nbytes > self.budget:  # the estimate was short: the rest is read by the chunk
+                    return
                 self.baskets[(branch.cache_key, num)] = basket
-                self.nbytes += int(basket.member("fObjlen"))
+                self.nbytes += nbytes
+
+
+_handed_lock = threading.Lock()
+_handed = [0]  # baskets handed to uproot in this process
+
+
+def handed() -> int:
+    """How many baskets read ahead this process has handed to uproot."""
+    return _handed[0]
 
 
 def take(branch: Any, num: int) -> Any | None:
@@ -180,7 +193,11 @@ def take(branch: Any, num: int) -> Any | None:
             return None
     except Exception:
         return None
-    return ahead.baskets.get((branch.cache_key, num))
+    basket = ahead.baskets.get((branch.cache_key, num))
+    if basket is not None:
+        with _handed_lock:
+            _handed[0] += 1
+    return basket
 
 
 # -- a task's chunks --------------------------------------------------------------------------------------
@@ -239,7 +256,7 @@ class ReadAhead:
         finally:
             _local.ready = None
         if position is not None and not self.failed:
-            self._start(position + 1, None)  # the first chunk of a run learns the branches only as it reads
+            self._start(position + 1, task.item)  # the first chunk of a run learns the branches only as it reads
 
     def _start(self, position: int, running: Any) -> None:
         if position >= len(self.items) or position in self._aheads:
