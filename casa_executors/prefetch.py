@@ -79,21 +79,25 @@ def _tree_of(filename: str, treename: str) -> Any | None:
 # -- one chunk's baskets, read ahead -----------------------------------------------------------------------
 
 class Ahead:
-    """The baskets of one chunk, read and decompressed by a background thread."""
+    """The baskets of one chunk, read and decompressed by a background thread.
 
-    def __init__(self, item: Any, io: ChunkIO, branches: list[Any], skip: tuple[int, int] | None,
-                 budget: int) -> None:
+    What to read is planned when it is made, on the chunk's thread (:func:`plan`); the thread only
+    reads and decompresses."""
+
+    def __init__(self, item: Any, io: ChunkIO, plan: list[tuple[Any, int, tuple[int, int]]], budget: int) -> None:
         self.item = item
         self.io = io
-        self.branches = branches
-        self.skip = skip  # entries of this file the running chunk reads (its baskets are left to it)
+        self.plan = plan
         self.budget = budget
         self.baskets: dict[tuple[str, int], Any] = {}  # (branch cache key, basket number) -> basket
         self.nbytes = 0  # decompressed bytes held
-        self.planned = 0  # baskets planned
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="casa-read-ahead", daemon=True)
+
+    @property
+    def planned(self) -> int:
+        return len(self.plan)
 
     def start(self) -> Ahead:
         self._thread.start()
@@ -118,35 +122,12 @@ class Ahead:
             log.info("reading ahead %s failed (%s: %s); the chunk reads it itself",
                      self.io.describe(self.item.filename), type(exc).__name__, redact(str(exc), self.io.secrets()))
 
-    def _plan(self) -> list[tuple[Any, int, tuple[int, int]]]:
-        start, stop = self.item.entrystart, self.item.entrystop
-        plan, estimate = [], 0
-        for branch in self.branches:
-            offsets = branch.entry_offsets
-            try:
-                ratio = max(1.0, branch.member("fTotBytes") / max(1, branch.member("fZipBytes")))
-            except Exception:
-                ratio = 1.0
-            # this thread runs no task of ours: uproot's own function, unwrapped
-            for num, where in branch.entries_to_ranges_or_baskets(start, stop):
-                if not (isinstance(where, tuple) and len(where) == 2):
-                    continue  # embedded in the branch: nothing to read
-                first, last = int(offsets[num]), int(offsets[num + 1])
-                if self.skip is not None and first < self.skip[1] and self.skip[0] < last:
-                    continue  # the running chunk reads it, and keeps it for this one
-                estimate += int((where[1] - where[0]) * ratio)
-                if estimate > self.budget:
-                    return plan
-                plan.append((branch, num, (int(where[0]), int(where[1]))))
-        return plan
-
     def _read(self) -> None:
         from uproot.models.TBasket import Model_TBasket
         from uproot.source.cursor import Cursor
         from uproot.source.fsspec import FSSpecSource
 
-        plan = self._plan()
-        self.planned = len(plan)
+        plan = self.plan
         if not plan or self._stop.is_set():
             return
         file = plan[0][0].file
@@ -172,6 +153,36 @@ class Ahead:
                     return
                 self.baskets[(branch.cache_key, num)] = basket
                 self.nbytes += nbytes
+
+
+def plan(item: Any, branches: list[Any], skip: tuple[int, int] | None, budget: int,
+         kept: Any = None) -> list[tuple[Any, int, tuple[int, int]]]:
+    """The baskets of ``branches`` that chunk ``item`` reads, as (branch, number, byte range), in order,
+    up to ``budget`` decompressed bytes (estimated from each branch's compression ratio), without those
+    that the entries ``skip`` (the running chunk's, in the same file) also cover, nor those in ``kept``
+    (the thread's ``baskets.Baskets``): those are the running chunk's to read and keep."""
+    start, stop = item.entrystart, item.entrystop
+    out, estimate = [], 0
+    for branch in branches:
+        offsets = branch.entry_offsets
+        try:
+            ratio = max(1.0, branch.member("fTotBytes") / max(1, branch.member("fZipBytes")))
+        except Exception:
+            ratio = 1.0
+        # uproot's own function: the wrapper hands over kept baskets only inside a chunk (baskets.current)
+        for num, where in branch.entries_to_ranges_or_baskets(start, stop):
+            if not (isinstance(where, tuple) and len(where) == 2):
+                continue  # embedded in the branch, or already read: nothing to read
+            first, last = int(offsets[num]), int(offsets[num + 1])
+            if skip is not None and first < skip[1] and skip[0] < last:
+                continue
+            if kept is not None and (branch.file.file_path, branch.cache_key, num) in kept:
+                continue
+            estimate += int((where[1] - where[0]) * ratio)
+            if estimate > budget:
+                return out
+            out.append((branch, num, (int(where[0]), int(where[1]))))
+    return out
 
 
 _handed_lock = threading.Lock()
@@ -201,6 +212,12 @@ def take(branch: Any, num: int) -> Any | None:
 
 
 # -- a task's chunks --------------------------------------------------------------------------------------
+
+def _remote(item: Any) -> bool:
+    """Whether the chunk's file is read over a network (a URL other than file://)."""
+    name = str(getattr(item, "filename", ""))
+    return "://" in name and not name.startswith("file://")
+
 
 def _key(item: Any) -> tuple:
     return tuple(getattr(item, a, None) for a in ("filename", "treename", "entrystart", "entrystop"))
@@ -238,11 +255,15 @@ class ReadAhead:
         return ahead.io if ahead is not None else ChunkIO(self.router)
 
     @contextlib.contextmanager
-    def chunk(self, task: Any) -> Iterator[Ahead | None]:
+    def chunk(self, task: Any, io: ChunkIO | None = None) -> Iterator[Ahead | None]:
         """While ``task`` runs: its baskets read ahead are handed to uproot, and the next chunk's are read
         (from its start if the branches to read are known, else once it has read them)."""
         position = self._position.get(id(task))
         ahead = None if position is None else self._aheads.pop(position, None)
+        if ahead is None and position is not None and _remote(task.item):
+            # nothing read ahead: over a network, the chunk's baskets in one request, not one per branch
+            self._start(position, None, io)
+            ahead = self._aheads.pop(position, None)
         if ahead is not None:
             ahead.wait()
         _local.ready = ahead
@@ -258,7 +279,7 @@ class ReadAhead:
         if position is not None and not self.failed:
             self._start(position + 1, task.item)  # the first chunk of a run learns the branches only as it reads
 
-    def _start(self, position: int, running: Any) -> None:
+    def _start(self, position: int, running: Any, io: ChunkIO | None = None) -> None:
         if position >= len(self.items) or position in self._aheads:
             return
         item = self.items[position]
@@ -281,7 +302,14 @@ class ReadAhead:
         skip = None
         if getattr(running, "filename", None) == filename and getattr(running, "entrystart", None) is not None:
             skip = (running.entrystart, running.entrystop)
-        ahead = Ahead(item, ChunkIO(self.router), branches, skip, self.budget)
+        try:
+            todo = plan(item, branches, skip, self.budget, open_files().baskets)
+        except Exception as exc:  # a tree not as expected: the chunk reads as uproot does
+            log.info("cannot plan a read-ahead of %s: %s: %s", filename, type(exc).__name__, exc)
+            return
+        if not todo:
+            return
+        ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget)
         self._aheads[position] = ahead
         self.started.append(ahead)
         ahead.start()

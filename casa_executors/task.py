@@ -208,7 +208,7 @@ def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch,
     wall0, cpu0 = time.perf_counter(), time.process_time()
     output = None
     try:
-        with metering(io), (contextlib.nullcontext() if ahead is None else ahead.chunk(task)):
+        with metering(io), (contextlib.nullcontext() if ahead is None else ahead.chunk(task, io)):
             output = function(task.item)
         if not keep:
             _place(result, output, batch, task.level, task.index)

@@ -118,11 +118,14 @@ def _branches(f) -> list:
 def test_a_chunk_read_ahead_holds_at_most_its_budget(files):
     item = WorkItem("ahead", files[0], "Events", 0, ENTRIES, "", None)
     with uproot.open(files[0], handler=MeteredSource) as f:
-        whole = prefetch.Ahead(item, ChunkIO(), _branches(f), None, 2**30).start()
+        def ahead(skip, budget):
+            return prefetch.Ahead(item, ChunkIO(), prefetch.plan(item, _branches(f), skip, budget), budget).start()
+
+        whole = ahead(None, 2**30)
         whole.wait()
         assert whole.error is None and len(whole.baskets) == 2 * ENTRIES // BASKET
         budget = whole.nbytes // 3
-        part = prefetch.Ahead(item, ChunkIO(), _branches(f), None, budget).start()
+        part = ahead(None, budget)
         part.wait()
         assert part.error is None and 0 < len(part.baskets) < len(whole.baskets)
         assert part.nbytes <= budget
@@ -130,10 +133,10 @@ def test_a_chunk_read_ahead_holds_at_most_its_budget(files):
         for (key, num), basket in part.baskets.items():
             assert bytes(basket.data) == bytes(whole.baskets[(key, num)].data)
         # entries the running chunk reads are left to it
-        skip = prefetch.Ahead(item, ChunkIO(), _branches(f), (0, 250), 2**30).start()
+        skip = ahead((0, 250), 2**30)
         skip.wait()
         assert sorted({n for _, n in skip.baskets}) == list(range(3, ENTRIES // BASKET))
-        stopped = prefetch.Ahead(item, ChunkIO(), _branches(f), None, 2**30).start()
+        stopped = ahead(None, 2**30)
         stopped.stop()
         assert not stopped.alive
         # the bytes read ahead are metered to the chunk's ChunkIO
