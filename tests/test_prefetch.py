@@ -142,3 +142,33 @@ def test_a_chunk_read_ahead_holds_at_most_its_budget(files):
         # the bytes read ahead are metered to the chunk's ChunkIO
         compressed = sum(int(b.member("fBasketBytes")[i]) for b in _branches(f) for i in range(b.num_baskets))
         assert whole.io.bytes_read == compressed, (whole.io.bytes_read, compressed)
+
+
+def test_read_ahead_through_xrootd_gives_the_same_bits_and_bytes(files, monkeypatch, no_leftover_processes):
+    """Over a network: the next chunk's baskets in one vector request while a chunk runs, and a chunk with
+    nothing read ahead reads its own in one request up front."""
+    from pathlib import Path
+
+    from xrootd_fixtures import export_dir, require_xrootd
+
+    from casa_executors.standins.xrootd import XRootDOrigin
+
+    require_xrootd()
+    reference = _run(processor.IterativeExecutor(), files)
+    names = {Path(f).name: Path(f) for f in files}
+    with export_dir(names) as d, XRootDOrigin(d) as origin:
+        urls = [origin.url(f"/store/{n}") for n in names]
+        ref = {k: v for k, v in reference.items() if k != "rows"}
+        rows = {(Path(f).name, s): v for (f, s), v in reference["rows"].items()}
+        results = {}
+        for mode in ("1", "0"):
+            monkeypatch.setenv(prefetch.ENV, mode)
+            before = prefetch.handed()
+            ex = casa_executors.iterative(status=False, chunks_per_task=2)
+            out = _run(ex, urls)
+            assert {k: v for k, v in out.items() if k != "rows"} == ref
+            assert {(f.rsplit("/", 1)[1], s): v for (f, s), v in out["rows"].items()} == rows
+            results[mode] = (prefetch.handed() - before, _bytes_by_chunk(ex))
+        assert results["1"][0] >= 20 and results["0"][0] == 0, results
+        assert results["1"][1] == results["0"][1]
+    assert not _reading_ahead()
