@@ -5,7 +5,8 @@ A task runs its chunks in order on one worker thread (``task.run_batch``). Witho
 bytes are fetched and decompressed when coffea first asks for a branch, and nothing computes
 meanwhile. Here, when chunk *k* begins, a thread (:class:`Ahead`) reads, in one vector request, the
 baskets chunk *k + 1* will need, decompresses them (zlib, lz4 and zstd release the GIL while they
-work), and holds them; when chunk *k + 1* runs, uproot gets them in place of their byte ranges
+work), and holds them; when chunk *k + 1* runs, uproot gets them in place of their byte ranges as they
+come (a basket still to come is waited for, not read twice)
 (:func:`take`, called by the ``TBranch.entries_to_ranges_or_baskets`` wrapper of
 :mod:`casa_executors.internals`) and only interprets them. The output is the same: the same bytes,
 decompressed by the same uproot code, in another thread.
@@ -84,14 +85,19 @@ class Ahead:
     What to read is planned when it is made, on the chunk's thread (:func:`plan`); the thread only
     reads and decompresses."""
 
-    def __init__(self, item: Any, io: ChunkIO, plan: list[tuple[Any, int, tuple[int, int]]], budget: int) -> None:
+    def __init__(self, item: Any, io: ChunkIO, plan: list[tuple[Any, int, tuple[int, int]]], budget: int,
+                 after: Ahead | None = None) -> None:
         self.item = item
+        self.after = after  # the read before this one (the running chunk's): one read at a time
         self.io = io
         self.plan = plan
         self.budget = budget
         self.baskets: dict[tuple[str, int], Any] = {}  # (branch cache key, basket number) -> basket
         self.nbytes = 0  # decompressed bytes held
         self.error: BaseException | None = None
+        self._keys = {(branch.cache_key, num) for branch, num, _ in plan}
+        self._ready = threading.Condition()  # a basket added, or the read ended
+        self._done = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="casa-read-ahead", daemon=True)
 
@@ -114,13 +120,26 @@ class Ahead:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def get(self, key: tuple[str, int]) -> Any | None:
+        """The basket under ``key`` (branch cache key, number), waiting for it if it is still to come."""
+        with self._ready:
+            while key not in self.baskets and key in self._keys and not self._done:
+                self._ready.wait()
+            return self.baskets.get(key)
+
     def _run(self) -> None:
         try:
+            if self.after is not None:
+                self.after.wait()
             self._read()
         except BaseException as exc:  # the chunk reads what is missing itself, and meets the error there
             self.error = exc
             log.info("reading ahead %s failed (%s: %s); the chunk reads it itself",
                      self.io.describe(self.item.filename), type(exc).__name__, redact(str(exc), self.io.secrets()))
+        finally:
+            with self._ready:
+                self._done = True
+                self._ready.notify_all()
 
     def _read(self) -> None:
         from uproot.models.TBasket import Model_TBasket
@@ -151,8 +170,10 @@ class Ahead:
                 nbytes = int(basket.member("fObjlen"))
                 if self.nbytes + nbytes > self.budget:  # the estimate was short: the rest is read by the chunk
                     return
-                self.baskets[(branch.cache_key, num)] = basket
-                self.nbytes += nbytes
+                with self._ready:
+                    self.baskets[(branch.cache_key, num)] = basket
+                    self.nbytes += nbytes
+                    self._ready.notify_all()
 
 
 def plan(item: Any, branches: list[Any], skip: tuple[int, int] | None, budget: int,
@@ -204,7 +225,7 @@ def take(branch: Any, num: int) -> Any | None:
             return None
     except Exception:
         return None
-    basket = ahead.baskets.get((branch.cache_key, num))
+    basket = ahead.get((branch.cache_key, num))
     if basket is not None:
         with _handed_lock:
             _handed[0] += 1
@@ -264,11 +285,9 @@ class ReadAhead:
             # nothing read ahead: over a network, the chunk's baskets in one request, not one per branch
             self._start(position, None, io)
             ahead = self._aheads.pop(position, None)
-        if ahead is not None:
-            ahead.wait()
-        _local.ready = ahead
+        _local.ready = ahead  # its baskets are handed over as they come (Ahead.get)
         if position is not None:
-            self._start(position + 1, task.item)
+            self._start(position + 1, task.item, after=ahead)
         try:
             yield ahead
         except BaseException:
@@ -276,10 +295,12 @@ class ReadAhead:
             raise
         finally:
             _local.ready = None
+            if ahead is not None:
+                ahead.stop()  # what the chunk did not take is not wanted
         if position is not None and not self.failed:
             self._start(position + 1, task.item)  # the first chunk of a run learns the branches only as it reads
 
-    def _start(self, position: int, running: Any, io: ChunkIO | None = None) -> None:
+    def _start(self, position: int, running: Any, io: ChunkIO | None = None, after: Ahead | None = None) -> None:
         if position >= len(self.items) or position in self._aheads:
             return
         item = self.items[position]
@@ -309,7 +330,7 @@ class ReadAhead:
             return
         if not todo:
             return
-        ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget)
+        ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget, after)
         self._aheads[position] = ahead
         self.started.append(ahead)
         ahead.start()
