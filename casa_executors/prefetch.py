@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 ENV = "CASA_EXECUTORS_READ_AHEAD"
 READ_AHEAD_BYTES = 128 * 2**20  # decompressed, for the one chunk read ahead
+# a local file's chunk reading less than this (compressed) is left to uproot: its decompression (lz4: a
+# millisecond a few MB) costs less than handing it to a thread, above all on a busy machine (ADL Q1 and
+# Q2 at chunks of 100k: 0.4 and 1.7 MB, slower with read-ahead: docs/reading.md)
+LOCAL_MIN_BYTES = 4 * 2**20
 
 _local = threading.local()  # .plan: this thread's ReadAhead; .ready: the running chunk's Ahead
 
@@ -328,7 +332,7 @@ class ReadAhead:
         except Exception as exc:  # a tree not as expected: the chunk reads as uproot does
             log.info("cannot plan a read-ahead of %s: %s: %s", filename, type(exc).__name__, exc)
             return
-        if not todo:
+        if not todo or (not _remote(item) and sum(b - a for _, _, (a, b) in todo) < LOCAL_MIN_BYTES):
             return
         ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget, after)
         self._aheads[position] = ahead

@@ -56,6 +56,12 @@ def files(tmp_path_factory) -> list[str]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def small_chunks_read_ahead(monkeypatch):
+    """The chunks here are a few kB: read ahead all the same (a local file's small chunks are not, by default)."""
+    monkeypatch.setattr(prefetch, "LOCAL_MIN_BYTES", 0)
+
+
 def _run(executor, files, processor_instance=None):
     runner = processor.Runner(executor=executor, schema=BaseSchema, chunksize=CHUNK, metadata_cache={})
     return runner({"ahead": files}, processor_instance or Sums(), treename="Events")
@@ -89,6 +95,14 @@ def test_read_ahead_gives_coffeas_bits_and_reads_each_byte_where_it_would(files,
     assert prefetch.handed() == mid
     # the bytes read ahead are metered to the chunk they are for: each chunk read what it reads without
     assert _bytes_by_chunk(on) == _bytes_by_chunk(off)
+
+
+def test_small_local_chunks_are_left_to_uproot(files, monkeypatch):
+    monkeypatch.setattr(prefetch, "LOCAL_MIN_BYTES", 2**20)
+    before = prefetch.handed()
+    ex = casa_executors.iterative(status=False)
+    assert _run(ex, files) == _run(processor.IterativeExecutor(), files)
+    assert prefetch.handed() == before
 
 
 def test_switched_off_with_the_internals(files):
