@@ -6,10 +6,11 @@ N workers against RDataFrame with implicit multithreading on N threads.
 ``python -m casa_benchmarks.adl run --peers rdataframe`` times each contender's queries in a block, a minute
 or more apart, and this machine's speed drifts by up to 2x between minutes; here every round runs the
 four contenders one after the other on the same query (each first in turn), and each keeps its fastest
-round. RDataFrame at its best: compiled with ``EXTRA_CLING_ARGS=-O2``, and its time is its event loop
-as it times it, the just-in-time compilation of the query's expressions apart (``rdf_total_s`` has
-the whole call); ours include everything (coffea's preprocessing too). RDataFrame runs in a subprocess of its own (ROOT stays out of this process and its workers)
-that answers one query at a time. Every output is checked against RDataFrame's counts.
+round. RDataFrame runs in a subprocess of its own (ROOT stays out of this process and its workers)
+that answers one query at a time, at its best: compiled with ``EXTRA_CLING_ARGS=-O2``, and timed by its
+event loop as it times it, the just-in-time compilation of the query's expressions apart
+(``rdf_total_s`` has the whole call); ours include everything (coffea's preprocessing too). Every
+output is checked against RDataFrame's counts.
 """
 
 from __future__ import annotations

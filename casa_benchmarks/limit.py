@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["queries"][q] = row
         print(f"Q{q} ({events:,} events, chunks of {args.chunksize:,}): read {best['read_s']:.2f} s, "
               f"kernel {best['kernel_s']:.2f} s, read+kernel {work:.2f} s; iterative {best['iterative_s']:.2f} s "
-              f"(read-ahead off {best['iterative_no_read_ahead_s']:.2f} s) = {row['iterative_over_read_plus_kernel']:.2f}x "
+              f"(read-ahead off {best['iterative_no_read_ahead_s']:.2f} s) = "
+              f"{row['iterative_over_read_plus_kernel']:.2f}x "
               f"read+kernel, {row['iterative_over_max']:.2f}x max(read, kernel); counts agree: {row['same_counts']}",
               flush=True)
     result["load_after"] = os.getloadavg()

@@ -1,28 +1,31 @@
 """Reads overlapped with compute: while a chunk computes, a background thread reads and decompresses
-the baskets of the task's next chunk.
+the baskets of the next chunk.
 
 A task runs its chunks in order on one worker thread (``task.run_batch``). Without this, a chunk's
 bytes are fetched and decompressed when coffea first asks for a branch, and nothing computes
-meanwhile. Here, when chunk *k* begins, a thread (:class:`Ahead`) reads, in one vector request, the
-baskets chunk *k + 1* will need, decompresses them (zlib, lz4 and zstd release the GIL while they
-work), and holds them; when chunk *k + 1* runs, uproot gets them in place of their byte ranges as they
-come (a basket still to come is waited for, not read twice)
-(:func:`take`, called by the ``TBranch.entries_to_ranges_or_baskets`` wrapper of
-:mod:`casa_executors.internals`) and only interprets them. The output is the same: the same bytes,
-decompressed by the same uproot code, in another thread.
+meanwhile. Here, when chunk *k* begins, a thread (:class:`Ahead`) reads the baskets chunk *k + 1* will
+need in one vector request and decompresses them (zlib, lz4 and zstd release the GIL while they work).
+When chunk *k + 1* runs, uproot gets them in place of their byte ranges as they come (:func:`take`,
+called by the ``TBranch.entries_to_ranges_or_baskets`` wrapper of :mod:`casa_executors.internals`; a
+basket still on its way is waited for, never read twice) and only interprets them. The output is the
+same: the same bytes, decompressed by the same uproot code, in another thread.
 
-Which baskets: the branches that chunks of this run have read on this thread (:func:`seen`), in the
-next chunk's file, for its entry range, when that file's TTree is already in this thread's object
-cache (a chunk or the metadata step of this thread read it). A basket the running chunk also reads is
-left to it (``casa_executors.baskets`` keeps it for the next chunk). The first chunk a thread runs in
-a run has nothing read ahead, nor has a chunk of a file this thread has not opened yet.
+Which baskets: those of the branches this run's chunks have read on this thread (:func:`seen`), in the
+next chunk's file, for its entries, when that file's TTree is in this thread's object cache (a chunk,
+the metadata step or an earlier run of this thread read it). A basket the running chunk also reads is
+left to it (``casa_executors.baskets`` keeps it for the next chunk), and so is one the thread keeps.
+The first chunk a thread runs in a run has nothing read ahead. Which chunk is next: the task's next;
+after a task's last, ``TaskBatch.then`` (the driver sets it on a backend that runs one task at a time).
+Over a network, a chunk with nothing read ahead reads its own baskets in one request up front; a local
+file's chunk reading less than :data:`LOCAL_MIN_BYTES` is left to uproot.
 
-Bounds: one chunk ahead, at most :data:`READ_AHEAD_BYTES` of decompressed baskets held for it (planned
-from each branch's compression ratio, checked basket by basket); what does not fit is read by uproot
-as usual. The thread is
-stopped and joined when the task ends, whether its chunks succeeded or failed; an error while
-reading ahead is logged and forgotten: the chunk then reads those baskets itself, and meets the error
-(with fail-over) where it would have without read-ahead.
+Bounds: one chunk ahead, one read at a time, at most :data:`READ_AHEAD_BYTES` of decompressed baskets
+held for it (planned from each branch's compression ratio, checked basket by basket); what does not fit
+is read by uproot as usual. The read is stopped and joined when its chunk ends and when the task ends,
+whether its chunks succeeded or failed (a read of ``then`` goes on into the next task on this thread,
+and is stopped there, or when the thread's files close at the end of the run). An error while reading
+ahead is logged and forgotten: the chunk then reads those baskets itself, and meets the error (with
+fail-over) where it would have without read-ahead.
 
 Off with the other optimisations (``internals=False``, ``CASA_EXECUTORS_INTERNALS=0``), or alone with
 ``CASA_EXECUTORS_READ_AHEAD=0``.

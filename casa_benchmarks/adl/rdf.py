@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_query(args.files, q, threads)
             print(json.dumps({"query": q, "threads": threads, "events": r.events, "wall_s": r.wall_s,
                               "total_s": r.total_s, "jit_s": r.jit_s,
-                              "cling_args": os.environ.get("EXTRA_CLING_ARGS", ""), "counts": {k: v.tolist() for k, v in r.counts.items()}}), flush=True)
+                              "cling_args": os.environ.get("EXTRA_CLING_ARGS", ""),
+                              "counts": {k: v.tolist() for k, v in r.counts.items()}}), flush=True)
         return 0
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             best = min((run_query(args.files, q, threads) for _ in range(args.repeat)), key=lambda r: r.wall_s)
             rows.append({"query": q, "threads": threads, "events": best.events, "wall_s": best.wall_s,
                          "total_s": best.total_s, "jit_s": best.jit_s,
-                         "cling_args": os.environ.get("EXTRA_CLING_ARGS", ""), "cpu_s": best.cpu_s, "bytes_read": best.bytes_read,
+                         "cling_args": os.environ.get("EXTRA_CLING_ARGS", ""), "cpu_s": best.cpu_s,
+                         "bytes_read": best.bytes_read,
                          "counts": {k: v.tolist() for k, v in best.counts.items()}})
     json.dump(rows, sys.stdout)
     return 0
