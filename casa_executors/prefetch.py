@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 ENV = "CASA_EXECUTORS_READ_AHEAD"
 READ_AHEAD_BYTES = 128 * 2**20  # decompressed, for the one chunk read ahead
 # a local file's chunk reading less than this (compressed) is left to uproot: its decompression (lz4: a
-# millisecond a few MB) costs less than handing it to a thread, above all on a busy machine (ADL Q1 and
-# Q2 at chunks of 100k: 0.4 and 1.7 MB, slower with read-ahead: docs/reading.md)
+# millisecond a few MB) costs less than handing it to a thread, above all on a busy machine (ADL Q1 to
+# Q4 at chunks of 100k, 0.4 to 3 MB, were blocked longer with read-ahead: docs/reading.md)
 LOCAL_MIN_BYTES = 4 * 2**20
 
 _local = threading.local()  # .plan: this thread's ReadAhead; .ready: the running chunk's Ahead
