@@ -70,6 +70,9 @@ class Baskets:
         self._kept.move_to_end(key)
         return basket
 
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._kept
+
     def chunk_ended(self) -> None:
         """Let go of the baskets whose entries chunks have all had."""
         for key in self._spent:

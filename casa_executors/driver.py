@@ -532,7 +532,8 @@ class _Run:
     def _submit_chunks(self, submits: list[SubmitChunks]) -> None:
         batches = [TaskBatch(self.spec, [self._task(level, index) for level, index in s.nodes],
                              self.placement.compression, self.driver.router, run=self.run_id,
-                             folds=[Fold(*f) for f in s.folds], internals=self.driver.internals)
+                             folds=[Fold(*f) for f in s.folds], internals=self.driver.internals,
+                             then=self._then(s.nodes))
                    for s in submits]
         try:
             submitted = self.placement.submit_chunks(batches)
@@ -553,6 +554,15 @@ class _Run:
                 futures = [_failed(exc) for _ in pairs]
             for (s, _), future in zip(pairs, futures):
                 self._track(_MergeJob(s.task, future, s.group))
+
+    def _then(self, nodes: tuple[tuple[int, int], ...]) -> Any:
+        """The chunk the worker will most likely run after a task of ``nodes``, which it reads ahead
+        (``casa_executors.prefetch``): known only on a backend that runs one task at a time, in order."""
+        if (self.grains is not None or self.phase.name != "processing" or not self.backend.in_process
+                or self.backend.max_inflight() != 1 or not nodes):
+            return None
+        level, index = nodes[-1]
+        return self.phase.items[index + 1] if level == 0 and index + 1 < len(self.phase.items) else None
 
     def _task(self, level: int, index: int) -> ChunkTask:
         """The task computing node (level, index): a chunk, or (adaptive chunking) the one range of a

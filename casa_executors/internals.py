@@ -16,6 +16,9 @@ The internals, what each is for, and the plain path:
   ``UprootSourceMapping._extract_base_form``. Plain: coffea builds it for every chunk.
 * a basket two chunks share read once (:mod:`casa_executors.baskets`): wraps uproot's
   ``TBranch.entries_to_ranges_or_baskets`` and ``Model_TBasket.read``. Plain: uproot reads it twice.
+* the next chunk's baskets read and decompressed while a chunk computes (:mod:`casa_executors.prefetch`):
+  the same wrapper of ``TBranch.entries_to_ranges_or_baskets`` hands them to uproot, and records the
+  branches chunks read. Plain: each chunk reads its baskets when coffea asks for them.
 * Runner's retry loop (:func:`unwrap_runner_retries`): the driver takes coffea's ``automatic_retries``
   off the work, to retry across workers (a chunk runs ``retries + 1`` times in all). Plain: coffea's
   loop runs inside each attempt.
@@ -28,9 +31,9 @@ The internals, what each is for, and the plain path:
 
 The switch: ``Driver(internals=False)`` (``casa_executors.iterative(internals=False)``, ...) or the
 environment variable ``CASA_EXECUTORS_INTERNALS=0`` (read by the driver and by every worker) turns the
-three optimisations above off; they are coffea's and uproot's own code paths then. The last three are
+four optimisations above off; they are coffea's and uproot's own code paths then. The last three are
 not optimisations but how the driver fits coffea's executor contract; they stay, checked, whatever the
-switch says.
+switch says. ``CASA_EXECUTORS_READ_AHEAD=0`` turns off the read-ahead alone.
 
 Patches are in place only while a task of ours runs with the switch on (:func:`allowed`, entered per
 task batch on the worker): outside, coffea and uproot are as they were installed, and a thread that is
@@ -297,12 +300,13 @@ def _check_ranges(found: Any) -> str | None:
 
 
 def _wrap_ranges(original: Callable) -> Callable:
-    from casa_executors import baskets
+    from casa_executors import baskets, prefetch
 
     def entries_to_ranges_or_baskets(self, entry_start, entry_stop):
         out = original(self, entry_start, entry_stop)
         if not active() or baskets.current() is None:
             return out
+        prefetch.seen(self)
         # a list of (basket number, (byte start, byte stop) or a basket), which uproot means to be
         # updated in place with baskets read (its docstring): a kept basket is handed over as read
         offsets = self.entry_offsets
@@ -311,6 +315,10 @@ def _wrap_ranges(original: Callable) -> Callable:
                 continue  # a basket embedded in the branch: no read
             num = pair[0]
             basket = baskets.kept(self, num, int(offsets[num]), int(offsets[num + 1]), entry_start, entry_stop)
+            if basket is None:  # read ahead while the chunk before ran, if it was (prefetch)
+                basket = prefetch.take(self, num)
+                if basket is not None:
+                    baskets.read(self, basket, None)  # kept for the next chunk if it has part of it
             if basket is not None:
                 out[i] = (num, basket)
         return out

@@ -142,6 +142,8 @@ class OpenFiles:
         self.objects = uproot.cache.LRUCache(OBJECTS_PER_THREAD)
         self.baskets = baskets.Baskets()  # baskets a chunk's edge cut, for the file's next chunk
         self.arrays = uproot.cache.LRUArrayCache(ARRAYS_PER_CHUNK)  # the running chunk's (ChunkArrays)
+        self.read_branches: dict[str, dict[str, None]] = {}  # tree name -> branches this run's chunks read (prefetch)
+        self.left_ahead: tuple[str, Any] | None = None  # (run, prefetch.Ahead) a task left for the next one
 
     def open(self, url: str, options: dict[str, Any]) -> FSSpecSource:
         key = (url, repr(sorted(options.items(), key=lambda kv: kv[0])))
@@ -168,6 +170,10 @@ class OpenFiles:
         while self.sources:
             _forget(self.sources.popitem()[1])
         self.baskets.clear()
+        self.read_branches.clear()
+        if self.left_ahead is not None:
+            self.left_ahead[1].stop()
+            self.left_ahead = None
 
 
 def open_files(run: str | None = None) -> OpenFiles:
@@ -427,6 +433,11 @@ class MeteredSource(uproot.source.chunk.Source):
     @property
     def file_path(self) -> str:
         return self._file_path
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options the file was opened with (a read-ahead opens its own source with them)."""
+        return dict(self._options)
 
     @property
     def num_bytes(self) -> int:

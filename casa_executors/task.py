@@ -22,6 +22,7 @@ from typing import Any
 
 import cloudpickle
 
+from casa_executors import prefetch
 from casa_executors.errors import PackedException, RemoteError, describe, pack, text, unpack
 from casa_executors.heap import old_heap_frozen
 from casa_executors.internals import allowed, env_allows
@@ -68,6 +69,7 @@ class TaskBatch:
     # optimisations resting on coffea/uproot internals (the executor's ``internals``, and-ed with the
     # environment here and again on the worker: casa_executors.internals)
     internals: bool = True
+    then: Any = None  # the item the driver will most likely hand this worker next (read ahead: prefetch)
 
     def __post_init__(self) -> None:
         self.internals = bool(self.internals) and env_allows()
@@ -218,14 +220,15 @@ def _events(item: Any) -> int:
 def run_chunk(function: Callable[[Any], Any], task: ChunkTask, batch: TaskBatch, keep: bool = False) -> tuple[
         ChunkResult, Any]:
     """Run one task; its output is stored or encoded into the result, or with ``keep`` returned as it is."""
-    io = ChunkIO(batch.router)
+    ahead = prefetch.current()
+    io = ChunkIO(batch.router) if ahead is None else ahead.io_for(task)  # bytes read ahead are metered there
     result = ChunkResult(task.index, task.attempt, worker=worker_name(), host=socket.gethostname())
     rss0 = peak_rss()
     result.started = time.time()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     output = None
     try:
-        with metering(io):
+        with metering(io), (contextlib.nullcontext() if ahead is None else ahead.chunk(task, io)):
             output = function(task.item)
         if not keep:
             _place(result, output, batch, task.level, task.index)
@@ -312,7 +315,8 @@ def run_batch(batch: TaskBatch) -> list[ChunkResult]:
         folds = {f.start: f for f in batch.folds}
         results, position = [], 0
         # full GC passes skip the worker's imports and kept trees meanwhile
-        with old_heap_frozen(), allowed(batch.internals):
+        with old_heap_frozen(), allowed(batch.internals) as on, prefetch.reading_ahead(
+                batch.tasks, batch.router, on, batch.run, batch.then):
             while position < len(batch.tasks):
                 fold = folds.get(position)
                 if fold is None:
