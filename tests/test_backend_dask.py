@@ -99,6 +99,17 @@ def test_local_cluster_with_tls_owned_and_stopped(sample_files, reference, tmp_p
     assert {r.worker.split("://")[0] for r in ex.report.rows()} == {"tls"}
 
 
+def test_local_cluster_in_this_process(sample_files, reference, no_leftover_processes):
+    """``processes=False``: the workers are threads of this process, talking over inproc:// (a scheduler
+    given host= refuses to start then: "Cluster failed to start")."""
+    ex = ce.dask(workers=2, processes=False, status=False)
+    out = run(ex, sample_files)
+    assert same(out, reference)
+    assert ex.report.summary()["processed"] == 12
+    assert {r.worker.split("://")[0] for r in ex.report.rows()} == {"inproc"}
+    assert ex.backend._cluster is None  # stopped after the call
+
+
 # -- a TLS scheduler and two workers as separate processes ---------------------------------------
 
 

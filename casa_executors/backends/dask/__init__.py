@@ -162,7 +162,8 @@ class DaskBackend(Backend):
                     n_workers=self.workers,
                     threads_per_worker=1,
                     processes=self._processes,
-                    host="127.0.0.1",
+                    # in this process the workers talk over inproc://, which a host= makes the scheduler refuse
+                    **({"host": "127.0.0.1"} if self._processes else {}),
                     dashboard_address="127.0.0.1:0",  # its HTTP server binds here, not on 0.0.0.0:8787
                     security=self._security,
                     # a task on a lost worker fails (KilledWorker): the driver retries it, and counts it
