@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
 
 import pytest
-from analysis import assert_adl_identical, require_engine, run
+from analysis import assert_adl_identical, require_engine, run, same
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics
 
 import casa_executors as ce
@@ -53,6 +54,38 @@ def test_adl_queries_on_workers_that_are_slurm_jobs(slurm, served, sample_files,
         files = [f for f in d.rglob("*") if not f.is_dir()]
         assert not files, f"files outlived their worker job: {files}"
         shutil.rmtree(d)
+
+
+def submitted_jobs(slurm) -> set[str]:
+    """Every job id the controller accepted so far (its log; squeue forgets finished jobs)."""
+    text = (slurm.dir / "log" / "slurmctld.log").read_text(errors="replace")
+    return set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", text))
+
+
+def test_adapt_from_zero_submits_workers_as_work_arrives(slurm, sample_files, reference):
+    """adapt=(0, 2): no worker before the work; then the factory reads the password-protected manager's
+    queue (through the run's own catalog_server) and submits worker jobs, which run every chunk."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    before = submitted_jobs(slurm)
+    backend = WorkQueueBackend(submit="slurm", adapt=(0, 2), worker_timeout=120)
+    backend.hold()
+    try:
+        catalog = backend._batch._catalog
+        assert catalog is not None and catalog.address.startswith("127.0.0.1:")
+        factory, catalog_server = backend._batch._proc, catalog._proc
+        assert submitted_jobs(slurm) == before  # nothing asked for while there is no work
+        ex = ce.Driver(backend=backend, status=False)
+        out = run(ex, sample_files)
+        jobs = submitted_jobs(slurm) - before
+        assert same(out, reference)
+        ran = {r.worker.split("/", 1)[0] for r in ex.report.rows()}
+        assert jobs and ran and ran <= {f"slurm:{j}" for j in jobs}, (jobs, ran)
+    finally:
+        backend.release()
+    # the factory and the catalog server stopped by PID, their jobs gone
+    assert factory.poll() is not None and catalog_server.poll() is not None
+    assert_no_jobs(slurm)
 
 
 def test_workers_that_never_start_are_named(slurm, sample_files):
