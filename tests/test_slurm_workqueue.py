@@ -13,6 +13,7 @@ from analysis import assert_adl_identical, require_engine, run, same
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics
 
 import casa_executors as ce
+from casa_executors import procs
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 
@@ -67,13 +68,14 @@ def test_adapt_from_zero_submits_workers_as_work_arrives(slurm, sample_files, re
     queue (through the run's own catalog_server) and submits worker jobs, which run every chunk."""
     from casa_executors.backends.workqueue import WorkQueueBackend
 
+    ours = lambda name: [p for p in procs.children() if p.name() == name]  # noqa: E731
     before = submitted_jobs(slurm)
     backend = WorkQueueBackend(submit="slurm", adapt=(0, 2), worker_timeout=120)
     backend.hold()
     try:
-        catalog = backend._batch._catalog
-        assert catalog is not None and catalog.address.startswith("127.0.0.1:")
-        factory, catalog_server = backend._batch._proc, catalog._proc
+        (catalog_server,), (factory,) = ours("catalog_server"), ours("work_queue_factory")
+        after = lambda p, opt: p.cmdline()[p.cmdline().index(opt) + 1]  # noqa: E731
+        assert after(catalog_server, "-I") == "127.0.0.1" and after(factory, "--catalog").startswith("127.0.0.1:")
         assert submitted_jobs(slurm) == before  # nothing asked for while there is no work
         ex = ce.Driver(backend=backend, status=False)
         out = run(ex, sample_files)
@@ -84,7 +86,7 @@ def test_adapt_from_zero_submits_workers_as_work_arrives(slurm, sample_files, re
     finally:
         backend.release()
     # the factory and the catalog server stopped by PID, their jobs gone
-    assert factory.poll() is not None and catalog_server.poll() is not None
+    assert not factory.is_running() and not catalog_server.is_running()
     assert_no_jobs(slurm)
 
 
