@@ -216,8 +216,8 @@ def test_parsl_on_slurm_runner_call_starts_one_engine(slurm, tmp_path, sample_fi
 
 def test_workqueue_on_slurm_runner_call_starts_one_engine(slurm, sample_files, reference):
     require_engine("workqueue")
-    # adapt=(1, 1): with a minimum of 0 cctools 9.9's work_queue_factory cannot read our (password-protected)
-    # manager's queue status ("couldn't read queue status") and never submits a worker
+    # adapt=(1, 1): one job, so the count is exact (the factory reads the queue through the run's catalog
+    # server, tests/test_slurm_workqueue.py shows adapt=(0, N))
     ex = ce.workqueue(submit="slurm", adapt=(1, 1), worker_timeout=60, status=False)
     check_one_engine(slurm, ex, sample_files, reference)
 

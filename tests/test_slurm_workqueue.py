@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
 
 import pytest
-from analysis import FACILITY_QUERY, assert_adl_identical, require_engine, run
+from analysis import FACILITY_QUERY, assert_adl_identical, require_engine, run, same
 from facility import SecretWatch, assert_no_jobs, new_temp_entries, same_physics
 
 import casa_executors as ce
+from casa_executors import procs
 from casa_executors.errors import BackendUnavailable, ExecutorOptionError
 
 
@@ -53,6 +55,39 @@ def test_adl_queries_on_workers_that_are_slurm_jobs(slurm, served, sample_files,
         files = [f for f in d.rglob("*") if not f.is_dir()]
         assert not files, f"files outlived their worker job: {files}"
         shutil.rmtree(d)
+
+
+def submitted_jobs(slurm) -> set[str]:
+    """Every job id the controller accepted so far (its log; squeue forgets finished jobs)."""
+    text = (slurm.dir / "log" / "slurmctld.log").read_text(errors="replace")
+    return set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", text))
+
+
+def test_adapt_from_zero_submits_workers_as_work_arrives(slurm, sample_files, reference):
+    """adapt=(0, 2): no worker before the work; then the factory reads the password-protected manager's
+    queue (through the run's own catalog_server) and submits worker jobs, which run every chunk."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    ours = lambda name: [p for p in procs.children() if p.name() == name]  # noqa: E731
+    before = submitted_jobs(slurm)
+    backend = WorkQueueBackend(submit="slurm", adapt=(0, 2), worker_timeout=120)
+    backend.hold()
+    try:
+        (catalog_server,), (factory,) = ours("catalog_server"), ours("work_queue_factory")
+        after = lambda p, opt: p.cmdline()[p.cmdline().index(opt) + 1]  # noqa: E731
+        assert after(catalog_server, "-I") == "127.0.0.1" and after(factory, "--catalog").startswith("127.0.0.1:")
+        assert submitted_jobs(slurm) == before  # nothing asked for while there is no work
+        ex = ce.Driver(backend=backend, status=False)
+        out = run(ex, sample_files)
+        jobs = submitted_jobs(slurm) - before
+        assert same(out, reference)
+        ran = {r.worker.split("/", 1)[0] for r in ex.report.rows()}
+        assert jobs and ran and ran <= {f"slurm:{j}" for j in jobs}, (jobs, ran)
+    finally:
+        backend.release()
+    # the factory and the catalog server stopped by PID, their jobs gone
+    assert not factory.is_running() and not catalog_server.is_running()
+    assert_no_jobs(slurm)
 
 
 def test_workers_that_never_start_are_named(slurm, sample_files):

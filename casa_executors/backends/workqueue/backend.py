@@ -209,7 +209,7 @@ class WorkQueueBackend(Backend):
             client = self._staging / CLIENT_SCRIPT_NAME
             client.write_text(SHELL_CLIENT)
             pythonpath = worker_pythonpath()
-            self._start_manager({
+            config = {
                 "port": self._port_opt or 0, "name": self._project, "password_file": str(self._password_file),
                 "command": task_command(self._python, self._warm), "warm": self._warm,
                 "worker_script": WORKER_SCRIPT, "worker_script_name": WORKER_SCRIPT_NAME,
@@ -217,7 +217,10 @@ class WorkQueueBackend(Backend):
                 "key": server_key(self._python, pythonpath), "pythonpath": pythonpath,
                 "sys_path": [p for p in sys.path if p],
                 "expect": self._local_count or (self._batch.bounds[0] if self._batch is not None else 1),
-            })
+            }
+            if self._batch is not None:  # adapt=: a catalog for the factory to read our queue from
+                config.update(self._batch.manager_config(self._host, self._staging, self._project))
+            self._start_manager(config)
             if self._local_count:
                 self._local = LocalWorkers(self._local_count, self._host if self._host != "0.0.0.0" else LOOPBACK,
                                            self._port, self._staging, self._password_file)

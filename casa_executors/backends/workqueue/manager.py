@@ -224,6 +224,9 @@ def main(argv: list[str]) -> int:
         chan.send("error", f"workqueue: cannot listen on port {config['port']}: {exc}")
         return 1
     q.specify_password_file(config["password_file"])
+    if config.get("catalog"):  # submit= with adapt=: the factory reads our queue there (slurm.py)
+        host, _, port = config["catalog"].rpartition(":")
+        q.specify_catalog_server(host, int(port))
     chan.send("ready", q.port)
     started = time.monotonic()
     try:

@@ -14,6 +14,24 @@ given to the factory with ``--password``, keeps strangers' workers out.)
 
 Jobs carry a ``--comment`` naming this manager, so that whatever the factory
 leaves behind can still be found and cancelled.
+
+``adapt=``: the factory sizes the pool from the manager's queue (tasks waiting
+and running, workers connected). Asked directly (``<host> <port>``), cctools
+9.9's factory reads it without authenticating (its ``do_direct_query`` sends
+``queue_status`` on a bare connection; ``--password`` only goes to the
+workers), so our password-protected manager answers nothing ("couldn't read
+queue status") and the factory never goes beyond ``--min-workers``. So with
+``adapt=`` the run starts a ``catalog_server`` of its own (on the address the
+workers dial, a free port, stopped by PID with the factory), the manager
+advertises itself there under the run's own project name
+(``specify_catalog_server``; ``name=`` is not used), and the factory is run
+with ``-M <project> --catalog <host:port>``, the catalog mode cctools
+documents; its workers find the manager through the same catalog and still
+give the password. Both loops are cctools' own: the manager sends its status
+when ``wait`` first runs with work queued, then at most every 60 s
+(``WORK_QUEUE_UPDATE_INTERVAL``), and the factory looks every 30 s; neither is
+a setting in 9.9. So the first workers are asked for within about 30 s of the
+first task, and the pool grows further at that pace.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SUBMITTERS = ("slurm",)
 IDLE_S = 10  # a worker without a task for this long exits (adapt gives it back)
+CATALOG_START_S = 10  # how long catalog_server may take to write its port
 
 
 def submit_unavailable(kind: str) -> str | None:
@@ -59,6 +79,59 @@ def _wrapper(worker: str) -> str:
         'wait "$child"',
         "",
     ])
+
+
+class Catalog:
+    """A ``catalog_server`` for one run: the manager reports its queue there, the factory and its workers read it.
+
+    ``-Z`` has it pick a free port and write it to a file (no race for the port), ``-S`` answers queries in
+    its own process (no children to stop), and ``-u ''`` keeps it from reporting itself to cctools' public
+    catalogs, its default."""
+
+    def __init__(self, host: str, scratch: Path) -> None:
+        self.host, self.scratch = host, scratch
+        self._proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self) -> str:
+        """Start it; its ``host:port``."""
+        binary = shutil.which("catalog_server")
+        if binary is None:
+            raise BackendUnavailable("workqueue: submit= with adapt= needs catalog_server on PATH "
+                                     "(coop-computing-tools)")
+        self.scratch.mkdir(mode=0o700)
+        port_file = self.scratch / "catalog.port"
+        cmd = [binary, "-Z", str(port_file), "-S", "-u", "", "-o", str(self.scratch / "catalog.log")]
+        if self.host not in ("0.0.0.0", ""):
+            cmd += ["-I", self.host]  # else every interface, as the manager
+        with open(self.scratch / "catalog.out", "wb") as out:
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          cwd=self.scratch)
+        port, deadline = None, time.monotonic() + CATALOG_START_S
+        while port is None and self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # it says nothing else when it listens
+            port = _read_port(port_file)
+        if port is None:
+            why = (self.scratch / "catalog.out").read_text(errors="replace").strip().splitlines()[-1:]
+            self.stop()
+            raise BackendUnavailable(f"workqueue: catalog_server did not start within {CATALOG_START_S} s"
+                                     f"{': ' + why[0] if why else ''}")
+        self.address = f"{manager_address(self.host)}:{port}"
+        log.info("catalog_server for the factory at %s", self.address)
+        return self.address
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            procs.terminate([proc], grace=5)
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def batch_workers(submit: object, workers: int | None, adapt: Adapt | None, batch_options: object,
@@ -90,6 +163,7 @@ class BatchWorkers:
         self.scratch: Path | None = None
         self.seen = False
         self.failed: BackendUnavailable | None = None
+        self._catalog: Catalog | None = None
 
     @property
     def at_start(self) -> bool:
@@ -114,6 +188,17 @@ class BatchWorkers:
     def bounds(self) -> tuple[int, int]:
         return self.adapt if self.adapt is not None else (self.workers or 1, self.workers or 1)
 
+    def manager_config(self, host: str, staging: Path, name: str | None) -> dict[str, str]:
+        """What the manager needs before it starts: with ``adapt=``, the catalog to report its queue to
+        (started here) and the project name to report it under (see the module's docstring)."""
+        if self.adapt is None:
+            return {}
+        if name is not None:
+            log.warning("workqueue: with submit= and adapt= the manager is listed in the run's own catalog "
+                        "as %s; name=%r is not used", self.tag, name)
+        self._catalog = Catalog(host, staging / "catalog")
+        return {"name": self.tag, "catalog": self._catalog.start()}
+
     def start(self, manager: str, port: int, staging: Path, password_file: Path | None) -> None:
         self.seen, self.failed = False, None
         reason = submit_unavailable(self.kind)
@@ -133,8 +218,12 @@ class BatchWorkers:
                "-o", str(self.scratch / "factory.log")]
         if password_file is not None:
             cmd += ["--password", str(password_file)]
+        if self._catalog is not None:  # the project name has no regular expression characters: it is our tag
+            cmd += ["--manager-name", self.tag, "--catalog", self._catalog.address]
+        else:
+            cmd += [manager, str(port)]
         with open(self.scratch / "factory.out", "wb") as out:
-            self._proc = subprocess.Popen([*cmd, manager, str(port)], stdout=out, stderr=subprocess.STDOUT,
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, cwd=self.scratch)
         log.info("work_queue_factory -T %s for %s:%d, %s", self.kind, manager, port,
                  describe_size(self.workers, self.adapt))
@@ -167,6 +256,9 @@ class BatchWorkers:
         proc, self._proc = self._proc, None
         if proc is not None:
             procs.terminate([proc], grace=15)
+        catalog, self._catalog = self._catalog, None
+        if catalog is not None:
+            catalog.stop()
         left = self.job_ids()
         if left:
             log.warning("workqueue: cancelling jobs the factory left: %s", left)
