@@ -182,13 +182,13 @@ class SparkBackend(Backend):
             if SparkContext._active_spark_context is not None:
                 raise BackendUnavailable("spark: a SparkContext is already running in this process; "
                                          "pass its session as spark(session=...)")
-            self._sc = self._new_context()
+            self._session = self._new_session()
+            self._sc = self._session.sparkContext
             self._sc.setLogLevel("ERROR")
 
-    def _new_context(self) -> SparkContext:
-        """A SparkContext, no SparkSession: tasks use the RDD API only, and the JVM's SparkSession (SQL's
-        machinery) took 1.4-2x the SparkContext's own start again (docs/spark.md)."""
-        from pyspark import SparkConf, SparkContext
+    def _new_session(self) -> SparkSession:
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
 
         self._tmp = tempfile.mkdtemp(prefix="casa-spark-")
         log4j = os.path.join(self._tmp, "log4j2.properties")
@@ -198,7 +198,7 @@ class SparkBackend(Backend):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # read when the JVM and the SparkContext start
         try:
-            return SparkContext(conf=SparkConf().setAll(list(settings.items())))
+            return SparkSession.builder.config(conf=SparkConf().setAll(list(settings.items()))).getOrCreate()
         except Exception:
             self._stop_jvm()
             raise
@@ -231,7 +231,7 @@ class SparkBackend(Backend):
         }
 
     def _stop(self) -> None:
-        pool, sc = self._pool, self._sc
+        pool, sc, session = self._pool, self._sc, self._session
         self._pool = self._sc = self._session = None
         if sc is not None and getattr(sc, "_jsc", None) is not None:
             try:
@@ -240,9 +240,9 @@ class SparkBackend(Backend):
                 pass
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        if sc is not None and self._user_session is None:
+        if session is not None and session is not self._user_session:
             try:
-                sc.stop()
+                session.stop()
             finally:
                 self._stop_jvm()
 
@@ -340,7 +340,7 @@ class SparkBackend(Backend):
         from pyspark import SparkContext
 
         proc = getattr(SparkContext._gateway, "proc", None)
-        if proc is None or self._user_session is not None:
+        if proc is None or self._session is self._user_session:
             return []
         return [p.pid for p in procs.descendants(proc.pid)]
 
