@@ -146,8 +146,7 @@ def _cpu() -> dict[str, float]:
 def child(kind: str, conf: dict[str, str], jobs: int, warmup: int, event_log: bool, profile: str | None) -> dict:
     """One contender in this (fresh) process: its start-up split and its round trips."""
     t_import = time.perf_counter()
-    import pyspark  # noqa: F401  (imports are not Spark's start-up; timed apart)
-    import pyspark.sql  # noqa: F401
+    import pyspark.sql  # noqa: F401  (imports are not Spark's start-up; timed apart)
 
     if kind != "bare":
         import casa_executors
@@ -221,6 +220,7 @@ def child(kind: str, conf: dict[str, str], jobs: int, warmup: int, event_log: bo
     if prof and profile:
         prof.dump_stats(profile)
     row = {
+        "casa_executors": getattr(sys.modules.get("casa_executors"), "__file__", None),
         "kind": kind, "conf": conf, "import_s": imported, "start_s": started,
         "jvm_s": steps.get("jvm_s"), "context_s": steps.get("context_s"),
         "session_s": started - steps.get("jvm_s", 0.0) - steps.get("context_s", 0.0),
@@ -233,14 +233,14 @@ def child(kind: str, conf: dict[str, str], jobs: int, warmup: int, event_log: bo
         "job1_ms_quartiles": [1e3 * q for q in statistics.quantiles(one, n=4)],
         "wave2_ms_quartiles": [1e3 * q for q in statistics.quantiles(two, n=4)],
     }
+    t = time.perf_counter()
     if kind == "bare":
         session.stop()
-    else:
-        backend.release() if hasattr(backend, "release") else backend.stop()
-    t = time.perf_counter()
+    elif backend is not None:
+        backend.release()  # waits for the JVM's exit (and a CDS archive's dump at exit, if asked for)
+    row["stop_s"] = time.perf_counter() - t
     if log_dir:
         row["event_log"] = _event_log_split(log_dir, marks)
-    row["stop_s"] = time.perf_counter() - t
     return row
 
 
@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child)
-        row = child(spec["kind"], spec["conf"], args.jobs, args.warmup, args.event_log, spec.get("profile"))
+        given = json.loads(args.child)
+        row = child(given["kind"], given["conf"], args.jobs, args.warmup, args.event_log, given.get("profile"))
         print("RESULT " + json.dumps(row), flush=True)
         return row
-    contenders = {"bare": ("bare", {}), "ours": ("ours", {})}
+    contenders: dict[str, tuple[str, dict[str, str]]] = {"bare": ("bare", {}), "ours": ("ours", {})}
     if args.before:
         contenders["before"] = ("ours", {})
     for v in args.variants:
@@ -294,10 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
                 spec["profile"] = os.path.join(args.profile_dir, f"{name}-{rep}.prof")
             cmd = [sys.executable, "-m", "casa_benchmarks.spark_overhead", "--child", json.dumps(spec),
                    "--jobs", str(args.jobs), "--warmup", str(args.warmup)] + (["--event-log"] if args.event_log else [])
-            env = dict(os.environ)
-            if name == "before":  # its casa_executors first on the path, this benchmark after it
+            env, cwd = dict(os.environ), None
+            if name == "before":  # its casa_executors first on the path (python -m puts the cwd first), ours after
                 env["PYTHONPATH"] = os.pathsep.join([args.before, os.getcwd(), env.get("PYTHONPATH", "")])
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+                cwd = args.before
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
             out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not out:
                 raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -319,8 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary[name]["startup_over_bare"] = summary[name]["startup_s"] / summary["bare"]["startup_s"]
     for name, s in summary.items():
         print(f"{name:12s} " + " ".join(f"{k} {v:.3g}" for k, v in s.items()))
-    result = {"argv": sys.argv[1:] if argv is None else argv, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "loadavg": load, "rows": rows, "summary": summary}
+    result = {"argv": sys.argv[1:] if argv is None else argv,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": load, "rows": rows,
+              "summary": summary}
     return save_json(result, args.json)
 
 

@@ -269,7 +269,9 @@ class TestStandalone:
         assert ex.report.processing.workers == 2  # the worker's 2 cores
 
     def test_existing_session_is_used_not_stopped(self, cluster, sample_files, reference):
-        session = cluster["backend"]._session
+        from pyspark.sql import SparkSession
+
+        session = SparkSession(cluster["backend"]._sc)  # a user's session on that SparkContext
         ex = ce.spark(session=session, status=False)
         assert same(run(ex, sample_files), reference)
         assert session.sparkContext._jsc is not None  # still running

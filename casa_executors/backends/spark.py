@@ -68,7 +68,8 @@ appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
 DEFAULTS = {"spark.python.unix.domain.socket.enabled": "true"}
 # the driver JVM's flags (a user's spark.driver.extraJavaOptions come after them: the last of a flag
 # wins). The driver JVM schedules and moves bytes, the work is in the Python workers: C1 alone (no C2)
-# halved the JVM's start and SparkContext's init here and left the round trip as fast (docs/spark.md)
+# halved the JVM's launch and SparkContext's init on a loaded machine (even when idle), with the same
+# JVM CPU per job (docs/spark.md)
 DRIVER_JVM_OPTIONS = ["-XX:TieredStopAtLevel=1"]
 # ours to set: a user conf= may not change these
 FIXED = {"spark.task.maxFailures": "1"}
@@ -182,13 +183,13 @@ class SparkBackend(Backend):
             if SparkContext._active_spark_context is not None:
                 raise BackendUnavailable("spark: a SparkContext is already running in this process; "
                                          "pass its session as spark(session=...)")
-            self._session = self._new_session()
-            self._sc = self._session.sparkContext
+            self._sc = self._new_context()
             self._sc.setLogLevel("ERROR")
 
-    def _new_session(self) -> SparkSession:
-        from pyspark import SparkConf
-        from pyspark.sql import SparkSession
+    def _new_context(self) -> SparkContext:
+        """A SparkContext, no SparkSession: tasks use the RDD API only, and a SparkSession took 2.4 s of a
+        6.8 s start here (the JVM's SQL machinery, and pandas imported for a version check; docs/spark.md)."""
+        from pyspark import SparkConf, SparkContext
 
         self._tmp = tempfile.mkdtemp(prefix="casa-spark-")
         log4j = os.path.join(self._tmp, "log4j2.properties")
@@ -198,7 +199,7 @@ class SparkBackend(Backend):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # read when the JVM and the SparkContext start
         try:
-            return SparkSession.builder.config(conf=SparkConf().setAll(list(settings.items()))).getOrCreate()
+            return SparkContext(conf=SparkConf().setAll(list(settings.items())))
         except Exception:
             self._stop_jvm()
             raise
@@ -231,7 +232,7 @@ class SparkBackend(Backend):
         }
 
     def _stop(self) -> None:
-        pool, sc, session = self._pool, self._sc, self._session
+        pool, sc = self._pool, self._sc
         self._pool = self._sc = self._session = None
         if sc is not None and getattr(sc, "_jsc", None) is not None:
             try:
@@ -240,9 +241,9 @@ class SparkBackend(Backend):
                 pass
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        if session is not None and session is not self._user_session:
+        if sc is not None and self._user_session is None:
             try:
-                session.stop()
+                sc.stop()
             finally:
                 self._stop_jvm()
 
@@ -340,7 +341,7 @@ class SparkBackend(Backend):
         from pyspark import SparkContext
 
         proc = getattr(SparkContext._gateway, "proc", None)
-        if proc is None or self._session is self._user_session:
+        if proc is None or self._user_session is not None:
             return []
         return [p.pid for p in procs.descendants(proc.pid)]
 
