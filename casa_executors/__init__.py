@@ -253,7 +253,7 @@ def parsl(
     workers : int, optional
         Cores of a local master (default: one per core, at most 4).
     conf : dict, optional
-        Spark settings for the session we start (``spark.task.maxFailures`` stays 1: the driver retries).
+        Spark settings for the SparkContext we start (``spark.task.maxFailures`` stays 1: the driver retries).
 {driver}
 """ + _RETURNS + """
     Examples

@@ -99,6 +99,18 @@ def test_short_message_of_a_lost_task():
 # -- chunks per Spark task ---------------------------------------------------------------
 
 
+def test_user_java_options_add_to_ours():
+    """A user's spark.driver.extraJavaOptions come after ours (the JVM's last flag wins), ours kept."""
+    from casa_executors.backends.spark import DRIVER_JVM_OPTIONS, SparkBackend
+
+    mine = SparkBackend(master="local[1]")._settings("/x/log4j2.properties")["spark.driver.extraJavaOptions"]
+    assert mine.split() == ["-Dlog4j2.configurationFile=file:/x/log4j2.properties", *DRIVER_JVM_OPTIONS]
+    user = "-XX:TieredStopAtLevel=4 -XX:SharedArchiveFile=/x/spark.jsa"
+    theirs = SparkBackend(master="local[1]", conf={"spark.driver.extraJavaOptions": user})._settings(
+        "/x/log4j2.properties")["spark.driver.extraJavaOptions"]
+    assert theirs == f"{mine} {user}"
+
+
 def test_batch_size_amortises_spark_tasks_and_leaves_no_core_idle():
     from casa_executors.backends.spark import MAX_CHUNKS_PER_TASK, TASKS_PER_WORKER, SparkBackend
 
@@ -159,6 +171,7 @@ def test_merges_ready_together_are_one_spark_job(no_leftover_processes):
         tracker = backend._sc.statusTracker()
         before = len(tracker.getJobIdsForGroup(backend._group))
         assert backend._sc.getConf().get("spark.python.unix.domain.socket.enabled") == "true"
+        assert "-XX:TieredStopAtLevel=1" in cmdline(jvm_pid())  # the driver JVM got our flags
         futures = backend.submit_together(abs, [-1, -2, -3])
         assert [f.result(timeout=120) for f in futures] == [1, 2, 3]
         assert len(tracker.getJobIdsForGroup(backend._group)) - before == 1
@@ -256,7 +269,9 @@ class TestStandalone:
         assert ex.report.processing.workers == 2  # the worker's 2 cores
 
     def test_existing_session_is_used_not_stopped(self, cluster, sample_files, reference):
-        session = cluster["backend"]._session
+        from pyspark.sql import SparkSession
+
+        session = SparkSession(cluster["backend"]._sc)  # a user's session on that SparkContext
         ex = ce.spark(session=session, status=False)
         assert same(run(ex, sample_files), reference)
         assert session.sparkContext._jsc is not None  # still running

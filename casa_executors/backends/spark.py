@@ -66,6 +66,11 @@ appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
 # worker started; over Unix domain sockets (Spark >= 4.1) ~70 ms, and ADL Q1's median run 0.93 -> 0.72 s
 # (docs/spark.md). A default: conf= may turn it off
 DEFAULTS = {"spark.python.unix.domain.socket.enabled": "true"}
+# the driver JVM's flags (a user's spark.driver.extraJavaOptions come after them: the last of a flag
+# wins). The driver JVM schedules and moves bytes, the work is in the Python workers: C1 alone (no C2)
+# halved the JVM's launch and SparkContext's init on a loaded machine (even when idle), with the same
+# JVM CPU per job (docs/spark.md)
+DRIVER_JVM_OPTIONS = ["-XX:TieredStopAtLevel=1"]
 # ours to set: a user conf= may not change these
 FIXED = {"spark.task.maxFailures": "1"}
 
@@ -162,7 +167,9 @@ class SparkBackend(Backend):
         with warnings.catch_warnings():  # pyspark's own note about the pandas version, each start
             warnings.filterwarnings("ignore", message=".*PySpark does not yet fully support")
             self._attach_or_create()
-        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="casa-spark")
+        # a job group holds for every job a thread starts (Spark's pinned threads: one JVM thread per
+        # Python thread), so each pool thread sets it once rather than each job (a Py4J round trip)
+        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="casa-spark", initializer=self._join_group)
 
     def _attach_or_create(self) -> None:
         from pyspark import SparkContext
@@ -176,13 +183,13 @@ class SparkBackend(Backend):
             if SparkContext._active_spark_context is not None:
                 raise BackendUnavailable("spark: a SparkContext is already running in this process; "
                                          "pass its session as spark(session=...)")
-            self._session = self._new_session()
-            self._sc = self._session.sparkContext
+            self._sc = self._new_context()
             self._sc.setLogLevel("ERROR")
 
-    def _new_session(self) -> SparkSession:
-        from pyspark import SparkConf
-        from pyspark.sql import SparkSession
+    def _new_context(self) -> SparkContext:
+        """A SparkContext, no SparkSession: tasks use the RDD API only, and a SparkSession took 2.4 s of a
+        6.8 s start here (the JVM's SQL machinery, and pandas imported for a version check; docs/spark.md)."""
+        from pyspark import SparkConf, SparkContext
 
         self._tmp = tempfile.mkdtemp(prefix="casa-spark-")
         log4j = os.path.join(self._tmp, "log4j2.properties")
@@ -192,7 +199,7 @@ class SparkBackend(Backend):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # read when the JVM and the SparkContext start
         try:
-            return SparkSession.builder.config(conf=SparkConf().setAll(list(settings.items()))).getOrCreate()
+            return SparkContext(conf=SparkConf().setAll(list(settings.items())))
         except Exception:
             self._stop_jvm()
             raise
@@ -215,14 +222,17 @@ class SparkBackend(Backend):
             "spark.pyspark.python": sys.executable,
             "spark.executorEnv.PYTHONPATH": worker_pythonpath(),
             "spark.python.worker.reuse": "true",
-            "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
             **DEFAULTS,
             **self._conf,
+            # ours first, the user's after them (for the JVM, the last of a repeated flag wins)
+            "spark.driver.extraJavaOptions": " ".join(
+                [f"-Dlog4j2.configurationFile=file:{log4j}", *DRIVER_JVM_OPTIONS,
+                 self._conf.get("spark.driver.extraJavaOptions", "")]).strip(),
             **FIXED,
         }
 
     def _stop(self) -> None:
-        pool, sc, session = self._pool, self._sc, self._session
+        pool, sc = self._pool, self._sc
         self._pool = self._sc = self._session = None
         if sc is not None and getattr(sc, "_jsc", None) is not None:
             try:
@@ -231,9 +241,9 @@ class SparkBackend(Backend):
                 pass
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        if session is not None and session is not self._user_session:
+        if sc is not None and self._user_session is None:
             try:
-                session.stop()
+                sc.stop()
             finally:
                 self._stop_jvm()
 
@@ -288,6 +298,14 @@ class SparkBackend(Backend):
         job.add_done_callback(settle)
         return futures
 
+    def _join_group(self) -> None:
+        sc = self._sc
+        try:
+            if sc is not None:
+                sc.setJobGroup(self._group, "casa_executors", interruptOnCancel=True)
+        except Exception as exc:  # the JVM is gone: this thread's job fails with WorkerLost, not the pool
+            log.debug("spark: setJobGroup failed: %s", exc)
+
     def _job(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         return self._job_of(fn, [arg])[0]
 
@@ -299,7 +317,6 @@ class SparkBackend(Backend):
             raise WorkerLost("spark: the backend was stopped")
         self.jobs[getattr(fn, "__name__", "?")] += 1
         try:
-            sc.setJobGroup(self._group, "casa_executors", interruptOnCancel=True)
             return sc.parallelize(args, len(args)).map(fn).collect()
         except Py4JJavaError as exc:
             raise WorkerLost(f"spark lost the task: {short_message(exc)}") from None
@@ -324,7 +341,7 @@ class SparkBackend(Backend):
         from pyspark import SparkContext
 
         proc = getattr(SparkContext._gateway, "proc", None)
-        if proc is None or self._session is self._user_session:
+        if proc is None or self._user_session is not None:
             return []
         return [p.pid for p in procs.descendants(proc.pid)]
 
