@@ -137,10 +137,11 @@ def test_user_config(sample_files, reference, tmp_path):
         ex = ce.parsl(config=user, status=False)
     assert ex.backend.workers == 2
     with Watch(lambda: ParslKit().processes(ex.backend)) as watch:
-        out = run(ex, sample_files)  # two DataFlowKernels from two copies: preprocessing, processing
+        out = run(ex, sample_files)  # one DataFlowKernel for the Runner call: processing takes preprocessing's over
     assert same(out, reference)
     assert ex.report.summary()["attempts"] == 12
-    assert len(list((tmp_path / "runinfo").iterdir())) == 2  # one run dir per start
+    assert len(list((tmp_path / "runinfo").iterdir())) == 1  # one run dir per start, one start per Runner call
+    assert ex.backend.starts == 1
     assert user.executors[0].interchange_proc is None  # the user's object was never started
     assert_gone(watch.seen)
 
