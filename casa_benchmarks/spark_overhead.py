@@ -35,6 +35,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -240,7 +241,10 @@ def child(kind: str, conf: dict[str, str], jobs: int, warmup: int, event_log: bo
         backend.release()  # waits for the JVM's exit (and a CDS archive's dump at exit, if asked for)
     row["stop_s"] = time.perf_counter() - t
     if log_dir:
-        row["event_log"] = _event_log_split(log_dir, marks)
+        try:
+            row["event_log"] = _event_log_split(log_dir, marks)
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
     return row
 
 

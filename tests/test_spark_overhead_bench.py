@@ -12,8 +12,11 @@ from casa_benchmarks import spark_overhead
 
 
 @pytest.mark.timeout(600)
-def test_spark_overhead_splits_start_up_and_jobs(tmp_path, no_leftover_processes):
+def test_spark_overhead_splits_start_up_and_jobs(tmp_path, monkeypatch, no_leftover_processes):
     require_engine("spark")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the contenders' processes make their event logs here
     out = tmp_path / "spark_overhead.json"
     result = spark_overhead.main(["--rounds", "1", "--jobs", "3", "--warmup", "1", "--event-log",
                                   "--json", str(out)])
@@ -34,3 +37,4 @@ def test_spark_overhead_splits_start_up_and_jobs(tmp_path, no_leftover_processes
         assert split["task_ms"] >= split["executor_run_ms"] >= 0, name
     assert "-XX:TieredStopAtLevel=1" not in json.dumps(rows["bare"]["conf"])  # bare stays bare
     assert result["summary"]["bare"]["job1_over_bare"] == 1.0
+    assert not list(scratch.glob("casa-spark-events-*"))  # read, then removed
