@@ -566,12 +566,14 @@ def test_no_speculation_before_enough_tasks_finished():
 
 
 def test_with_speculation_a_task_carries_at_most_a_share_of_the_chunks_left_for_its_copies():
-    # speculate_factor 2: tasks of at most 1/((2 x 2 + 1) x workers) of what is left, so that a straggler
-    # caught after twice its length, and a duplicate that straggles too, still end with the run
+    # tasks of at most 1/((2 x speculate_factor + 1) x workers) of what is left, so that a straggler caught
+    # after speculate_factor times its length, and a duplicate that straggles too, still end with the run
     plain = start_with(1_000, 10, window=20, batch=32, guided=True, guided_split=20)
-    spec = start_with(1_000, 10, window=20, batch=32, guided=True, guided_split=20, speculate=True)
     assert len(of(SubmitChunks, plain.log)[0].nodes) == 32
-    assert len(of(SubmitChunks, spec.log)[0].nodes) == 1_000 // 50
+    for factor, split in ((2.0, 50), (1.5, 40)):
+        spec = start_with(1_000, 10, window=20, batch=32, guided=True, guided_split=20, speculate=True,
+                          speculate_factor=factor)
+        assert len(of(SubmitChunks, spec.log)[0].nodes) == 1_000 // split
 
 
 # -- properties -----------------------------------------------------------------------------------------
