@@ -26,6 +26,29 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI (CI=true makes a skip a failure): {reason}"
 
 
+# Under pytest-xdist (scripts/run.sh test runs two workers, --dist loadgroup) each module is one group, run whole
+# by one worker, so module fixtures (held engines) start once; the modules that share the session's Slurm,
+# dask-gateway and token-checking XCache (tests/facility.py) form one group, so those start once too. The groups
+# that take longest are handed out first, so that neither worker is left with a long one at the end.
+FACILITY_MODULES = {"test_credentials_at_rest", "test_engine_lifetime", "test_gateway", "test_gateway_slurm",
+                    "test_slurm_dask", "test_slurm_parsl", "test_slurm_standin", "test_slurm_workqueue"}
+LONGEST_FIRST = ["facility", "test_coffea_suite", "test_backend_contract", "test_checkpoint", "test_examples",
+                 "test_backend_spark", "test_user_install"]
+
+
+def _group(item: pytest.Item) -> str:
+    module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid.partition("::")[0]
+    return "facility" if module in FACILITY_MODULES else module
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+        items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: module order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The real 1000-event CMS sample as a NanoAOD-like ROOT file."""

@@ -89,9 +89,13 @@ class SuiteRun:
         return {k: int(n) for n, k in re.findall(r"(\d+) (\w+)", last[-1])} if last else {}
 
     def summary(self) -> str:
+        """pytest's short summary; with errors (a collection error's traceback), its ERRORS section too."""
         lines = self.output.splitlines()
         start = next((i for i, line in enumerate(lines) if "short test summary info" in line), max(len(lines) - 60, 0))
-        return "\n".join(lines[start:][-120:])
+        errors = next((i for i, line in enumerate(lines) if re.fullmatch(r"=+ ERRORS =+", line)), None)
+        if errors is not None and errors < start:
+            start = errors
+        return "\n".join(lines[start:][-200:])
 
 
 def _command(backend: str) -> list[str]:
@@ -108,6 +112,7 @@ def _run(backend: str, source: Path) -> SuiteRun:
     env = dict(os.environ)
     env.update({
         TOKEN_VAR: token,
+        "COLUMNS": "240",  # the short summary's lines are cut at the terminal's width
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),  # parsl's scripts
         "PYTHONPATH": os.pathsep.join(p for p in (str(PLUGIN_DIR), str(REPO), env.get("PYTHONPATH")) if p),
     })

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from analysis import FACILITY_QUERY, Busy, Failing, alive, assert_adl_identical, attempts, gate_closed, run, same
@@ -51,9 +52,16 @@ def jobdir(tmp_path_factory):
     return tmp_path_factory.mktemp("slurm-jobs")
 
 
+def job_tmpdir(jobdir: Path) -> Path:
+    """The TMPDIR of the module's worker jobs: their ``casa-job.*`` folders are looked for there, not among
+    whatever else the machine's /tmp gains meanwhile."""
+    return jobdir / "tmp"
+
+
 @pytest.fixture(scope="module")
 def cluster(slurm, jobdir, secrets):
-    c = slurm_cluster(slurm, jobdir, secrets)
+    job_tmpdir(jobdir).mkdir(exist_ok=True)
+    c = slurm_cluster(slurm, jobdir, secrets, job_extra_directives=[f"--export=ALL,TMPDIR={job_tmpdir(jobdir)}"])
     yield c
     c.close()
     assert_no_jobs(slurm)
@@ -101,7 +109,7 @@ def test_adl_query_on_slurm_jobs(slurm, cluster, jobdir, secrets, served, sample
     finally:
         backend.release()
     assert wait_until(lambda: not slurm.jobs(), 30), f"the run's end gives the jobs back: {slurm.jobs()}"
-    assert not [p for p in new_temp_entries(temp_before) if p.name.startswith("casa-job.")]  # removed at job end
+    assert not list(job_tmpdir(jobdir).glob("casa-job.*"))  # removed at job end
 
 
 def test_scancel_of_a_worker_job_mid_run_loses_no_chunk(slurm, cluster, sample_files, reference, tmp_path):
