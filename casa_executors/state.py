@@ -363,12 +363,13 @@ class _Queue:
 class _Task:
     """A chunk task in flight."""
 
-    __slots__ = ("copies", "folds", "leaves", "nodes", "started")
+    __slots__ = ("copies", "folds", "leaves", "nodes", "started", "watched")
 
     def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int) -> None:
         self.nodes, self.folds, self.leaves = nodes, folds, leaves
         self.started: float | None = None  # presumed (see RunState._presume_starts); None: still queued
         self.copies: list[int] | None = None  # every copy in flight (shared by them), while duplicates run
+        self.watched = False  # it has an entry in RunState._watch (the entry goes when the task is copied)
 
 
 class _Durations:
@@ -444,6 +445,7 @@ class RunState:
         self._merge_copies: dict[int, list[int]] = {}  # merge task -> every copy in flight (shared by them)
         self._watch: list[tuple[float, int]] = []  # heap (when it is a straggler, task) of running tasks
         self._watch_idle: list[tuple[float, int]] = []  # heap (when it is late, task): for idle workers
+        self._merges_watched: set[int] = set()  # merge tasks with an entry in _watch
         self._unwatched: list[int] = []  # started before the rate counted
         self._pairs = 0  # tasks with a duplicate in flight
         self._started = False
@@ -544,9 +546,12 @@ class RunState:
         self._ended(task)
         if task.copies is not None:  # the other copies go on: this one is as if never sent
             task.copies.remove(e.task)
-            if len(task.copies) == 1:
-                self._chunk_tasks[task.copies[0]].copies = None
+            others = task.copies
+            if len(others) == 1:
+                self._chunk_tasks[others[0]].copies = None
                 self._pairs -= 1
+            for key in others:  # a copy of a straggler was lost: the one it was copied from gets another
+                self._rewatch(key, self._chunk_tasks[key])
             return
         failed, first = Failed(e.error), []
         for level, index in task.nodes:
@@ -584,6 +589,10 @@ class RunState:
             if len(copies) == 1:
                 del self._merge_copies[copies[0]]
                 self._pairs -= 1
+            for key in copies:  # as for chunk tasks: the one a lost copy was copied from is watched again
+                if key in self._merges_started and key not in self._merges_watched:
+                    heapq.heappush(self._watch, (self.now, key))
+                    self._merges_watched.add(key)
             return
         if e.lost:
             self._lose(e.lost, e.why, group, e.restored)
@@ -788,6 +797,7 @@ class RunState:
     def _merge_ended(self, key: int) -> float | None:
         """Merge task ``key`` is over: when it was presumed to start (None: it was still queued)."""
         started = self._merges_started.pop(key, None)
+        self._merges_watched.discard(key)
         if started is not None:
             self._busy -= 1
         return started
@@ -809,6 +819,7 @@ class RunState:
             self._unwatched.append(key)
         else:
             heapq.heappush(self._watch, (task.started + self._limit(task), key))
+            task.watched = True
             heapq.heappush(self._watch_idle, (task.started + task.leaves * self._rate.median, key))
 
     def _watch_merge(self, key: int) -> None:
@@ -816,6 +827,15 @@ class RunState:
             self._unwatched.append(key)
         else:
             heapq.heappush(self._watch, (self._merges_started[key] + self._merge_limit(), key))
+            self._merges_watched.add(key)
+
+    def _rewatch(self, key: int, task: _Task) -> None:
+        """Watch a running task again at once (its entry went when it was copied, and that copy was lost):
+        past its limit, it gets a new copy."""
+        if self.rules.speculate and task.started is not None and not task.watched \
+                and self._rate.count >= self.rules.speculate_after:
+            heapq.heappush(self._watch, (self.now, key))
+            task.watched = True
 
     def _watch_unwatched(self) -> None:
         """A rate just started to count: watch the tasks that started before (the others wait on)."""
@@ -849,16 +869,21 @@ class RunState:
                 new = key not in self._merge_copies
                 if new and allowed <= 0:
                     later.append(entry)
-                elif self._speculate_merge(key) and new:
+                    continue
+                self._merges_watched.discard(key)
+                if self._speculate_merge(key) and new:
                     allowed -= 1
                 continue
+            task.watched = False
             if task.started is None or (task.copies is not None and len(task.copies) >= MAX_COPIES):
                 continue
             limit = task.started + self._limit(task)  # the rate may have changed since
             if limit > now:
                 heapq.heappush(watch, (limit, key))
+                task.watched = True
             elif task.copies is None and allowed <= 0:
                 later.append(entry)
+                task.watched = True
             else:
                 allowed -= task.copies is None
                 self._duplicate(key, task)
@@ -900,6 +925,7 @@ class RunState:
         limit = started + self._merge_limit()
         if limit > self.now:
             heapq.heappush(self._watch, (limit, key))
+            self._merges_watched.add(key)
             return 0
         group = self._merge_tasks[key]
         twin = self._new_task()

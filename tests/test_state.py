@@ -559,6 +559,19 @@ def test_a_lost_copy_is_dropped_while_its_duplicate_runs():
     assert shell.root.handle[0] == tuple(range(40)) and not of(GiveUp, shell.log)
 
 
+def test_a_straggler_whose_copy_is_lost_gets_another_copy_at_once():
+    # the straggler's watch entry went when it was copied: without a new one it waited for the run's end
+    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    (dup,) = run_but_chunk_zero(shell)
+    shell.tasks.pop(dup.task)
+    out = shell.feed(TaskFailed(dup.task, "WorkerLost"))
+    (again,) = [s for s in of(SubmitChunks, out) if s.nodes == ((0, 0),)]
+    assert again.priority == 1 and shell.state.todo and shell.state.copies(1) == [1, again.task]
+    shell.ok(again.task)
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(60)) and shell.state.attempts[0] == 1
+
+
 def test_no_speculation_before_enough_tasks_finished():
     shell = start_with(30, 2, window=2, speculate=True, speculate_after=20, speculate_min_s=0.0)
     out = shell.feed(Tick(1e6))
