@@ -363,10 +363,11 @@ class _Queue:
 class _Task:
     """A chunk task in flight."""
 
-    __slots__ = ("copies", "folds", "leaves", "nodes", "started", "watched")
+    __slots__ = ("copies", "folds", "leaves", "nodes", "started", "submitted", "watched")
 
-    def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int) -> None:
-        self.nodes, self.folds, self.leaves = nodes, folds, leaves
+    def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int,
+                 submitted: float) -> None:
+        self.nodes, self.folds, self.leaves, self.submitted = nodes, folds, leaves, submitted
         self.started: float | None = None  # presumed (see RunState._presume_starts); None: still queued
         self.copies: list[int] | None = None  # every copy in flight (shared by them), while duplicates run
         self.watched = False  # it has an entry in RunState._watch (the entry goes when the task is copied)
@@ -448,6 +449,7 @@ class RunState:
         self._merges_watched: set[int] = set()  # merge tasks with an entry in _watch
         self._unwatched: list[int] = []  # started before the rate counted
         self._pairs = 0  # tasks with a duplicate in flight
+        self._last_end = 0.0  # when a chunk task last came back
         self._started = False
         self._out: list[Instruction] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -533,9 +535,13 @@ class RunState:
                     self._ended(self._chunk_tasks.pop(key))
                     self._out.append(Cancel(key))
             self._pairs -= 1
-        if self.rules.speculate and task.started is not None and (self.todo or self._rate.count < 64):
-            # once nothing waits, the tasks still out are the slow ones: the rate stays as it was
-            self._rate_add((self.now - task.started) / task.leaves)
+        if self.rules.speculate and (self.todo or self._rate.count < 64):
+            # once nothing waits, the tasks still out are the slow ones: the rate stays as it was. A task that
+            # ends while presumed queued had a worker the presumption did not see free (Dask gives a worker
+            # a second task, which waits behind a straggler there): it began no earlier than the last end
+            begun = task.started if task.started is not None else max(task.submitted, self._last_end)
+            self._rate_add((self.now - begun) / task.leaves)
+        self._last_end = self.now
         for (level, index), outcome in zip(task.nodes, e.outcomes):
             self._outcome(level, index, outcome)
 
@@ -734,7 +740,7 @@ class RunState:
                 folds = self._folds(take) if leaves > 1 else ()
             task = self._new_task()
             nodes = tuple(take)
-            tasks[task] = _Task(nodes, folds, leaves)
+            tasks[task] = _Task(nodes, folds, leaves, self.now)
             self._enqueue(task, priority)
             self._out.append(SubmitChunks(task, nodes, folds, priority))
 
@@ -905,7 +911,7 @@ class RunState:
 
     def _duplicate(self, key: int, task: _Task) -> None:
         twin = self._new_task()
-        duplicate = _Task(task.nodes, task.folds, task.leaves)
+        duplicate = _Task(task.nodes, task.folds, task.leaves, self.now)
         if task.copies is None:
             task.copies = [key]
             self._pairs += 1

@@ -572,6 +572,20 @@ def test_a_straggler_whose_copy_is_lost_gets_another_copy_at_once():
     assert shell.root.handle[0] == tuple(range(60)) and shell.state.attempts[0] == 1
 
 
+def test_tasks_that_end_while_presumed_queued_still_give_the_rate():
+    # the presumed-running task 2 is stuck (behind a straggler on its worker): tasks 3.. run elsewhere, each
+    # while presumed queued; without their samples no rate, so no speculation, ever
+    shell = start_with(40, 2, window=6, speculate=True, speculate_after=4, speculate_min_s=0.0)
+    for step in range(1, 5):
+        shell.feed(Tick(float(step)))
+        shell.ok(min(t for t in shell.tasks if t > 2))
+    state = shell.state
+    assert state._chunk_tasks[1].started == state._chunk_tasks[2].started == 0.0  # still presumed running
+    assert state._rate.count == 4 and state._rate.median == 1.0  # dated from the previous end
+    dups = run_but_chunk_zero(shell)
+    assert dups[0].priority == 1
+
+
 def test_no_speculation_before_enough_tasks_finished():
     shell = start_with(30, 2, window=2, speculate=True, speculate_after=20, speculate_min_s=0.0)
     out = shell.feed(Tick(1e6))
