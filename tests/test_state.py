@@ -472,7 +472,7 @@ def start_with(n: int, workers: int, **rules) -> Shell:
 
 
 def test_a_straggler_gets_a_duplicate_first_while_chunks_wait_and_the_first_to_finish_wins():
-    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0, speculate_factor=2.0)
     (dup,) = run_but_chunk_zero(shell)
     state = shell.state
     assert state.todo and state.speculated == 1 and dup.priority == 1  # chunks still wait
@@ -498,7 +498,8 @@ def test_a_task_is_dated_from_its_presumed_start_not_its_submission():
 
 
 def test_copies_of_a_straggler_are_caught_after_their_length_up_to_four_copies():
-    shell = start_with(300, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    shell = start_with(300, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0,
+                       speculate_factor=2.0)
     (first,) = run_but_chunk_zero(shell)  # at 2 x (1 + 2) x 3 s: see the test above
     t = shell.state.now
     (second,) = run_but_chunk_zero(shell)  # the original and the first copy are both slow
@@ -517,7 +518,7 @@ def test_copies_of_a_straggler_are_caught_after_their_length_up_to_four_copies()
 
 
 def test_at_the_end_an_idle_worker_backs_up_a_task_past_its_expected_length():
-    shell = start_with(12, 4, window=4, speculate=True, speculate_after=4, speculate_min_s=0.0)
+    shell = start_with(12, 4, window=4, speculate=True, speculate_after=4, speculate_min_s=0.0, speculate_factor=2.0)
     (dup,) = run_but_chunk_zero(shell)  # the others last 3 s: 3 s a chunk
     state = shell.state
     # not a straggler yet (2 x (1 + 2) x 3 s = 18 s), but nothing waits and a worker is idle: past 1 x 3 s
