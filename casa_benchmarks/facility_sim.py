@@ -139,7 +139,7 @@ class Settings:
     retries: int = 3
     fanin: int = 8
     speculate: bool = False
-    speculate_factor: float = 2.0
+    speculate_factor: float = 1.5  # Rules' default
     speculate_min_s: float = 0.1
     speculate_after: int = 20
     speculate_share: float = 0.05

@@ -530,26 +530,28 @@ class _Run:
                         job.future.cancel()
 
     def _submit_chunks(self, submits: list[SubmitChunks]) -> None:
-        batches = [TaskBatch(self.spec, [self._task(level, index) for level, index in s.nodes],
-                             self.placement.compression, self.driver.router, run=self.run_id,
-                             folds=[Fold(*f) for f in s.folds], internals=self.driver.internals,
-                             then=self._then(s.nodes))
-                   for s in submits]
-        try:
-            submitted = self.placement.submit_chunks(batches)
-        except Exception as exc:  # the engine refused the tasks themselves
-            submitted = [(_failed(exc), None) for _ in batches]
-        for s, (future, data) in zip(submits, submitted):
-            self._track(_ChunkJob(s.task, future, data))
+        for priority in sorted({s.priority for s in submits}, reverse=True):  # one call per priority, in order
+            same = [s for s in submits if s.priority == priority]
+            batches = [TaskBatch(self.spec, [self._task(level, index) for level, index in s.nodes],
+                                 self.placement.compression, self.driver.router, run=self.run_id,
+                                 folds=[Fold(*f) for f in s.folds], internals=self.driver.internals,
+                                 then=self._then(s.nodes))
+                       for s in same]
+            try:
+                submitted = self.placement.submit_chunks(batches, priority)
+            except Exception as exc:  # the engine refused the tasks themselves
+                submitted = [(_failed(exc), None) for _ in batches]
+            for s, (future, data) in zip(same, submitted):
+                self._track(_ChunkJob(s.task, future, data))
 
     def _submit_merges(self, submits: list[SubmitMerge]) -> None:
-        calls: dict[Any, list[tuple[SubmitMerge, Any]]] = {}
+        calls: dict[tuple[Any, int], list[tuple[SubmitMerge, Any]]] = {}
         for s in submits:
             fn, arg = self.placement.merge_call(s.group)
-            calls.setdefault(fn, []).append((s, arg))
-        for fn, pairs in calls.items():
+            calls.setdefault((fn, s.priority), []).append((s, arg))
+        for (fn, priority), pairs in calls.items():
             try:
-                futures = self.backend.submit_together(fn, [arg for _, arg in pairs])
+                futures = self.backend.submit_together(fn, [arg for _, arg in pairs], priority)
             except Exception as exc:  # the engine refused the tasks themselves
                 futures = [_failed(exc) for _ in pairs]
             for (s, _), future in zip(pairs, futures):

@@ -101,9 +101,10 @@ class Placement:
         return limit
 
     # chunks
-    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
-        """Per batch: (the future the driver waits on — its result is the list of ChunkResult —, data to keep)."""
-        return [(f, None) for f in self.backend.submit_many(run_batch, batches)]
+    def submit_chunks(self, batches: list[TaskBatch], priority: int = 0) -> list[tuple[Future, Any]]:
+        """Per batch: (the future the driver waits on — its result is the list of ChunkResult —, data to keep).
+        ``priority``: ``state.SubmitChunks.priority``, for a backend that ``honours_priority``."""
+        return [(f, None) for f in self.backend.submit_many(run_batch, batches, priority)]
 
     def collect(self, futures: list[Future]) -> list[Any]:
         """The results of finished futures (an exception in place of a failed one's)."""
@@ -173,10 +174,10 @@ class StorePlacement(Placement):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "store": self.store.url}
 
-    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
+    def submit_chunks(self, batches: list[TaskBatch], priority: int = 0) -> list[tuple[Future, Any]]:
         for batch in batches:
             batch.store = self.store
-        return super().submit_chunks(batches)
+        return super().submit_chunks(batches, priority)
 
     def leaf(self, result: ChunkResult, data: Any, position: int, level: int, index: int) -> Any:
         self.output_bytes += result.output_bytes
@@ -286,8 +287,8 @@ class EnginePlacement(Placement):
         # nothing and hides the round trip through this process between one chunk and the next
         return 4 * limit
 
-    def submit_chunks(self, batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
-        return self.backend.submit_held(run_batch, strip_outputs, batches)
+    def submit_chunks(self, batches: list[TaskBatch], priority: int = 0) -> list[tuple[Future, Any]]:
+        return self.backend.submit_held(run_batch, strip_outputs, batches, priority)
 
     def collect(self, futures: list[Future]) -> list[Any]:
         """The metadata of finished batches in one gather (not one round trip each)."""

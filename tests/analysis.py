@@ -77,6 +77,26 @@ class Failing(Analysis):
         return contextlib.nullcontext()
 
 
+class HeldOnce(Analysis):
+    """The first attempt at the chunk of file ``name`` starting at ``start`` (the one that creates ``claim``)
+    waits until ``gate`` opens (:func:`gate_closed`); any other attempt at it (a speculative copy) runs."""
+
+    def __init__(self, gate: str, claim: str, name: str, start: int = 0) -> None:
+        self.gate, self.claim, self.name, self.start = gate, claim, name, start
+
+    def process(self, events):
+        meta = events.metadata
+        if os.path.basename(meta["filename"]) == self.name and meta["entrystart"] == self.start:
+            try:
+                os.close(os.open(self.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass  # a copy: the first attempt has it
+            else:
+                with open(self.gate) as g:
+                    fcntl.flock(g, fcntl.LOCK_SH)
+        return super().process(events)
+
+
 class Busy(Failing):
     """Never fails; a file named after its PID (holding its Slurm job ID, if any) sits in ``busy`` while a
     chunk runs, and it is removed only
@@ -107,6 +127,26 @@ def gate_closed(gate: str):
     with open(gate) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def started_in_order(arg: tuple[str, str, str]) -> str:
+    """A task ``(log, gate, name)``: writes ``name`` to ``log`` as it starts; the one named "A" then holds its
+    worker until ``gate`` opens (:func:`gate_closed`)."""
+    log, gate, name = arg
+    with open(log, "a") as f:
+        f.write(name + "\n")
+    if name == "A":
+        with open(gate) as g:
+            fcntl.flock(g, fcntl.LOCK_SH)
+    return name
+
+
+def check_priority_order(order: list[str], held_by_worker: int = 0) -> None:
+    """The start order of tasks A-F (priority 0, in that order; A holds the one worker) and P (priority 1,
+    submitted last): P before every task the engine still held back, the others first in, first out.
+    ``held_by_worker``: tasks after A the engine had already given the worker (they may go before P)."""
+    assert [n for n in order if n != "P"] == list("ABCDEF"), order
+    assert order.index("P") <= 1 + held_by_worker, order
 
 
 def alive(p: int | psutil.Process) -> bool:

@@ -30,6 +30,7 @@ from analysis import (
     attempts,
     check_worker_loss,
     descendants,
+    gate_closed,
     require_engine,
     run,
     same,
@@ -530,6 +531,27 @@ def test_status_false_is_silent_and_status_true_shows_rate(held, sample_files, c
     run(held.driver(status=True), sample_files[:1])
     err = capfd.readouterr().err
     assert "Processing" in err and "ev/s" in err and "4/4" in err
+
+
+@pytest.mark.parametrize("kit", ["parsl"], indirect=True)
+def test_parsl_gives_a_priority_task_htexs_priority(kit, held, tmp_path):
+    """Parsl honours ``priority=1`` as HighThroughputExecutor's resource specification 'priority' (-1; none
+    for the others), through an app that takes it. Which task the interchange hands out next is parsl's
+    (lowest 'priority' first: its interchange.py); it is not checked here, as nothing tells when the
+    interchange has received a task (its command channel and its task socket are read apart)."""
+    import subprocess
+
+    backend = held.backend
+    gate = tmp_path / "gate"
+    gate.touch()
+    assert backend.honours_priority
+    with gate_closed(str(gate)):  # both workers wait at the gate: the others stay in flight
+        waiting = [backend.submit(subprocess.check_call, ["flock", "-s", str(gate), "true"]) for _ in range(2)]
+        plain = backend.submit(abs, -1)
+        first = backend.submit(abs, -2, priority=1)
+        specs = sorted((r["func_name"], r["resource_specification"]) for r in backend.dfk.tasks.values())
+        assert specs == [("abs", {}), *[("check_call", {})] * 2, ("prioritised", {"priority": -1})], specs
+    assert [f.result(timeout=60) for f in (*waiting, plain, first)] == [0, 0, 1, 2]
 
 
 # -- losing workers (last: they disturb the engine) -----------------------------------------------

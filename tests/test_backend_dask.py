@@ -19,7 +19,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from analysis import alive, check_worker_loss, require_engine, run, same, stop_procs
+from analysis import (
+    alive,
+    check_priority_order,
+    check_worker_loss,
+    HeldOnce,
+    gate_closed,
+    require_engine,
+    run,
+    same,
+    started_in_order,
+    stop_procs,
+)
 from test_backend_contract import DaskKit
 
 import casa_executors as ce
@@ -110,6 +121,34 @@ def test_local_cluster_in_this_process(sample_files, reference, no_leftover_proc
     assert ex.backend._cluster is None  # stopped after the call
 
 
+def _tasks_known(dask_scheduler) -> list[str]:
+    return [str(key) for key in dask_scheduler.tasks]
+
+
+def test_a_priority_task_starts_before_the_queued_ones(tmp_path):
+    """``priority=1`` (retries, merges, speculative copies) reaches the scheduler: with A holding the one
+    worker and B-F queued, P (submitted last) starts before them. Dask hands a worker up to
+    ceil(worker-saturation 1.1 x threads) = 2 tasks at once, so B, already on the worker, may go first."""
+    from casa_executors.backends.dask import DaskBackend
+
+    log, gate = tmp_path / "started", tmp_path / "gate"
+    gate.touch()
+    backend = DaskBackend(workers=1, processes=False)
+    assert backend.honours_priority
+    backend.start()
+    try:
+        with gate_closed(str(gate)):
+            queued = backend.submit_many(started_in_order, [(str(log), str(gate), n) for n in "ABCDEF"])
+            first = backend.submit(started_in_order, (str(log), str(gate), "P"), priority=1)
+            # the gate opens once the scheduler has P (this question and the submission travel apart)
+            while str(first.key) not in backend._client.run_on_scheduler(_tasks_known):
+                pass
+        assert [f.result(timeout=30) for f in [*queued, first]] == [*"ABCDEF", "P"]
+    finally:
+        backend.stop()
+    check_priority_order(log.read_text().split(), held_by_worker=1)
+
+
 # -- a TLS scheduler and two workers as separate processes ---------------------------------------
 
 
@@ -179,6 +218,23 @@ def test_tls_cluster_matches_iterative(tls_cluster, sample_files, reference):
     assert ex.report.processing.workers == 2
     assert ex.report.summary()["attempts"] == 12
     assert {r.worker.split("://")[0] for r in ex.report.rows()} == {"tls"}
+
+
+def test_a_speculative_copy_finishes_the_run_its_straggler_blocks(tls_cluster, sample_files, reference, tmp_path):
+    """``Driver(speculate=True)``: the first attempt at one chunk waits on a gate that opens only after the
+    Runner call returned, so the call ends only if the rules' copy of it (sent with priority 1, run by
+    the other worker) won. The output is iterative's and every chunk is counted once."""
+    gate, claim = tmp_path / "gate", tmp_path / "claim"
+    gate.touch()
+    processor = HeldOnce(str(gate), str(claim), sample_files[0].name)
+    # 30 tasks of a chunk: the rules know a chunk's length once 20 are back
+    ex = ce.Driver(backend=tls_cluster["backend"], status=False, speculate=True, chunks_per_task=1)
+    with gate_closed(str(gate)):
+        out = run(ex, sample_files, processor, chunksize=100)
+        assert claim.exists()  # the first attempt is still held at the gate
+    assert same(out, reference)
+    s = ex.report.summary()
+    assert s["processed"] == s["chunks"] == 30 and len(ex.report.processing.rows) == 30
 
 
 def test_existing_client_is_used_not_closed(tls_cluster, sample_files, reference):

@@ -86,10 +86,10 @@ def test_short_chunks_share_tasks_that_shrink_towards_the_end(sample_files):
     sizes: list[int] = []
 
     class Recorded(FuturesBackend):  # the real pool; only the batch sizes are written down
-        def submit_many(self, fn, args):
+        def submit_many(self, fn, args, priority=0):
             if fn.__name__ == "run_batch":
                 sizes.extend(len(batch.tasks) for batch in args)
-            return super().submit_many(fn, args)
+            return super().submit_many(fn, args, priority)
 
     backend = Recorded(workers=2)
     ex = ce.Driver(backend=backend, status=False)

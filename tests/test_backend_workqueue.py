@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from analysis import require_engine, run, same
+from analysis import check_priority_order, gate_closed, require_engine, run, same, started_in_order
 from test_backend_contract import listening_on
 
 import casa_executors as ce
@@ -218,6 +218,30 @@ def test_tasks_start_in_the_order_submitted(no_leftover_processes):
     # two at a time, in order: each task starts no later than any task submitted after it (+ jitter)
     late = [(i, j) for i in range(8) for j in range(i + 1, 8) if starts[i] > starts[j] + 0.15]
     assert not late, [round(s - starts[0], 2) for s in starts]
+
+
+def test_a_priority_task_starts_before_the_queued_ones(tmp_path, no_leftover_processes):
+    """``priority=1`` (retries, merges, speculative copies) goes before Work Queue's first-in-first-out
+    order: with A holding the one worker and B-F waiting in Work Queue, P (submitted last) starts next."""
+    from casa_executors.backends.workqueue import WorkQueueBackend
+
+    log, gate = tmp_path / "started", tmp_path / "gate"
+    gate.touch()
+    backend = WorkQueueBackend(workers=1)
+    assert backend.honours_priority
+    backend.hold()
+    try:
+        with gate_closed(str(gate)):
+            queued = [backend.submit(started_in_order, (str(log), str(gate), n)) for n in "ABCDEF"]
+            first = backend.submit(started_in_order, (str(log), str(gate), "P"), priority=1)
+            deadline = time.monotonic() + 60
+            while backend.ready < 6 and time.monotonic() < deadline:  # all but A in Work Queue (its stats)
+                time.sleep(0.05)
+            assert backend.ready == 6
+        assert [f.result(timeout=60) for f in [*queued, first]] == [*"ABCDEF", "P"]
+    finally:
+        backend.release()
+    check_priority_order(log.read_text().split())
 
 
 def test_no_private_internals_of_work_queue():

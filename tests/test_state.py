@@ -472,7 +472,7 @@ def start_with(n: int, workers: int, **rules) -> Shell:
 
 
 def test_a_straggler_gets_a_duplicate_first_while_chunks_wait_and_the_first_to_finish_wins():
-    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0, speculate_factor=2.0)
     (dup,) = run_but_chunk_zero(shell)
     state = shell.state
     assert state.todo and state.speculated == 1 and dup.priority == 1  # chunks still wait
@@ -498,7 +498,8 @@ def test_a_task_is_dated_from_its_presumed_start_not_its_submission():
 
 
 def test_copies_of_a_straggler_are_caught_after_their_length_up_to_four_copies():
-    shell = start_with(300, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    shell = start_with(300, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0,
+                       speculate_factor=2.0)
     (first,) = run_but_chunk_zero(shell)  # at 2 x (1 + 2) x 3 s: see the test above
     t = shell.state.now
     (second,) = run_but_chunk_zero(shell)  # the original and the first copy are both slow
@@ -517,7 +518,7 @@ def test_copies_of_a_straggler_are_caught_after_their_length_up_to_four_copies()
 
 
 def test_at_the_end_an_idle_worker_backs_up_a_task_past_its_expected_length():
-    shell = start_with(12, 4, window=4, speculate=True, speculate_after=4, speculate_min_s=0.0)
+    shell = start_with(12, 4, window=4, speculate=True, speculate_after=4, speculate_min_s=0.0, speculate_factor=2.0)
     (dup,) = run_but_chunk_zero(shell)  # the others last 3 s: 3 s a chunk
     state = shell.state
     # not a straggler yet (2 x (1 + 2) x 3 s = 18 s), but nothing waits and a worker is idle: past 1 x 3 s
@@ -557,6 +558,33 @@ def test_a_lost_copy_is_dropped_while_its_duplicate_runs():
     shell.ok(dup.task)
     shell.run_all()
     assert shell.root.handle[0] == tuple(range(40)) and not of(GiveUp, shell.log)
+
+
+def test_a_straggler_whose_copy_is_lost_gets_another_copy_at_once():
+    # the straggler's watch entry went when it was copied: without a new one it waited for the run's end
+    shell = start_with(60, 4, window=4, speculate=True, speculate_after=20, speculate_min_s=0.0)
+    (dup,) = run_but_chunk_zero(shell)
+    shell.tasks.pop(dup.task)
+    out = shell.feed(TaskFailed(dup.task, "WorkerLost"))
+    (again,) = [s for s in of(SubmitChunks, out) if s.nodes == ((0, 0),)]
+    assert again.priority == 1 and shell.state.todo and shell.state.copies(1) == [1, again.task]
+    shell.ok(again.task)
+    shell.run_all()
+    assert shell.root.handle[0] == tuple(range(60)) and shell.state.attempts[0] == 1
+
+
+def test_tasks_that_end_while_presumed_queued_still_give_the_rate():
+    # the presumed-running task 2 is stuck (behind a straggler on its worker): tasks 3.. run elsewhere, each
+    # while presumed queued; without their samples no rate, so no speculation, ever
+    shell = start_with(40, 2, window=6, speculate=True, speculate_after=4, speculate_min_s=0.0)
+    for step in range(1, 5):
+        shell.feed(Tick(float(step)))
+        shell.ok(min(t for t in shell.tasks if t > 2))
+    state = shell.state
+    assert state._chunk_tasks[1].started == state._chunk_tasks[2].started == 0.0  # still presumed running
+    assert state._rate.count == 4 and state._rate.median == 1.0  # dated from the previous end
+    dups = run_but_chunk_zero(shell)
+    assert dups[0].priority == 1
 
 
 def test_no_speculation_before_enough_tasks_finished():

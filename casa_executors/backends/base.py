@@ -56,6 +56,11 @@ class Backend(ABC):
     # (docs/performance.md)
     tasks_per_worker: ClassVar[int] = 2
     max_chunks_per_task: ClassVar[int | None] = 32
+    # does the engine start a task submitted with ``priority=1`` before every task queued with 0, first in,
+    # first out among equals? The driver's rules presume so (retries of lost chunks, merges and speculative
+    # copies are sent with 1: ``state.SubmitChunks.priority``); ``submit`` then takes ``priority=`` and the
+    # engine is given it (Dask ``priority=``, Work Queue ``specify_priority``). Elsewhere it is dropped.
+    honours_priority: ClassVar[bool] = False
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -75,31 +80,32 @@ class Backend(ABC):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         """Run ``fn(arg)`` on a worker; the future's result is its return value."""
 
-    def submit_many(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+    def submit_many(self, fn: Callable[[Any], Any], args: list[Any], priority: int = 0) -> list[Future]:
         """``submit`` for each of ``args`` (an engine may send them in one message: Dask's ``map``).
-        A task the engine refuses is a failed future."""
+        A task the engine refuses is a failed future. ``priority``: see ``honours_priority``."""
         futures = []
+        given = {"priority": priority} if self.honours_priority else {}
         for arg in args:
             try:
-                futures.append(self.submit(fn, arg))
+                futures.append(self.submit(fn, arg, **given))
             except Exception as exc:
                 failed: Future = Future()
                 failed.set_exception(exc)
                 futures.append(failed)
         return futures
 
-    def submit_together(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+    def submit_together(self, fn: Callable[[Any], Any], args: list[Any], priority: int = 0) -> list[Future]:
         """Short tasks ready at the same time (the merges the driver just found ready): an engine whose
         every task is a costly job of its own (Spark) runs them as one; here each is its own task."""
-        return Backend.submit_many(self, fn, args)
+        return Backend.submit_many(self, fn, args, priority)
 
     def submit_held(self, fn: Callable[[Any], Any], strip: Callable[[Any], Any],
-                    args: list[Any]) -> list[tuple[Future, Any]]:
+                    args: list[Any], priority: int = 0) -> list[tuple[Future, Any]]:
         """For engines that hold results (``holds_results``): per arg, (a future of ``strip`` of its result —
         what the driver waits on —, the future holding the full result, left on the engine). Here a second
         task per arg; an engine may bring the stripped result another way (Dask: an event)."""
-        held = self.submit_many(fn, args)
-        return list(zip(self.submit_many(strip, held), held))
+        held = self.submit_many(fn, args, priority)
+        return list(zip(self.submit_many(strip, held, priority), held))
 
     def _start(self) -> None:
         """Start or attach to the engine."""

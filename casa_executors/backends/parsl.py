@@ -141,8 +141,18 @@ def _chained(app_future: Future) -> Future:
     return out
 
 
+def prioritised(fn: Callable[[Any], Any], arg: Any, parsl_resource_specification: dict | None = None) -> Any:
+    """``fn(arg)`` as an app that takes a resource specification (parsl passes it to the function too)."""
+    return fn(arg)
+
+
 class ParslBackend(Backend):
     name = "parsl"
+    # HighThroughputExecutor's interchange hands out the tasks of lowest resource_specification 'priority'
+    # first, first in, first out among equals, and those without one last (parsl 2026.10.26, interchange.py
+    # process_task_incoming); a pool's prefetched task (PREFETCH_PER_WORKER) still goes first. A Config with
+    # another executor (ThreadPoolExecutor refuses any resource specification) does not get it.
+    honours_priority = True
 
     def __init__(self, config: Config | None = None, workers: int | None = None, provider: Any = None,
                  adapt: tuple[int, int] | None = None, host: str | None = None,
@@ -175,6 +185,7 @@ class ParslBackend(Backend):
         self._run_dir: str | None = None
         self._token = ""
         self._no_strategy = False
+        self._priorities = False  # every executor is a HighThroughputExecutor: tasks carry their priority
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -262,6 +273,9 @@ class ParslBackend(Backend):
             config = self._local_config(self._run_dir)
         self._localize(config, self._token)
         self._no_strategy = config.strategy in (None, "none")
+        from parsl.executors import HighThroughputExecutor
+
+        self._priorities = all(isinstance(ex, HighThroughputExecutor) for ex in config.executors)
         try:
             self._dfk = DataFlowKernel(config)
         except BaseException:
@@ -302,17 +316,23 @@ class ParslBackend(Backend):
             self._run_dir = None
 
     # -- what the driver uses ------------------------------------------------------
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+    def submit(self, fn: Callable[[Any], Any], arg: Any, priority: int = 0) -> Future:
         from parsl.app.python import PythonApp
 
         if self._dfk is None:
             raise BackendUnavailable("parsl: the backend is not started")
         if self._no_strategy:
             self._ensure_block()
-        app = self._apps.get(fn)
-        if app is None:
-            app = self._apps[fn] = PythonApp(fn, data_flow_kernel=self._dfk)
-        future = _chained(app(arg))
+        if priority and self._priorities:  # the interchange's 'priority': lower first, none after all
+            app = self._apps.get(prioritised)
+            if app is None:
+                app = self._apps[prioritised] = PythonApp(prioritised, data_flow_kernel=self._dfk)
+            future = _chained(app(fn, arg, parsl_resource_specification={"priority": -priority}))
+        else:
+            app = self._apps.get(fn)
+            if app is None:
+                app = self._apps[fn] = PythonApp(fn, data_flow_kernel=self._dfk)
+            future = _chained(app(arg))
         if self._provider is not None:
             self._first_worker.wait(self._dfk)  # adapt=(0, n): the work asks for the first block
         return future

@@ -277,9 +277,10 @@ class SparkBackend(Backend):
             raise BackendUnavailable("spark: the backend is not started")
         return self._pool.submit(self._job, fn, arg)
 
-    def submit_together(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+    def submit_together(self, fn: Callable[[Any], Any], args: list[Any], priority: int = 0) -> list[Future]:
         """One Spark job of one partition per task: a job costs the JVM ~15 ms of CPU and a scheduling
-        round trip, the merges that become ready together at a run's end take milliseconds each."""
+        round trip, the merges that become ready together at a run's end take milliseconds each.
+        ``priority`` is dropped (``honours_priority``: Spark orders jobs, not tasks)."""
         if len(args) < 2 or self._pool is None:
             return super().submit_together(fn, args)
         futures: list[Future] = [Future() for _ in args]

@@ -44,6 +44,9 @@ def trim_threshold() -> str | None:
 class DaskBackend(Backend):
     name = "dask"
     holds_results = True  # outputs stay in worker memory and merge there (outputs.EnginePlacement)
+    # the scheduler hands out queued tasks highest ``priority=`` first, then in submission order; a worker
+    # already holds up to ceil(worker-saturation 1.1 x threads) of them, which go first
+    honours_priority = True
 
     def __init__(
         self,
@@ -226,36 +229,36 @@ class DaskBackend(Backend):
                 cluster.close()
 
     # -- what the driver uses ------------------------------------------------------
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+    def submit(self, fn: Callable[[Any], Any], arg: Any, priority: int = 0) -> Future:
         if self._client is None:
             raise BackendUnavailable("dask: the backend is not started")
         if self._client.status not in ("running", "newly-created"):
             # reconnecting after losing the scheduler: a future submitted now would never finish
             raise WorkerLost(f"dask: the client is {self._client.status} (it lost the scheduler)")
         # a distributed Future: add_done_callback/result/cancel; a lost task raises KilledWorker
-        future = self._client.submit(fn, arg, pure=False, retries=0)
+        future = self._client.submit(fn, arg, pure=False, retries=0, priority=priority)
         if self._managed is not None:
             self._managed.wait_first_worker()  # adapt=(0, n): the work asks for the first worker
         return future
 
-    def submit_many(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Future]:
+    def submit_many(self, fn: Callable[[Any], Any], args: list[Any], priority: int = 0) -> list[Future]:
         """One ``client.map``: one message to the scheduler for all of them."""
         if not args:
             return []
         if self._client is None or self._client.status not in ("running", "newly-created"):
-            return super().submit_many(fn, args)  # submit() says why, for each
-        futures = self._client.map(fn, args, pure=False, retries=0)
+            return super().submit_many(fn, args, priority)  # submit() says why, for each
+        futures = self._client.map(fn, args, pure=False, retries=0, priority=priority)
         if self._managed is not None:
             self._managed.wait_first_worker()
         return futures
 
     def submit_held(self, fn: Callable[[Any], Any], strip: Callable[[Any], Any],
-                    args: list[Any]) -> list[tuple[Future, Any]]:
+                    args: list[Any], priority: int = 0) -> list[tuple[Future, Any]]:
         """Chunk batches whose outputs stay on the workers: one task each, its metadata pushed as an event
         (``pushed.py``) instead of fetched by a second task."""
         if self._pushed is None or self._client.status not in ("running", "newly-created"):
-            return super().submit_held(fn, strip, args)  # submit() says why, for each
-        out = self._pushed.submit(fn, args)
+            return super().submit_held(fn, strip, args, priority)  # submit() says why, for each
+        out = self._pushed.submit(fn, args, priority)
         if self._managed is not None:
             self._managed.wait_first_worker()
         return out

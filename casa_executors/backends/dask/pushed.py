@@ -110,13 +110,14 @@ class PushedResults:
         for batch in pending:
             batch.cancel()
 
-    def submit(self, fn: Callable[[TaskBatch], Any], batches: list[TaskBatch]) -> list[tuple[Future, Any]]:
+    def submit(self, fn: Callable[[TaskBatch], Any], batches: list[TaskBatch],
+               priority: int = 0) -> list[tuple[Future, Any]]:
         """Per batch: (the future of its stripped results, the Dask future holding the full ones).
-        ``fn`` runs the batch and calls its ``notify`` (``task.run_batch``)."""
+        ``fn`` runs the batch and calls its ``notify`` (``task.run_batch``); ``priority``: Dask's."""
         tags = [uuid.uuid4().hex for _ in batches]
         for batch, tag in zip(batches, tags):
             batch.notify = PushMetadata(tag)
-        data = self._client.map(fn, batches, pure=False, retries=0)
+        data = self._client.map(fn, batches, pure=False, retries=0, priority=priority)
         out = []
         for tag, future in zip(tags, data):
             batch = _Batch(future)

@@ -119,6 +119,7 @@ def write_private(path: Path, text: str) -> None:
 
 class WorkQueueBackend(Backend):
     name = "workqueue"
+    honours_priority = True  # Work Queue's specify_priority, set by the manager (manager.py)
 
     def __init__(
         self,
@@ -181,6 +182,7 @@ class WorkQueueBackend(Backend):
         self.requeued = 0  # tasks a worker declined, re-sent by Work Queue (they had not run)
         self.sent = 0  # tasks handed to Work Queue
         self.empty_waits = 0  # the manager's waits in Work Queue with no task in it (manager.py)
+        self.ready = 0  # tasks in Work Queue waiting for a worker, at the manager's last look
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -365,11 +367,11 @@ class WorkQueueBackend(Backend):
         _settle(p.future, exc=WorkerLost(why))
         shutil.rmtree(p.directory, ignore_errors=True)
 
-    def _on_stats(self, connected: int, lost_workers: int, requeued: int, empty_waits: int) -> None:
+    def _on_stats(self, connected: int, lost_workers: int, requeued: int, empty_waits: int, ready: int) -> None:
         if lost_workers > self._lost_workers:
             log.info("workqueue: Work Queue lost a worker (%d lost so far)", lost_workers)
         self._connected, self._lost_workers, self.requeued = connected, lost_workers, requeued
-        self.empty_waits = empty_waits
+        self.empty_waits, self.ready = empty_waits, ready
 
     def _tend_local_workers(self) -> None:
         local = self._local
@@ -379,7 +381,7 @@ class WorkQueueBackend(Backend):
             self._fail_all(f"workqueue: every local work_queue_worker has exited ({local.last_words()})")
 
     # -- what the driver uses ------------------------------------------------------
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+    def submit(self, fn: Callable[[Any], Any], arg: Any, priority: int = 0) -> Future:
         if self._staging is None or self._chan is None:
             raise BackendUnavailable("workqueue: the backend is not started")
         if self._reader is None or not self._reader.is_alive():
@@ -396,7 +398,7 @@ class WorkQueueBackend(Backend):
             self._pending[key] = _Pending(future, directory)
         future.add_done_callback(lambda f: f.cancelled() and self._cancelled(key))
         try:
-            chan.send("submit", key, str(directory))
+            chan.send("submit", key, str(directory), priority)
         except OSError as exc:
             self._take(key)
             raise WorkerLost(self._failure or f"workqueue: the manager process has gone ({exc})") from exc

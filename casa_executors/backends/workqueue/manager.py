@@ -21,12 +21,13 @@ task before it waits again; and it never waits with no task in Work Queue once t
 are connected, since a wait that found nothing to do makes Work Queue's next one poll its workers for up
 to a second before it dispatches anything.
 
-Messages in: ``("submit", key, directory)``, ``("cancel", key)``, ``("expect", n)``, ``("stop",)``.
+Messages in: ``("submit", key, directory, priority)``, ``("cancel", key)``, ``("expect", n)``, ``("stop",)``.
 Out: ``("ready", port)`` or ``("error", why)`` first, then ``("done", key, why | None)``,
-``("lost", key, why)`` and ``("stats", connected, workers lost, requeued, empty waits)``, sent after
+``("lost", key, why)`` and ``("stats", connected, workers lost, requeued, empty waits, ready)``, sent after
 the wait that changed them (so before any result that a later wait brings). ``empty waits`` counts the
 calls of ``WorkQueue.wait`` made with no task in Work Queue: once the expected workers are in, the
-loop makes none (tests/test_backend_workqueue.py reads it).
+loop makes none (tests/test_backend_workqueue.py reads it). ``ready``: tasks in Work Queue waiting for a
+worker (``task_state`` READY), so a driver can tell which tasks the next free worker chooses among.
 
 Retries belong to the driver. Work Queue silently re-sends a task whose worker was lost
 (``specify_max_retries`` does not change that in cctools 9.9), so a task seen back in the queue after
@@ -61,6 +62,9 @@ else:  # run by path: its siblings, not the casa_executors package
 AFTER_RESULT_S = 0.05  # after a result, how long the driver may take to send the next task
 BURST_S = 0.002  # after one submission, how long to wait for the rest of a burst before waiting in Work Queue
 IDLE_S = 5.0  # with nothing to do, how often to look at the channel
+# Work Queue dispatches the highest priority first: the driver's priority counts in steps of this, the key
+# (first submitted, first dispatched) below it; exact in a double while keys stay below 2**52
+PRIORITY_STEP = 2.0**52
 
 
 def lost_an_attempt(task: Any) -> bool:
@@ -86,7 +90,7 @@ class Manager:
         self.connected = self.lost_workers = self.requeued = self.ready = 0
         self.empty_waits = 0  # WorkQueue.wait calls with no task in Work Queue
         self.stopping = False
-        self._stats: tuple[int, int, int, int] | None = None
+        self._stats: tuple[int, int, int, int, int] | None = None
 
     # -- messages from the driver ---------------------------------------------------------------
     def take(self, timeout: float) -> None:
@@ -100,7 +104,7 @@ class Manager:
             getattr(self, "_on_" + message[0])(*message[1:])
             timeout = BURST_S
 
-    def _on_submit(self, key: int, directory: str) -> None:
+    def _on_submit(self, key: int, directory: str, priority: int = 0) -> None:
         c = self.config
         t = self.wq.Task(c["command"])
         t.specify_input_file(c["worker_script"], c["worker_script_name"], cache=True)
@@ -112,8 +116,9 @@ class Manager:
         t.specify_cores(1)
         # first submitted, first dispatched: among equal priorities Work Queue dispatches the newest task
         # first, and a task submitted early (a batch whose merge the run's end waits for) starved behind
-        # the later ones while workers were free (docs/workqueue.md)
-        t.specify_priority(-float(key))
+        # the later ones while workers were free (docs/workqueue.md); the driver's priority (1: retries,
+        # merges, speculative copies) before that
+        t.specify_priority(priority * PRIORITY_STEP - float(key))
         t.specify_environment_variable("PYTHONPATH", c["pythonpath"])
         t.specify_environment_variable("CASA_WQ_WARM", "1" if c["warm"] else "0")
         t.specify_tag(str(key))
@@ -156,7 +161,7 @@ class Manager:
                 self._finish(done)
             self._watch(worker_lost)
             self.connected = stats.workers_connected
-            now = (self.connected, self.lost_workers, self.requeued, self.empty_waits)
+            now = (self.connected, self.lost_workers, self.requeued, self.empty_waits, self.ready)
             if now != self._stats:
                 self._stats = now
                 self.chan.send("stats", *now)
