@@ -311,7 +311,7 @@ class ParslBackend(Backend):
         if self._dfk is None:
             raise BackendUnavailable("parsl: the backend is not started")
         if self._no_strategy:
-            self._ensure_block()
+            self._ensure_block(self._dfk)
         app = self._apps.get(fn)
         if app is None:
             app = self._apps[fn] = PythonApp(fn, data_flow_kernel=self._dfk)
@@ -320,7 +320,7 @@ class ParslBackend(Backend):
             self._first_worker.wait(self._dfk)  # adapt=(0, n): the work asks for the first block
         return future
 
-    def _ensure_block(self) -> None:
+    def _ensure_block(self, dfk: DataFlowKernel) -> None:
         """Without a scaling strategy nobody replaces a dead block: launch one once every block has ended.
 
         Parsl's poller launches ``init_blocks`` up to ``strategy_period`` after start: until then no block is
@@ -332,7 +332,7 @@ class ParslBackend(Backend):
         from parsl.jobs.states import TERMINAL_STATES, JobState, JobStatus
 
         with self._block_lock:  # two submitting threads launch one block, not two
-            for ex in self._dfk.executors.values():
+            for ex in dfk.executors.values():
                 if not isinstance(ex, BlockProviderExecutor) or ex.provider is None or ex.bad_state_is_set:
                     continue
                 known = dict.fromkeys(list(ex.blocks_to_job_id), JobStatus(JobState.PENDING))
