@@ -178,7 +178,10 @@ class ParslKit(Kit):
         assert "interchange" in roles and any("process_worker_pool" in r for r in roles), roles
 
     def victims(self, backend, busy):
-        return self.pools(backend)[:1]  # the process_worker_pool: its workers, and the chunks on them, are lost
+        # the process_worker_pool one of whose workers is inside a chunk (held there by the gate): its workers,
+        # and the chunks on them, are lost; a pool with no chunk on it would lose nothing
+        running = set(busy)
+        return [p for p in self.pools(backend) if running & {c.pid for c in p.children(recursive=True)}][:1]
 
     def after_loss(self, backend, info):
         now = self.pools(backend)

@@ -98,7 +98,8 @@ def test_fresh_copy_of_a_config_has_new_locks_and_changes_nothing_global():
 
 def test_worker_pool_loss_without_strategy(sample_files, reference, tmp_path, monkeypatch):
     """A user Config with strategy='none': parsl starts no new block, the backend does. The
-    lost tasks come back as ManagerLost after the heartbeat threshold (10 s); the driver retries them."""
+    lost tasks come back as ManagerLost after the heartbeat threshold (10 s); the driver retries them.
+    One block runs until the kill (parsl's init_blocks=1, none added by the backend), then one replacement."""
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
@@ -111,10 +112,23 @@ def test_worker_pool_loss_without_strategy(sample_files, reference, tmp_path, mo
         run_dir=str(tmp_path / "runinfo"),
     )
     ex, kit = ce.parsl(config=user, status=False), ParslKit()
+    blocks_at_kill: list[list[str]] = []
+
+    def blocks() -> list[str]:
+        (htex,) = [e for e in ex.backend.dfk.executors.values() if isinstance(e, HighThroughputExecutor)]
+        return sorted(htex.blocks_to_job_id)
+
+    def victims(busy):
+        chosen = kit.victims(ex.backend, busy)
+        if chosen:
+            blocks_at_kill.append(blocks())
+        return chosen
+
     with ex, Watch(lambda: kit.processes(ex.backend)) as watch:
-        info = check_worker_loss(ex, sample_files, reference, tmp_path, monkeypatch,
-                                 lambda busy: kit.victims(ex.backend, busy), kit.lost_prefix)
+        info = check_worker_loss(ex, sample_files, reference, tmp_path, monkeypatch, victims, kit.lost_prefix)
         kit.after_loss(ex.backend, info)
+        # one block until the kill (a look that chose a pool whose kill failed looked again), one replacement
+        assert all(b == ["0"] for b in blocks_at_kill) and blocks() == ["0", "1"], (blocks_at_kill, blocks())
     # every process, the dead pool's leftovers too, gone after stop()
     assert_gone({**watch.seen, **dict.fromkeys(info["killed"], "killed pool"),
                  **dict.fromkeys(info["below_killed"], "below the killed pool")})

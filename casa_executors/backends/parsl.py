@@ -9,7 +9,9 @@ interchange and the worker pools. Parsl must not retry (the driver does): retrie
 A lost worker pool shows up as ``ManagerLost`` once the interchange misses its
 heartbeats; one failed block does not disable the executor (three in a row do).
 Parsl's strategy starts a new block when a pool died; with ``strategy='none'``
-the backend starts one itself when tasks come and no block is left.
+parsl launches only ``init_blocks`` (from its poller thread, up to ``strategy_period``
+after start) and the backend replaces them, one block, when tasks come and every block
+has ended (with ``init_blocks=0``: when tasks come and there is none).
 A killed pool leaves helpers behind (its multiprocessing manager and resource
 tracker, children of init) that parsl never stops: local workers carry a token
 in their environment, and stop() ends whatever still has it, by PID.
@@ -186,6 +188,7 @@ class ParslBackend(Backend):
         self._token = ""
         self._no_strategy = False
         self._priorities = False  # every executor is a HighThroughputExecutor: tasks carry their priority
+        self._block_lock = threading.Lock()
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -322,7 +325,7 @@ class ParslBackend(Backend):
         if self._dfk is None:
             raise BackendUnavailable("parsl: the backend is not started")
         if self._no_strategy:
-            self._ensure_block()
+            self._ensure_block(self._dfk)
         if priority and self._priorities:  # the interchange's 'priority': lower first, none after all
             app = self._apps.get(prioritised)
             if app is None:
@@ -337,16 +340,30 @@ class ParslBackend(Backend):
             self._first_worker.wait(self._dfk)  # adapt=(0, n): the work asks for the first block
         return future
 
-    def _ensure_block(self) -> None:
-        """Without a scaling strategy nobody replaces a dead block: launch one if none is left."""
-        from parsl.executors.status_handling import BlockProviderExecutor
-        from parsl.jobs.states import JobState
+    def _ensure_block(self, dfk: DataFlowKernel) -> None:
+        """Without a scaling strategy nobody replaces a dead block: launch one once every block has ended.
 
-        for ex in self._dfk.executors.values():
-            if isinstance(ex, BlockProviderExecutor) and ex.provider is not None and not ex.bad_state_is_set:
-                states = [s.state for s in ex.status_facade.values()]
-                if not any(s in (JobState.RUNNING, JobState.PENDING) for s in states):
-                    ex.scale_out_facade(1)
+        Parsl's poller launches ``init_blocks`` up to ``strategy_period`` after start: until then no block is
+        known, and launching one here would add a block to those (two pools for one asked for). A block in
+        ``blocks_to_job_id`` but not in ``status_facade`` was just launched: the poller's ``poll_facade``
+        replaces the whole status with one read before that launch, which can drop it for a poll interval.
+        """
+        from parsl.executors.status_handling import BlockProviderExecutor
+        from parsl.jobs.states import TERMINAL_STATES, JobState, JobStatus
+
+        with self._block_lock:  # two submitting threads launch one block, not two
+            for ex in dfk.executors.values():
+                if not isinstance(ex, BlockProviderExecutor) or ex.provider is None or ex.bad_state_is_set:
+                    continue
+                known = dict.fromkeys(list(ex.blocks_to_job_id), JobStatus(JobState.PENDING))
+                known.update(dict(ex.status_facade))
+                if not known:
+                    if getattr(ex.provider, "init_blocks", 0):
+                        continue  # parsl's poller launches them
+                elif any(s.state not in TERMINAL_STATES for s in known.values()):
+                    continue
+                log.info("parsl: strategy='none' and no block left for %s: launching one", ex.label)
+                ex.scale_out_facade(1)
 
     @property
     def dfk(self) -> DataFlowKernel | None:
