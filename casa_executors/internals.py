@@ -13,7 +13,8 @@ The internals, what each is for, and the plain path:
   ``array_cache`` in their ``uproot_options`` (``source.keep_files_open``). Plain: coffea's options, the
   file's TTree read again for every chunk.
 * NanoEvents' base form once per tree (:mod:`casa_executors.nanoforms`): wraps coffea's
-  ``UprootSourceMapping._extract_base_form``. Plain: coffea builds it for every chunk.
+  ``UprootSourceMapping._extract_base_form`` and uproot's ``HasBranches.typenames`` (coffea calls it
+  for every chunk, without options). Plain: coffea builds both for every chunk.
 * a basket two chunks share read once (:mod:`casa_executors.baskets`): wraps uproot's
   ``TBranch.entries_to_ranges_or_baskets`` and ``Model_TBasket.read``. Plain: uproot reads it twice.
 * the next chunk's baskets read and decompressed while a chunk computes (:mod:`casa_executors.prefetch`):
@@ -282,6 +283,31 @@ def _wrap_base_form(found: classmethod) -> classmethod:
     return classmethod(_extract_base_form)
 
 
+# uproot: a tree's type names (nanoforms)
+
+def _locate_typenames() -> tuple[type, str]:
+    from uproot.behaviors.TBranch import HasBranches
+
+    return HasBranches, "typenames"
+
+
+def _check_typenames(found: Any) -> str | None:
+    return _signature_problem(found, ["self", "filter_name", "filter_typename", "filter_branch", "recursive",
+                                      "full_paths"])
+
+
+def _wrap_typenames(original: Callable) -> Callable:
+    from casa_executors import nanoforms
+
+    @functools.wraps(original)
+    def typenames(self, **options):
+        if options or not active():  # coffea asks without options; a filtered call is uproot's own
+            return original(self, **options)
+        return nanoforms.typenames(self, original)
+
+    return typenames
+
+
 # uproot: baskets two chunks share (baskets)
 
 def _locate_ranges() -> tuple[type, str]:
@@ -359,6 +385,8 @@ def _wrap_read(found: classmethod) -> classmethod:
 PATCHES: tuple[Patch, ...] = (
     Patch("UprootSourceMapping._extract_base_form", "coffea", _locate_base_form, _check_base_form,
           _wrap_base_form, "NanoEvents' base form is built for every chunk, as coffea does"),
+    Patch("HasBranches.typenames", "uproot", _locate_typenames, _check_typenames, _wrap_typenames,
+          "the branches' type names are listed for every chunk, as coffea does"),
     Patch("TBranch.entries_to_ranges_or_baskets", "uproot", _locate_ranges, _check_ranges, _wrap_ranges,
           "a basket two chunks share is read by each, as uproot does"),
     Patch("Model_TBasket.read", "uproot", _locate_read, _check_read, _wrap_read,
