@@ -12,13 +12,18 @@ while our tasks run (and checks it first); the wrapper calls :func:`form`.
 
 coffea also asks the tree for every branch's type name (``HasBranches.typenames()``) once per
 chunk, to put them in that form: kept the same way (:func:`typenames`), for calls without options.
+
+The schema (NanoAODSchema) turns that form into NanoEvents' for every chunk too: within a run, a tree's
+is built once (:class:`KeptSchema`).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 FORMS_KEPT = 64  # trees' forms per process (a few hundred kB each for 86 branches)
@@ -88,3 +93,70 @@ def typenames(tree: Any, build: Callable[[Any], Any]) -> Any:
             return kept  # not what uproot gives today: uproot's, as it is, every time
         _keep(_typenames, key, kept)
     return dict(kept)
+
+
+# -- the schema's form, once per tree and run ---------------------------------------------------------------
+
+SCALAR = (str, int, float, bool, type(None))
+
+
+class KeptSchema:
+    """Stands for a coffea schema class in ``NanoEventsFactory._from_mapping`` (which calls
+    ``schemaclass(base_form)`` once per chunk): the first chunk of a tree builds the schema, the next
+    get a copy whose form differs only in the chunk's own metadata.
+
+    Only coffea's own ``BaseSchema`` and ``NanoAODSchema`` (:func:`keeps`), whose form depends on the
+    tree and on nothing of the chunk but its metadata, which they keep as given and add constants to
+    (NanoAODSchema its version); a build that does anything else with it is not kept. The schemas are
+    kept in ``kept``, one run's (a user may change a schema class's attributes between runs)."""
+
+    __slots__ = ("schemaclass", "kept", "tree")
+
+    def __init__(self, schemaclass: type, kept: MutableMapping[tuple, Any], tree: tuple) -> None:
+        self.schemaclass, self.kept, self.tree = schemaclass, kept, tree
+
+    def __call__(self, base_form: dict) -> Any:
+        metadata = base_form.get("parameters", {}).get("metadata")
+        if not isinstance(metadata, dict):
+            return self.schemaclass(base_form)
+        key = (self.schemaclass, *self.tree, tuple(base_form.get("fields", ())))
+        kept = self.kept.get(key)
+        if kept is None:
+            before = dict(metadata)
+            schema = self.schemaclass(base_form)
+            self.kept[key] = _keepable(schema, metadata, before) or (None, None)
+            while len(self.kept) > FORMS_KEPT:
+                self.kept.pop(next(iter(self.kept)))
+            return schema
+        schema, added = kept
+        if schema is None:  # its build did not look as expected: coffea's, every time
+            return self.schemaclass(base_form)
+        metadata.update(added)  # what the schema adds to each chunk's metadata, in place as it does
+        form = schema._form
+        out = copy.copy(schema)
+        out._form = {**form, "parameters": {**form["parameters"], "metadata": metadata}}
+        return out
+
+
+def keeps(schemaclass: Any) -> bool:
+    """Whether :class:`KeptSchema` may stand for ``schemaclass`` (coffea's own two, exactly)."""
+    from coffea.nanoevents.schemas import BaseSchema, NanoAODSchema
+
+    return schemaclass is NanoAODSchema or schemaclass is BaseSchema
+
+
+def _keepable(schema: Any, metadata: dict, before: dict) -> tuple[Any, dict] | None:
+    """``(schema, what it added to the metadata)`` if its form is ``_form``, holds the chunk's metadata
+    dict itself, and it only added constants to it; else None."""
+    from coffea.nanoevents.schemas import BaseSchema
+
+    form = getattr(schema, "_form", None)
+    if (inspect.getattr_static(type(schema), "form", None) is not inspect.getattr_static(BaseSchema, "form")
+            or not isinstance(form, dict) or schema.form is not form
+            or not isinstance(form.get("parameters"), dict) or form["parameters"].get("metadata") is not metadata
+            or any(k not in metadata or metadata[k] is not v for k, v in before.items())):
+        return None
+    added = {k: v for k, v in metadata.items() if k not in before}
+    if not all(isinstance(v, SCALAR) for v in added.values()):
+        return None
+    return schema, added

@@ -133,3 +133,74 @@ def test_another_file_gets_its_own_typenames(sample_files, tmp_path):
     with internals.allowed(), uproot.open(path) as f:
         after = f["Events"].typenames()
     assert after == {"MET_pt": "double"} and len(before) > 50
+
+
+def _chunks(path: str, schemaclass, ranges) -> list:
+    """The form, metadata and two columns of NanoEvents of ``ranges`` of a file's tree, made as coffea's work
+    function makes them."""
+    from coffea.nanoevents import NanoEventsFactory
+
+    out = []
+    with uproot.open(path) as f:
+        for start, stop in ranges:
+            factory = NanoEventsFactory.from_root(f, treepath="Events", schemaclass=schemaclass, mode="virtual",
+                                                  entry_start=start, entry_stop=stop,
+                                                  metadata={"dataset": "d", "entrystart": start, "entrystop": stop})
+            events = factory.events()
+            out.append((factory._schema.form, events.metadata, events.MET.pt.tolist(), events.Jet.pt.tolist()))
+    return out
+
+
+def _counting_schema(monkeypatch, schemaclass, calls: list[int]):
+    build = schemaclass._build_collections
+
+    def _build_collections(self, *args, **kwargs):
+        calls.append(1)
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(schemaclass, "_build_collections", _build_collections)
+
+
+def test_a_trees_schema_is_built_once_per_run_with_each_chunks_metadata(sample_files, monkeypatch):
+    from coffea.nanoevents import NanoAODSchema
+
+    from casa_executors.source import open_files
+
+    ranges = [(0, 10), (10, 25), (25, 40)]
+    want = _chunks(sample_files[0], NanoAODSchema, ranges)  # coffea's own: a schema per chunk
+    calls: list[int] = []
+    _counting_schema(monkeypatch, NanoAODSchema, calls)
+    try:
+        open_files("run-1")
+        with internals.allowed():  # as in a task of ours
+            got = _chunks(sample_files[0], NanoAODSchema, ranges)
+            assert len(calls) == 1, "the schema was built again for the same tree"
+            open_files("run-2")  # another run: built again (a schema class may have changed in between)
+            _chunks(sample_files[0], NanoAODSchema, ranges[:1])
+            assert len(calls) == 2
+    finally:
+        open_files("").close()
+    assert got == want
+    for (_, metadata, _, _), (start, stop) in zip(got, ranges):
+        assert metadata == {"dataset": "d", "entrystart": start, "entrystop": stop, "version": "latest"}
+    assert got[0][0]["parameters"] is not got[1][0]["parameters"], "chunks share their metadata"
+
+
+def test_a_schema_of_ones_own_is_built_for_every_chunk(sample_files, monkeypatch):
+    """A subclass may do anything with a chunk's metadata: coffea's way, a schema per chunk."""
+    from coffea.nanoevents import NanoAODSchema
+
+    from casa_executors.source import open_files
+
+    class Mine(NanoAODSchema):
+        pass
+
+    calls: list[int] = []
+    _counting_schema(monkeypatch, Mine, calls)
+    try:
+        open_files("run-1")
+        with internals.allowed():
+            _chunks(sample_files[0], Mine, [(0, 10), (10, 25)])
+    finally:
+        open_files("").close()
+    assert len(calls) == 2 and not open_files().schemas
