@@ -201,6 +201,6 @@ def test_a_schema_of_ones_own_is_built_for_every_chunk(sample_files, monkeypatch
         open_files("run-1")
         with internals.allowed():
             _chunks(sample_files[0], Mine, [(0, 10), (10, 25)])
+        assert len(calls) == 2 and not open_files().schemas
     finally:
         open_files("").close()
-    assert len(calls) == 2 and not open_files().schemas
