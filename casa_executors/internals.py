@@ -13,7 +13,10 @@ The internals, what each is for, and the plain path:
   ``array_cache`` in their ``uproot_options`` (``source.keep_files_open``). Plain: coffea's options, the
   file's TTree read again for every chunk.
 * NanoEvents' base form once per tree (:mod:`casa_executors.nanoforms`): wraps coffea's
-  ``UprootSourceMapping._extract_base_form``. Plain: coffea builds it for every chunk.
+  ``UprootSourceMapping._extract_base_form`` and uproot's ``HasBranches.typenames`` (coffea calls it
+  for every chunk, without options); within a run, the schema's form too (coffea's ``BaseSchema`` and
+  ``NanoAODSchema`` only), by wrapping ``NanoEventsFactory._from_mapping``. Plain: coffea builds all
+  three for every chunk.
 * a basket two chunks share read once (:mod:`casa_executors.baskets`): wraps uproot's
   ``TBranch.entries_to_ranges_or_baskets`` and ``Model_TBasket.read``. Plain: uproot reads it twice.
 * the next chunk's baskets read and decompressed while a chunk computes (:mod:`casa_executors.prefetch`):
@@ -282,6 +285,67 @@ def _wrap_base_form(found: classmethod) -> classmethod:
     return classmethod(_extract_base_form)
 
 
+# coffea: the schema's form, once per tree and run (nanoforms)
+
+def _locate_from_mapping() -> tuple[type, str]:
+    from coffea.nanoevents.factory import NanoEventsFactory
+
+    return NanoEventsFactory, "_from_mapping"
+
+
+def _check_from_mapping(found: Any) -> str | None:
+    from coffea.nanoevents.schemas import BaseSchema
+
+    if not isinstance(found, classmethod):
+        return f"a {type(found).__name__}, expected a classmethod"
+    if not isinstance(inspect.getattr_static(BaseSchema, "form", None), property):
+        return "BaseSchema.form is not a property"
+    return _signature_problem(found.__func__, ["cls", "mapping", "partition_key", "base_form", "schemaclass",
+                                               "metadata", "mode"])
+
+
+def _wrap_from_mapping(found: classmethod) -> classmethod:
+    from coffea.nanoevents.mapping.uproot import UprootSourceMapping
+
+    from casa_executors import nanoforms, source
+
+    original = found.__func__
+
+    def _from_mapping(cls, mapping, partition_key, base_form, schemaclass, metadata, mode):
+        # from_root's (a file's UUID and tree path lead its partition key), with coffea's own schema
+        if (active() and isinstance(mapping, UprootSourceMapping) and nanoforms.keeps(schemaclass)
+                and isinstance(partition_key, tuple) and len(partition_key) == 3):
+            schemaclass = nanoforms.KeptSchema(schemaclass, source.open_files().schemas, partition_key[:2])
+        return original(cls, mapping, partition_key, base_form, schemaclass, metadata, mode)
+
+    return classmethod(_from_mapping)
+
+
+# uproot: a tree's type names (nanoforms)
+
+def _locate_typenames() -> tuple[type, str]:
+    from uproot.behaviors.TBranch import HasBranches
+
+    return HasBranches, "typenames"
+
+
+def _check_typenames(found: Any) -> str | None:
+    return _signature_problem(found, ["self", "filter_name", "filter_typename", "filter_branch", "recursive",
+                                      "full_paths"])
+
+
+def _wrap_typenames(original: Callable) -> Callable:
+    from casa_executors import nanoforms
+
+    @functools.wraps(original)
+    def typenames(self, **options):
+        if options or not active():  # coffea asks without options; a filtered call is uproot's own
+            return original(self, **options)
+        return nanoforms.typenames(self, original)
+
+    return typenames
+
+
 # uproot: baskets two chunks share (baskets)
 
 def _locate_ranges() -> tuple[type, str]:
@@ -359,6 +423,10 @@ def _wrap_read(found: classmethod) -> classmethod:
 PATCHES: tuple[Patch, ...] = (
     Patch("UprootSourceMapping._extract_base_form", "coffea", _locate_base_form, _check_base_form,
           _wrap_base_form, "NanoEvents' base form is built for every chunk, as coffea does"),
+    Patch("NanoEventsFactory._from_mapping", "coffea", _locate_from_mapping, _check_from_mapping,
+          _wrap_from_mapping, "the schema builds NanoEvents' form for every chunk, as coffea does"),
+    Patch("HasBranches.typenames", "uproot", _locate_typenames, _check_typenames, _wrap_typenames,
+          "the branches' type names are listed for every chunk, as coffea does"),
     Patch("TBranch.entries_to_ranges_or_baskets", "uproot", _locate_ranges, _check_ranges, _wrap_ranges,
           "a basket two chunks share is read by each, as uproot does"),
     Patch("Model_TBasket.read", "uproot", _locate_read, _check_read, _wrap_read,

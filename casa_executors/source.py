@@ -144,6 +144,7 @@ class OpenFiles:
         self.arrays = uproot.cache.LRUArrayCache(ARRAYS_PER_CHUNK)  # the running chunk's (ChunkArrays)
         self.read_branches: dict[str, dict[str, None]] = {}  # tree name -> branches this run's chunks read (prefetch)
         self.left_ahead: tuple[str, Any] | None = None  # (run, prefetch.Ahead) a task left for the next one
+        self.schemas: dict[tuple, Any] = {}  # this run's NanoEvents schemas, per tree (nanoforms.KeptSchema)
 
     def open(self, url: str, options: dict[str, Any]) -> FSSpecSource:
         key = (url, repr(sorted(options.items(), key=lambda kv: kv[0])))
@@ -171,6 +172,7 @@ class OpenFiles:
             _forget(self.sources.popitem()[1])
         self.baskets.clear()
         self.read_branches.clear()
+        self.schemas.clear()
         if self.left_ahead is not None:
             self.left_ahead[1].stop()
             self.left_ahead = None

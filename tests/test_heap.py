@@ -4,7 +4,8 @@ A full pass of CPython's collector over a coffea process's imports took 50-100 m
 20-40 chunks of a light query. While a run or a task lasts, the objects alive when it began are set
 aside (gc.freeze) and given back after: these tests check that chunks run with the heap set aside on
 the caller's thread and on workers, that it is given back after (garbage among it is collected then),
-that overlapping runs share one freeze, and that a process which froze objects itself is left alone.
+that overlapping runs share one freeze, and that a process which froze objects itself is left alone;
+and that the young generation's threshold is raised while a run lasts, unless its owner chose one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from analysis import require_engine, run
 from coffea import processor
 
 import casa_executors
-from casa_executors.heap import old_heap_frozen
+from casa_executors.heap import YOUNG, old_heap_frozen
 
 
 class FrozenWhileRunning(processor.ProcessorABC):
@@ -26,6 +27,7 @@ class FrozenWhileRunning(processor.ProcessorABC):
 
     def process(self, events):
         return {"frozen": processor.value_accumulator(int, int(gc.get_freeze_count() > 0)),
+                "young": processor.value_accumulator(int, int(gc.get_threshold()[0] >= YOUNG)),
                 "chunks": processor.value_accumulator(int, 1)}
 
     def postprocess(self, accumulator):
@@ -39,8 +41,9 @@ def test_chunks_run_with_the_old_heap_set_aside(backend, sample_files, no_leftov
     ex = casa_executors.create(backend, status=False, **({} if backend == "iterative" else {"workers": 2}))
     out = run(ex, sample_files, FrozenWhileRunning(), chunksize=250)
     assert out["chunks"].value == 12
-    assert out["frozen"].value == 12
+    assert out["frozen"].value == 12 and out["young"].value == 12
     assert gc.get_freeze_count() == 0, "the caller's heap is given back after the run"
+    assert gc.get_threshold()[0] < YOUNG
 
 
 class Cycle:
@@ -104,3 +107,28 @@ def test_collector_turned_off_is_left_alone():
             assert gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+def test_the_young_generation_is_collected_less_often_while_a_run_lasts():
+    before = gc.get_threshold()
+    assert before[0] < YOUNG
+    with old_heap_frozen():
+        assert gc.get_threshold() == (YOUNG, *before[1:])
+        with old_heap_frozen():  # overlapping: still ours
+            assert gc.get_threshold()[0] == YOUNG
+        assert gc.get_threshold()[0] == YOUNG
+    assert gc.get_threshold() == before
+
+
+def test_a_threshold_set_during_a_run_or_above_ours_is_left_alone():
+    before = gc.get_threshold()
+    try:
+        with old_heap_frozen():
+            gc.set_threshold(123, *before[1:])  # the owner's choice, made while the run lasts
+        assert gc.get_threshold()[0] == 123
+        gc.set_threshold(YOUNG * 2, *before[1:])
+        with old_heap_frozen():
+            assert gc.get_threshold()[0] == YOUNG * 2
+        assert gc.get_threshold()[0] == YOUNG * 2
+    finally:
+        gc.set_threshold(*before)
