@@ -10,6 +10,6 @@ shift || true
 case "$what" in
   bench) exec .venv/bin/python -m casa_benchmarks.adl run --json bench-out/adl.json --plots bench-out "$@" ;;
   # two pytest-xdist workers, one module (or the facility group) each at a time: tests/conftest.py
-  test) exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n "${CASA_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+  test) exec .venv/bin/python -m pytest -p no:cacheprovider -ra -n "${CASA_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   *) echo "usage: scripts/run.sh bench|test [args]" >&2; exit 2 ;;
 esac

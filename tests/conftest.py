@@ -26,27 +26,25 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI (CI=true makes a skip a failure): {reason}"
 
 
-# Under pytest-xdist (scripts/run.sh test runs two workers, --dist loadgroup) each module is one group, run whole
-# by one worker, so module fixtures (held engines) start once; the modules that share the session's Slurm,
-# dask-gateway and token-checking XCache (tests/facility.py) form one group, so those start once too. The groups
-# that take longest are handed out first, so that neither worker is left with a long one at the end.
-FACILITY_MODULES = {"test_credentials_at_rest", "test_engine_lifetime", "test_gateway", "test_gateway_slurm",
-                    "test_slurm_dask", "test_slurm_parsl", "test_slurm_standin", "test_slurm_workqueue"}
-LONGEST_FIRST = ["facility", "test_coffea_suite", "test_backend_contract", "test_checkpoint", "test_examples",
+# Under pytest-xdist (scripts/run.sh test runs two workers, --dist loadfile) each test module is run whole by one
+# worker, so a module's fixtures (held engines) start once. The modules that take longest are handed out first,
+# so that neither worker is left with a long one at the end; the facility modules (tests/facility.py: the
+# session's Slurm, dask-gateway and token-checking XCache) come first, so that they mostly land on one worker.
+# (xdist's --dist loadgroup would keep them on one worker, but with pytest 9.2 its groups are lost: xdist 3.8
+# sets item._nodeid, which pytest 9.2's Node.nodeid no longer reads.)
+FACILITY_MODULES = ["test_slurm_standin", "test_slurm_dask", "test_slurm_parsl", "test_slurm_workqueue",
+                    "test_gateway", "test_gateway_slurm", "test_engine_lifetime", "test_credentials_at_rest"]
+LONGEST_FIRST = [*FACILITY_MODULES, "test_coffea_suite", "test_backend_contract", "test_checkpoint", "test_examples",
                  "test_backend_spark", "test_user_install"]
 
 
-def _group(item: pytest.Item) -> str:
-    module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid.partition("::")[0]
-    return "facility" if module in FACILITY_MODULES else module
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
-        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
-        items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: module order kept otherwise
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.partition("::")[0].rpartition("/")[2].removesuffix(".py")
+
+    items.sort(key=lambda it: rank.get(module(it), len(rank)))  # stable: the order within a module is kept
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import shutil
 import subprocess
@@ -17,12 +18,19 @@ FILES = ("tests/test_local_executors.py", "tests/test_processor.py", "tests/test
 
 
 def coffea_source(cache: Path = CACHE) -> Path:
-    """The unpacked sdist of the installed coffea (downloaded once; ~30 MB, about 40 s)."""
+    """The unpacked sdist of the installed coffea (downloaded once; ~30 MB, about 40 s). Processes that ask
+    at once (pytest-xdist workers) take turns: the first unpacks, the others find it there."""
     version = importlib.metadata.version("coffea")
     root = cache / f"coffea-{version}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _unpacked(cache, version, root)
+
+
+def _unpacked(cache: Path, version: str, root: Path) -> Path:
     if all((root / f).is_file() for f in FILES):
         return root
-    cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"coffea-{version}.tar.gz"
     if not tarball.is_file():
         done = subprocess.run(
