@@ -16,6 +16,9 @@ the metadata step or an earlier run of this thread read it). A basket the runnin
 left to it (``casa_executors.baskets`` keeps it for the next chunk), and so is one the thread keeps.
 The first chunk a thread runs in a run has nothing read ahead. Which chunk is next: the task's next;
 after a task's last, ``TaskBatch.then`` (the driver sets it on a backend that runs one task at a time).
+A next chunk whose baskets all begin in the running chunk's entries (baskets longer than chunks) needs
+no read: it takes them from the running chunk; the chunk after it is read ahead instead (up to
+:data:`SHARED_AHEAD` chunks on).
 Over a network, a chunk with nothing read ahead reads its own baskets in one request up front; a local
 file's chunk reading less than :data:`LOCAL_MIN_BYTES` is left to uproot.
 
@@ -53,6 +56,10 @@ READ_AHEAD_BYTES = 128 * 2**20  # decompressed, for the one chunk read ahead
 # millisecond a few MB) costs less than handing it to a thread, above all on a busy machine (ADL Q1 to
 # Q4 at chunks of 100k, 0.4 to 3 MB, were blocked longer with read-ahead: docs/reading.md)
 LOCAL_MIN_BYTES = 4 * 2**20
+
+# a chunk whose baskets all begin in the running chunk's entries is passed over, up to this many chunks
+SHARED_AHEAD = 4
+STARTED, SHARED, NOTHING = "started", "shared", "nothing"  # what came of starting a read-ahead
 
 _local = threading.local()  # .plan: this thread's ReadAhead; .ready: the running chunk's Ahead
 
@@ -294,7 +301,7 @@ class ReadAhead:
             ahead = self._aheads.pop(position, None)
         _local.ready = ahead  # its baskets are handed over as they come (Ahead.get)
         if position is not None:
-            self._start(position + 1, task.item, after=ahead)
+            self._start_next(position, task.item, after=ahead)
         try:
             yield ahead
         except BaseException:
@@ -305,20 +312,32 @@ class ReadAhead:
             if ahead is not None:
                 ahead.stop()  # what the chunk did not take is not wanted
         if position is not None and not self.failed:
-            self._start(position + 1, task.item)  # the first chunk of a run learns the branches only as it reads
+            self._start_next(position, task.item)  # the first chunk of a run learns the branches only as it reads
 
-    def _start(self, position: int, running: Any, io: ChunkIO | None = None, after: Ahead | None = None) -> None:
-        if position >= len(self.items) or position in self._aheads:
-            return
+    def _start_next(self, position: int, running: Any, after: Ahead | None = None) -> None:
+        """Read ahead the first chunk after ``position`` with baskets of its own: a chunk whose baskets all
+        begin in the running chunk's entries (a basket longer than a chunk) gets them from the running chunk
+        (``casa_executors.baskets``) and ends at once, so the one after it is what to read now."""
+        for ahead in range(position + 1, min(position + 1 + SHARED_AHEAD, len(self.items))):
+            if self._start(ahead, running, after=after) != SHARED:
+                return
+
+    def _start(self, position: int, running: Any, io: ChunkIO | None = None, after: Ahead | None = None) -> str:
+        """Start reading chunk ``position`` ahead; what came of it: STARTED, SHARED (its baskets are the running
+        chunk's, or kept) or NOTHING."""
+        if position >= len(self.items):
+            return NOTHING
+        if position in self._aheads:
+            return STARTED
         item = self.items[position]
         filename, treename = getattr(item, "filename", None), getattr(item, "treename", None)
         start, stop = getattr(item, "entrystart", None), getattr(item, "entrystop", None)
         if filename is None or treename is None or start is None or stop is None or stop <= start:
-            return
+            return NOTHING
         names = open_files().read_branches.get(treename)
         tree = _tree_of(filename, treename) if names else None
         if tree is None:
-            return
+            return NOTHING
         branches = []
         for name in names:
             try:
@@ -326,7 +345,7 @@ class ReadAhead:
             except Exception:
                 continue
         if not branches:
-            return
+            return NOTHING
         skip = None
         if getattr(running, "filename", None) == filename and getattr(running, "entrystart", None) is not None:
             skip = (running.entrystart, running.entrystop)
@@ -334,13 +353,16 @@ class ReadAhead:
             todo = plan(item, branches, skip, self.budget, open_files().baskets)
         except Exception as exc:  # a tree not as expected: the chunk reads as uproot does
             log.info("cannot plan a read-ahead of %s: %s: %s", filename, type(exc).__name__, exc)
-            return
-        if not todo or (not _remote(item) and sum(b - a for _, _, (a, b) in todo) < LOCAL_MIN_BYTES):
-            return
+            return NOTHING
+        if not todo:
+            return SHARED if skip is not None else NOTHING
+        if not _remote(item) and sum(b - a for _, _, (a, b) in todo) < LOCAL_MIN_BYTES:
+            return NOTHING
         ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget, after)
         self._aheads[position] = ahead
         self.started.append(ahead)
         ahead.start()
+        return STARTED
 
     def close(self) -> Ahead | None:
         """Stop and join every read still running; the one for ``then`` is returned instead, still running,

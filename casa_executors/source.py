@@ -14,7 +14,8 @@ in the ADL files) for every chunk, ~40 ms that dominates light queries; with
 the TTree kept, the next chunk of the same file starts reading baskets at once.
 Sources are closed between runs (a file may be replaced in between); the objects
 are kept, and found again only in a file with the same UUID, read through a new
-source.
+source. Within a run, the small single reads every open makes (the file's header,
+its keys) are kept too (:class:`SmallReads`): over a network each is a round trip.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def metering(io: ChunkIO) -> Iterator[ChunkIO]:
 
 
 OPEN_FILES_PER_THREAD = 8  # files a worker thread keeps open between chunks
+SMALL_READ = 64 * 2**10  # a single read up to this size (a file's header, its keys) is kept for the run's next opens
+SMALL_READS_PER_THREAD = 16 * 2**20  # bytes of such reads a worker thread keeps
 OBJECTS_PER_THREAD = 16  # uproot objects (TTrees, ~1 MB each for 86 branches) it keeps, across runs
 ARRAYS_PER_CHUNK = "100 MB"  # uproot's default array cache per file, here per running chunk (ChunkArrays)
 
@@ -145,6 +148,7 @@ class OpenFiles:
         self.read_branches: dict[str, dict[str, None]] = {}  # tree name -> branches this run's chunks read (prefetch)
         self.left_ahead: tuple[str, Any] | None = None  # (run, prefetch.Ahead) a task left for the next one
         self.schemas: dict[tuple, Any] = {}  # this run's NanoEvents schemas, per tree (nanoforms.KeptSchema)
+        self.small_reads = SmallReads()  # this run's small reads, per file and byte range
 
     def open(self, url: str, options: dict[str, Any]) -> FSSpecSource:
         key = (url, repr(sorted(options.items(), key=lambda kv: kv[0])))
@@ -173,9 +177,44 @@ class OpenFiles:
         self.baskets.clear()
         self.read_branches.clear()
         self.schemas.clear()
+        self.small_reads.clear()
         if self.left_ahead is not None:
             self.left_ahead[1].stop()
             self.left_ahead = None
+
+
+class SmallReads:
+    """The small single reads of this run's files, by (file, start, stop): what uproot reads again each
+    time coffea opens a file for a chunk (its header, the root directory's keys).
+
+    Each of those is a round trip, and over a network it often waits behind a read of baskets on the
+    same connection (an XRootD server answers a client's requests in turn). Kept for the run only, as
+    sources are (:class:`OpenFiles`): within a run a file does not change."""
+
+    def __init__(self, limit: int = SMALL_READS_PER_THREAD) -> None:
+        self.limit = limit
+        self.nbytes = 0
+        self._data: dict[tuple[str, int, int], bytes] = {}
+
+    def get(self, key: tuple[str, int, int]) -> bytes | None:
+        return self._data.get(key)
+
+    def put(self, key: tuple[str, int, int], data: bytes) -> None:
+        if self.nbytes + len(data) > self.limit:
+            self.clear()
+        self._data[key] = data
+        self.nbytes += len(data)
+
+    def forget(self, file_path: str) -> None:
+        for key in [k for k in self._data if k[0] == file_path]:
+            self.nbytes -= len(self._data.pop(key))
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def open_files(run: str | None = None) -> OpenFiles:
@@ -332,6 +371,7 @@ class MeteredSource(uproot.source.chunk.Source):
         while True:
             if self._inner is not None:
                 open_files().drop(self._inner)
+                open_files().small_reads.forget(self._file_path)
                 self._inner = None
             self._position += 1
             label, url = self._candidates[self._position]
@@ -397,16 +437,31 @@ class MeteredSource(uproot.source.chunk.Source):
 
     @property
     def num_requested_bytes(self) -> int:
-        return self._requests[2]
+        """The bytes the chunk reading now has read, through any source (coffea's ``savemetrics`` reads
+        this as the chunk's ``bytesread``): a kept TTree reads through the source that first opened its
+        file, and a read-ahead through its own, so this source's own count would miss them. Outside a
+        chunk, this source's own count."""
+        io = getattr(_local, "io", None)
+        return self._requests[2] if io is None else io.bytes_read
 
     def _count(self, chunks: int, nbytes: int) -> None:
         r = self._requests
         r[0], r[1], r[2] = r[0] + 1, r[1] + chunks, r[2] + nbytes
 
     def chunk(self, start: int, stop: int) -> uproot.source.chunk.Chunk:
+        small = stop - start <= SMALL_READ
+        if small:
+            kept = open_files().small_reads.get((self._file_path, start, stop))
+            if kept is not None:  # read by an earlier open of this file in this run: no round trip
+                return uproot.source.chunk.Chunk.wrap(self, kept, start)
         self._count(1, stop - start)
         self._io.add_bytes(stop - start)
-        return self._call(lambda s: s.chunk(start, stop))
+        out = self._call(lambda s: s.chunk(start, stop))
+        if small:
+            data = out.raw_data  # uproot waits for a single read at once anyway (a header, keys, an object)
+            if len(data) == stop - start:
+                open_files().small_reads.put((self._file_path, start, stop), bytes(data))
+        return out
 
     def chunks(
         self, ranges: list[tuple[int, int]], notifications: queue.Queue

@@ -167,6 +167,9 @@ def test_savemetrics_gives_coffeas_metrics_plus_ours(backend, inputs, expected):
     assert metrics["chunks"] == 4 and metrics["entries"] == 1000 and metrics["bytesread"] > 0
     assert "processtime" in metrics and any(c.startswith("Muon") for c in metrics["columns"])
     ours = metrics["casa_executors"]
+    # coffea's per-chunk bytesread, summed, is what our report metered to the chunks (kept TTrees and
+    # read-ahead included)
+    assert metrics["bytesread"] == ours["bytes_read"], (metrics["bytesread"], ours)
     assert ours["backend"] == backend.name and ours["events"] == 1000 and ours["attempts"] == 4
 
 

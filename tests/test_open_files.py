@@ -28,7 +28,7 @@ class TreeIds(processor.ProcessorABC):
                 if type(tree).__name__.startswith("Model_TTree")}
         mine = {i for path, i in held if path == events.metadata["filename"]}
         return {"trees": processor.dict_accumulator({events.metadata["filename"]: processor.set_accumulator(mine)}),
-                "n": processor.value_accumulator(int, len(events))}
+                "n": processor.value_accumulator(int, len(ak.to_numpy(events.run)))}  # a branch read
 
     def postprocess(self, accumulator):
         return accumulator
@@ -43,8 +43,11 @@ def test_one_tree_per_file_and_every_chunk_metered(backend, sample_files, no_lef
     # the copies share a UUID, yet each file has its own TTree, read once for its 10 chunks
     assert {f: len(ids) for f, ids in out["trees"].items()} == {str(f): 1 for f in sample_files}
     assert len(set().union(*out["trees"].values())) == 3
-    rows = ex.report.rows()
-    assert len(rows) == 30 and all(r.status == "ok" and r.bytes_read > 0 for r in rows), rows
+    rows = sorted(ex.report.rows(), key=lambda r: (r.filename, r.entrystart))
+    assert len(rows) == 30 and all(r.status == "ok" for r in rows), rows
+    # a file's first chunk reads the branch's one basket, metered to it; the next 9 have it (baskets.Baskets),
+    # and the header, keys and TTree the metadata step read (source.SmallReads): they read nothing
+    assert [r.bytes_read > 0 for r in rows] == [r.entrystart == 0 for r in rows], [r.bytes_read for r in rows]
     assert not open_files().sources, "the caller's thread keeps no file open after a run"
 
 
@@ -77,6 +80,35 @@ class Counting(processor.ProcessorABC):
 
     def postprocess(self, accumulator):
         return accumulator
+
+
+def test_a_runs_later_opens_of_a_file_make_no_small_reads(sample_files):
+    """coffea opens a chunk's file for every chunk, and uproot reads the file's header and keys (and the
+    TTree, unless an object is kept) every time: a single read of up to SMALL_READ bytes is kept by the
+    thread for the rest of the run (over a network each is a round trip, often behind a basket read on
+    the same connection). The next run, or a source that failed, reads them again."""
+    import uproot
+
+    from casa_executors.source import SMALL_READ, ChunkIO, metering
+
+    def read(path):
+        io = ChunkIO()
+        with metering(io), uproot.open(path) as f:
+            assert f["Events"].num_entries == 1000
+        return io.bytes_read
+
+    open_files("run-1")
+    try:
+        first = read(sample_files[0])
+        assert 0 < first and all(len(v) <= SMALL_READ for v in open_files().small_reads._data.values())
+        assert read(sample_files[0]) == 0 and read(sample_files[0]) == 0
+        assert read(sample_files[1]) == first  # another file: its own reads
+        open_files().small_reads.forget(str(sample_files[0]))
+        assert read(sample_files[0]) == first
+        open_files("run-2")  # a file may be replaced between runs
+        assert read(sample_files[0]) == first
+    finally:
+        open_files().close()
 
 
 def test_outputs_unchanged(sample_files, reference):

@@ -186,3 +186,40 @@ def test_read_ahead_through_xrootd_gives_the_same_bits_and_bytes(files, monkeypa
         assert results["1"][0] >= 20 and results["0"][0] == 0, results
         assert results["1"][1] == results["0"][1]
     assert not _reading_ahead()
+
+
+class AheadOf(processor.ProcessorABC):
+    """Which chunks (their first entries) the running task has started reading ahead, seen by each chunk."""
+
+    def process(self, events):
+        plan = prefetch.current()
+        started = sorted({a.item.entrystart for a in plan.started}) if plan is not None else None
+        return {(events.metadata["filename"], events.metadata["entrystart"]): started, "y": int(ak.sum(events.y))}
+
+    def postprocess(self, accumulator):
+        return accumulator
+
+
+def test_a_chunk_sharing_its_baskets_with_the_running_one_is_passed_over(tmp_path):
+    """Baskets of 500 entries, chunks of 250: the chunk after the running one has no basket of its own (it
+    takes the running chunk's, kept for it), so the chunk after that is read ahead from the running chunk's
+    start, not from the next chunk's."""
+    files = []
+    for k in range(2):
+        path = tmp_path / f"long{k}.root"
+        with uproot.recreate(path, compression=uproot.LZ4(1)) as f:
+            f.mktree("Events", {"x": "float64", "y": "var * int32"})
+            for start in range(0, ENTRIES, 500):
+                ids = np.arange(start, start + 500)
+                f["Events"].extend({"x": ids * 1.0, "y": ak.unflatten(np.repeat(ids, ids % 3).astype(np.int32), ids % 3)})
+        files.append(str(path))
+    ex = casa_executors.iterative(status=False, chunks_per_task=4)  # a task a file
+    runner = processor.Runner(executor=ex, schema=BaseSchema, chunksize=CHUNK, metadata_cache={})
+    out = runner({"long": files}, AheadOf(), treename="Events")
+    assert out["y"] == 2 * sum(i * (i % 3) for i in range(ENTRIES))
+    # the second file's task: the branches are known from its first chunk on (the first file's chunks read them)
+    assert out[(files[1], 0)] == [500], out  # chunk 250 shares chunk 0's baskets: chunk 500's are read at once
+    # past chunk 750, which shares chunk 500's baskets, there is nothing to read (the last file's last task)
+    assert out[(files[1], 500)] == [500], out
+    # the first file's task ends with a read of the next task's first chunk (iterative's ``then``)
+    assert out[(files[0], 500)] == [0, 500], out

@@ -55,6 +55,12 @@ class SlowOrigin(XRootDOrigin):
             self.close()
             raise
 
+    @property
+    def pids(self) -> list[int]:
+        """The origin's, its relay's and the delay relay's."""
+        delay = [self._delay.pid] if self._delay is not None and self._delay.poll() is None else []
+        return [*super().pids, *delay]
+
     def _make_link(self) -> None:
         assert self.netns is not None
         tag = self.slow_ns.name.split("-")[3]
