@@ -59,6 +59,7 @@ LOCAL_MIN_BYTES = 4 * 2**20
 
 # a chunk whose baskets all begin in the running chunk's entries is passed over, up to this many chunks
 SHARED_AHEAD = 4
+REMOTE_AHEAD = 2  # chunks read ahead at once over a network (each up to READ_AHEAD_BYTES)
 STARTED, SHARED, NOTHING = "started", "shared", "nothing"  # what came of starting a read-ahead
 
 _local = threading.local()  # .plan: this thread's ReadAhead; .ready: the running chunk's Ahead
@@ -118,6 +119,11 @@ class Ahead:
     @property
     def planned(self) -> int:
         return len(self.plan)
+
+    @property
+    def keys(self) -> set[tuple[str, int]]:
+        """(branch cache key, basket number) of the baskets it reads."""
+        return self._keys
 
     def start(self) -> Ahead:
         self._thread.start()
@@ -191,11 +197,13 @@ class Ahead:
 
 
 def plan(item: Any, branches: list[Any], skip: tuple[int, int] | None, budget: int,
-         kept: Any = None) -> list[tuple[Any, int, tuple[int, int]]]:
+         kept: Any = None, pending: set[tuple[Any, int]] | frozenset = frozenset()) -> list[
+        tuple[Any, int, tuple[int, int]]]:
     """The baskets of ``branches`` that chunk ``item`` reads, as (branch, number, byte range), in order,
     up to ``budget`` decompressed bytes (estimated from each branch's compression ratio), without those
     that the entries ``skip`` (the running chunk's, in the same file) also cover, nor those in ``kept``
-    (the thread's ``baskets.Baskets``): those are the running chunk's to read and keep."""
+    (the thread's ``baskets.Baskets``): those are the running chunk's to read and keep; nor those in
+    ``pending`` ((branch cache key, number) an earlier chunk's read ahead has: that chunk keeps them)."""
     start, stop = item.entrystart, item.entrystop
     out, estimate = [], 0
     for branch in branches:
@@ -212,6 +220,8 @@ def plan(item: Any, branches: list[Any], skip: tuple[int, int] | None, budget: i
             if skip is not None and first < skip[1] and skip[0] < last:
                 continue
             if kept is not None and (branch.file.file_path, branch.cache_key, num) in kept:
+                continue
+            if (branch.cache_key, num) in pending:
                 continue
             estimate += int((where[1] - where[0]) * ratio)
             if estimate > budget:
@@ -315,11 +325,25 @@ class ReadAhead:
             self._start_next(position, task.item)  # the first chunk of a run learns the branches only as it reads
 
     def _start_next(self, position: int, running: Any, after: Ahead | None = None) -> None:
-        """Read ahead the first chunk after ``position`` with baskets of its own: a chunk whose baskets all
-        begin in the running chunk's entries (a basket longer than a chunk) gets them from the running chunk
-        (``casa_executors.baskets``) and ends at once, so the one after it is what to read now."""
-        for ahead in range(position + 1, min(position + 1 + SHARED_AHEAD, len(self.items))):
-            if self._start(ahead, running, after=after) != SHARED:
+        """Read ahead the first chunk after ``position`` with baskets of its own (over a network, the first
+        :data:`REMOTE_AHEAD`, read at once): a chunk whose baskets all begin in the running chunk's entries (a
+        basket longer than a chunk) gets them from the running chunk (``casa_executors.baskets``) and ends at
+        once, so the one after it is what to read now.
+
+        Over a network a read is mostly waiting (a round trip, then one request's stream), so reads there
+        overlap; from a local disk they follow one another (``after``): more at once would only compete."""
+        remote = _remote(running)
+        depth = REMOTE_AHEAD if remote else 1
+        started = shared = 0
+        for ahead in range(position + 1, len(self.items)):
+            outcome = self._start(ahead, running, after=after if not remote else None)
+            if outcome == STARTED:
+                started += 1
+                if started >= depth:
+                    return
+            elif outcome == SHARED and shared < SHARED_AHEAD:
+                shared += 1
+            else:
                 return
 
     def _start(self, position: int, running: Any, io: ChunkIO | None = None, after: Ahead | None = None) -> str:
@@ -349,13 +373,14 @@ class ReadAhead:
         skip = None
         if getattr(running, "filename", None) == filename and getattr(running, "entrystart", None) is not None:
             skip = (running.entrystart, running.entrystop)
+        pending = {key for a in self._aheads.values() if a.item.filename == filename for key in a.keys}
         try:
-            todo = plan(item, branches, skip, self.budget, open_files().baskets)
+            todo = plan(item, branches, skip, self.budget, open_files().baskets, pending)
         except Exception as exc:  # a tree not as expected: the chunk reads as uproot does
             log.info("cannot plan a read-ahead of %s: %s: %s", filename, type(exc).__name__, exc)
             return NOTHING
         if not todo:
-            return SHARED if skip is not None else NOTHING
+            return SHARED if skip is not None or pending else NOTHING
         if not _remote(item) and sum(b - a for _, _, (a, b) in todo) < LOCAL_MIN_BYTES:
             return NOTHING
         ahead = Ahead(item, io or ChunkIO(self.router), todo, self.budget, after)

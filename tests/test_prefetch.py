@@ -223,3 +223,27 @@ def test_a_chunk_sharing_its_baskets_with_the_running_one_is_passed_over(tmp_pat
     assert out[(files[1], 500)] == [500], out
     # the first file's task ends with a read of the next task's first chunk (iterative's ``then``)
     assert out[(files[0], 500)] == [0, 500], out
+
+
+def test_over_a_network_two_chunks_are_read_ahead_at_once(files, monkeypatch, no_leftover_processes):
+    """A read over a network is mostly waiting: REMOTE_AHEAD chunks are read at once, not one after the other."""
+    from pathlib import Path
+
+    from xrootd_fixtures import export_dir, require_xrootd
+
+    from casa_executors.standins.xrootd import XRootDOrigin
+
+    require_xrootd()
+    assert prefetch.REMOTE_AHEAD == 2
+    names = {Path(f).name: Path(f) for f in files}
+    with export_dir(names) as d, XRootDOrigin(d) as origin:
+        urls = [origin.url(f"/store/{n}") for n in names]
+        ex = casa_executors.iterative(status=False, chunks_per_task=4)  # a task a file
+        runner = processor.Runner(executor=ex, schema=BaseSchema, chunksize=CHUNK, metadata_cache={})
+        out = runner({"ahead": urls}, AheadOf(), treename="Events")
+        local = processor.Runner(executor=processor.IterativeExecutor(), schema=BaseSchema, chunksize=CHUNK)
+        assert out["y"] == local({"ahead": files}, AheadOf(), treename="Events")["y"]
+    # the second file's task knows the branches from its first chunk on: chunks 250 and 500 are read from its start
+    assert out[(urls[1], 0)] == [250, 500], out
+    assert out[(urls[1], 250)] == [250, 500, 750], out
+    assert not _reading_ahead()

@@ -14,6 +14,7 @@ clients and for the cache. The /30 exists only between ``L`` and ``S``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -109,6 +110,13 @@ class SlowOrigin(XRootDOrigin):
         super().close()  # stops every process first
         if hasattr(self, "slow_ns") and not self.slow_ns.deleted:
             self.slow_ns.delete()  # the last user gone: the veth pair goes with it
+
+    def bytes_sent(self) -> int:
+        """Bytes the origin side of the link has sent so far (what ``tc`` counts: TCP/IP headers included)."""
+        m = re.search(r"Sent (\d+) bytes", self.qdisc_stats())
+        if m is None:
+            raise ServerError(f"no byte count in tc's statistics:\n{self.qdisc_stats()}")
+        return int(m.group(1))
 
     def qdisc_stats(self) -> str:
         """``tc -s qdisc`` of the origin side (bytes sent, drops, overlimits)."""
