@@ -368,14 +368,13 @@ class _Queue:
 class _Task:
     """A chunk task in flight."""
 
-    __slots__ = ("copies", "folds", "leaves", "nodes", "started", "submitted", "watched")
+    __slots__ = ("copies", "folds", "leaves", "nodes", "started", "submitted")
 
     def __init__(self, nodes: tuple[NodeId, ...], folds: tuple[tuple[int, int, int], ...], leaves: int,
                  submitted: float) -> None:
         self.nodes, self.folds, self.leaves, self.submitted = nodes, folds, leaves, submitted
         self.started: float | None = None  # presumed (see RunState._presume_starts); None: still queued
         self.copies: list[int] | None = None  # every copy in flight (shared by them), while duplicates run
-        self.watched = False  # it has an entry in RunState._watch (the entry goes when the task is copied)
 
 
 class _Durations:
@@ -451,7 +450,7 @@ class RunState:
         self._merge_copies: dict[int, list[int]] = {}  # merge task -> every copy in flight (shared by them)
         self._watch: list[tuple[float, int]] = []  # heap (when it is a straggler, task) of running tasks
         self._watch_idle: list[tuple[float, int]] = []  # heap (when it is late, task): for idle workers
-        self._merges_watched: set[int] = set()  # merge tasks with an entry in _watch
+        self._watched: set[int] = set()  # tasks (chunk or merge) with an entry in _watch: one at most
         self._unwatched: list[int] = []  # started before the rate counted
         self._pairs = 0  # tasks with a duplicate in flight
         self._last_end = 0.0  # when a chunk task last came back
@@ -562,7 +561,7 @@ class RunState:
                 self._chunk_tasks[others[0]].copies = None
                 self._pairs -= 1
             for key in others:  # a copy of a straggler was lost: the one it was copied from gets another
-                self._rewatch(key, self._chunk_tasks[key])
+                self._rewatch(key)
             return
         failed, first = Failed(e.error), []
         for level, index in task.nodes:
@@ -601,9 +600,7 @@ class RunState:
                 del self._merge_copies[copies[0]]
                 self._pairs -= 1
             for key in copies:  # as for chunk tasks: the one a lost copy was copied from is watched again
-                if key in self._merges_started and key not in self._merges_watched:
-                    heapq.heappush(self._watch, (self.now, key))
-                    self._merges_watched.add(key)
+                self._rewatch(key)
             return
         if e.lost:
             self._lose(e.lost, e.why, group, e.restored)
@@ -808,7 +805,7 @@ class RunState:
     def _merge_ended(self, key: int) -> float | None:
         """Merge task ``key`` is over: when it was presumed to start (None: it was still queued)."""
         started = self._merges_started.pop(key, None)
-        self._merges_watched.discard(key)
+        self._watched.discard(key)
         if started is not None:
             self._busy -= 1
         return started
@@ -829,24 +826,31 @@ class RunState:
         if self._rate.count < self.rules.speculate_after:
             self._unwatched.append(key)
         else:
-            heapq.heappush(self._watch, (task.started + self._limit(task), key))
-            task.watched = True
+            self._watch_at(task.started + self._limit(task), key)
             heapq.heappush(self._watch_idle, (task.started + task.leaves * self._rate.median, key))
 
     def _watch_merge(self, key: int) -> None:
         if self._merge_rate.count < self.rules.speculate_after:
             self._unwatched.append(key)
         else:
-            heapq.heappush(self._watch, (self._merges_started[key] + self._merge_limit(), key))
-            self._merges_watched.add(key)
+            self._watch_at(self._merges_started[key] + self._merge_limit(), key)
 
-    def _rewatch(self, key: int, task: _Task) -> None:
-        """Watch a running task again at once (its entry went when it was copied, and that copy was lost):
-        past its limit, it gets a new copy."""
-        if self.rules.speculate and task.started is not None and not task.watched \
-                and self._rate.count >= self.rules.speculate_after:
-            heapq.heappush(self._watch, (self.now, key))
-            task.watched = True
+    def _watch_at(self, when: float, key: int) -> None:
+        """Task ``key`` (chunk or merge) is looked at again at ``when`` (``_speculate``)."""
+        heapq.heappush(self._watch, (when, key))
+        self._watched.add(key)
+
+    def _rewatch(self, key: int) -> None:
+        """Watch a running task (chunk or merge) again at once: its entry went when it was copied, and that
+        copy was lost; past its limit, it gets a new copy."""
+        if not self.rules.speculate or key in self._watched:
+            return
+        task = self._chunk_tasks.get(key)
+        if task is None:  # a merge task: copied, so its rate counted already
+            if key in self._merges_started:
+                self._watch_at(self.now, key)
+        elif task.started is not None and self._rate.count >= self.rules.speculate_after:
+            self._watch_at(self.now, key)
 
     def _watch_unwatched(self) -> None:
         """A rate just started to count: watch the tasks that started before (the others wait on)."""
@@ -881,20 +885,19 @@ class RunState:
                 if new and allowed <= 0:
                     later.append(entry)
                     continue
-                self._merges_watched.discard(key)
+                self._watched.discard(key)
                 if self._speculate_merge(key) and new:
                     allowed -= 1
                 continue
-            task.watched = False
+            self._watched.discard(key)
             if task.started is None or (task.copies is not None and len(task.copies) >= MAX_COPIES):
                 continue
             limit = task.started + self._limit(task)  # the rate may have changed since
             if limit > now:
-                heapq.heappush(watch, (limit, key))
-                task.watched = True
+                self._watch_at(limit, key)
             elif task.copies is None and allowed <= 0:
                 later.append(entry)
-                task.watched = True
+                self._watched.add(key)
             else:
                 allowed -= task.copies is None
                 self._duplicate(key, task)
@@ -935,8 +938,7 @@ class RunState:
             return 0
         limit = started + self._merge_limit()
         if limit > self.now:
-            heapq.heappush(self._watch, (limit, key))
-            self._merges_watched.add(key)
+            self._watch_at(limit, key)
             return 0
         group = self._merge_tasks[key]
         twin = self._new_task()
