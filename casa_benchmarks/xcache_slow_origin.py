@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunksize", type=int, default=100_000)
     ap.add_argument("--blocksize", default="128k", help="XCache pfc.blocksize (1m over-fetches small baskets)")
+    ap.add_argument("--cache-ram", default="1g",
+                    help="XCache pfc.ram: its RAM for blocks in flight; when full, it reads past the cache")
     ap.add_argument("--burst", default=None, help="tc tbf burst (default 64kb; 1mb with --latency-bound)")
     ap.add_argument("--latency-bound", action="store_true",
                     help="a fast, far link: 500 Mbit/s and 50 ms RTT (overrides --rate and --rtt-ms)")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     data.chmod(0o755)
     (data / "store").mkdir(mode=0o755)
     result: dict = {"events": args.events, "files": args.files, "rate": args.rate, "rtt_ms": args.rtt_ms,
-                    "burst": burst, "blocksize": args.blocksize, "load_before": os.getloadavg(),
+                    "burst": burst, "blocksize": args.blocksize, "cache_ram": args.cache_ram, "load_before": os.getloadavg(),
                     "read_ahead": os.environ.get(READ_AHEAD_ENV, "1"),
                     "backend": f"futures({args.workers})", **SESSION}
     try:
@@ -176,13 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
             run = (args.workers, args.chunksize)
             result["local"] = adl_suite(files, None, *run)  # the floor: same files from local disk
             result["direct"] = scenario([origin], adl_suite, urls, None, *run)
-            with XCache(origin, blocksize=args.blocksize) as cache:
+            with XCache(origin, blocksize=args.blocksize, ram=args.cache_ram) as cache:
                 result["cold"] = scenario([origin, cache], adl_suite, urls, cache.endpoint, *run)
                 result["warm"] = scenario([origin, cache], adl_suite, urls, cache.endpoint, *run)
                 if not args.no_concurrent:
                     result["warm_concurrent"] = scenario([origin, cache], concurrent, 2, urls, cache.endpoint, *run)
             if not args.no_concurrent:
-                with XCache(origin, blocksize=args.blocksize) as cache:
+                with XCache(origin, blocksize=args.blocksize, ram=args.cache_ram) as cache:
                     result["cold_concurrent"] = scenario([origin, cache], concurrent, 2, urls, cache.endpoint, *run)
                 result["direct_concurrent"] = scenario([origin], concurrent, 2, urls, None, *run)
     finally:

@@ -18,14 +18,15 @@ import casa_executors
 from casa_executors import internals, nanoforms
 
 
-def _counting(tree, calls: list[int]):
-    walk = tree.iteritems
+def _counting(tree, calls: list[int], method: str = "iteritems"):
+    """``tree`` with its ``method`` counting its calls into ``calls`` (the walk our caches are to spare)."""
+    walk = getattr(tree, method)
 
-    def iteritems(*args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
         return walk(*args, **kwargs)
 
-    tree.iteritems = iteritems
+    setattr(tree, method, counted)
     return tree
 
 
@@ -91,22 +92,11 @@ def test_outside_our_tasks_coffea_builds_the_form(sample_files, monkeypatch):
     assert calls == [1, 1, 1] and not nanoforms._forms
 
 
-def _counting_typenames(tree, calls: list[int]):
-    walk = tree.itertypenames
-
-    def itertypenames(*args, **kwargs):
-        calls.append(1)
-        return walk(*args, **kwargs)
-
-    tree.itertypenames = itertypenames
-    return tree
-
-
 def test_a_trees_typenames_are_listed_once_and_each_call_gets_its_own_dict(sample_files, monkeypatch):
     monkeypatch.setattr(nanoforms, "_typenames", type(nanoforms._typenames)())
     calls: list[int] = []
     with uproot.open(sample_files[0]) as f:
-        tree = _counting_typenames(f["Events"], calls)
+        tree = _counting(f["Events"], calls, "itertypenames")
         want = tree.typenames()  # uproot's own, outside our tasks
         with internals.allowed():  # as in a task of ours
             first = tree.typenames()
