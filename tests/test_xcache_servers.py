@@ -161,3 +161,22 @@ def test_unreadable_export_dir_is_refused(tmp_path):
     tmp_path.parent.chmod(0o700)  # like pytest's own base dir
     with pytest.raises(ServerError, match="not reachable by user xrootd"):
         XRootDOrigin(tmp_path)
+
+
+def test_a_cold_cache_fetches_only_the_blocks_read(tmp_path):
+    """A query reads a few branches of a file: the cache fetches their blocks and no others (``pfc.prefetch 0``;
+    XCache's own default reads on through the file in order, on the slow link twice the bytes: docs/reading.md)."""
+    import uproot
+
+    from casa_benchmarks.adl.generate import generate
+
+    require_xrootd()
+    (path,) = generate(tmp_path, 20_000, files=1, seed=5).files  # 86 branches, ~14 MB
+    with export_dir({"adl.root": path}) as d, XRootDOrigin(d) as origin, XCache(origin, blocksize="64k") as cache:
+        assert cache.prefetch == 0 and "pfc.prefetch 0" in cache._config_lines()
+        with uproot.open(cache.url("/store/adl.root")) as f:
+            assert len(f["Events"]["MET_pt"].array()) == 20_000  # one branch of 86
+        time.sleep(1.0)  # a prefetch would go on after the reads (there is nothing to wait on when there is none)
+        info = cache.cache_info("/store/adl.root")
+        assert info is not None and info["state"] != "complete", info
+        assert info["n_downloaded"] < info["n_blocks"] / 10, info
