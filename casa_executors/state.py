@@ -879,17 +879,15 @@ class RunState:
         while watch and watch[0][0] <= now:
             entry = heapq.heappop(watch)
             key = entry[1]
+            self._watched.discard(key)  # its entry is gone; one pushed again (_watch_at) is recorded again
             task = tasks.get(key)
             if task is None:
                 new = key not in self._merge_copies
                 if new and allowed <= 0:
                     later.append(entry)
-                    continue
-                self._watched.discard(key)
-                if self._speculate_merge(key) and new:
+                elif self._speculate_merge(key) and new:
                     allowed -= 1
                 continue
-            self._watched.discard(key)
             if task.started is None or (task.copies is not None and len(task.copies) >= MAX_COPIES):
                 continue
             limit = task.started + self._limit(task)  # the rate may have changed since
@@ -897,12 +895,11 @@ class RunState:
                 self._watch_at(limit, key)
             elif task.copies is None and allowed <= 0:
                 later.append(entry)
-                self._watched.add(key)
             else:
                 allowed -= task.copies is None
                 self._duplicate(key, task)
-        for entry in later:
-            heapq.heappush(watch, entry)
+        for when, key in later:
+            self._watch_at(when, key)
 
     def _back_up(self) -> None:
         """Nothing waits and workers are idle (the run's end): a task running longer than it should

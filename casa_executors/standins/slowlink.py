@@ -113,9 +113,10 @@ class SlowOrigin(XRootDOrigin):
 
     def bytes_sent(self) -> int:
         """Bytes the origin side of the link has sent so far (what ``tc`` counts: TCP/IP headers included)."""
-        m = re.search(r"Sent (\d+) bytes", self.qdisc_stats())
+        stats = self.qdisc_stats()
+        m = re.search(r"Sent (\d+) bytes", stats)
         if m is None:
-            raise ServerError(f"no byte count in tc's statistics:\n{self.qdisc_stats()}")
+            raise ServerError(f"no byte count in tc's statistics:\n{stats}")
         return int(m.group(1))
 
     def qdisc_stats(self) -> str:
